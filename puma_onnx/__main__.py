@@ -1,0 +1,3 @@
+from puma_onnx.cli import main
+
+main()

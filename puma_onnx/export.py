@@ -1,0 +1,217 @@
+"""`puma-onnx export`: a Hugging Face model to ONNX through Optimum's exporter.
+
+Offline only. A registry name without weights is built from its shipped config
+with random weights (said on stderr and in the metadata); a local model folder
+or the packaged all-MiniLM-L6-v2 is exported with its real weights.
+
+torch, transformers and optimum are imported inside the functions: the computing
+ranks import this package without them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from puma_onnx.models import REGISTRY, ModelSpec, lookup
+
+DEFAULT_OPSET = 18
+METADATA_FILE = "puma.json"
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+DECODER_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+class ExportError(Exception):
+    """An export that cannot go on; the message is one line for the user."""
+
+
+@dataclass
+class Source:
+    """What to export: a registry recipe, or a local folder read as a recipe."""
+
+    name: str
+    spec: ModelSpec
+    folder: Path | None  # a model folder with weights, or None for random weights
+
+
+def resolve(name_or_dir: str) -> Source:
+    """A registry name or a local Hugging Face model folder."""
+    path = Path(name_or_dir)
+    if name_or_dir not in REGISTRY and path.exists():
+        return Source(path.name, _spec_from_folder(path), path)
+    if name_or_dir not in REGISTRY and name_or_dir.startswith((".", "/", "~")):
+        raise ExportError(f"model folder {name_or_dir!r} does not exist")
+    if name_or_dir not in REGISTRY and "/" in name_or_dir:
+        raise ExportError(
+            f"{name_or_dir!r} is neither a registry name nor a local folder, and the Hugging Face hub "
+            "is not reachable offline; download the model folder and pass its path"
+        )
+    try:
+        spec = lookup(name_or_dir)
+        folder = spec.local_dir() if spec.has_weights else None
+    except (KeyError, FileNotFoundError) as e:
+        raise ExportError(e.args[0]) from None
+    return Source(name_or_dir, spec, folder)
+
+
+def _spec_from_folder(path: Path) -> ModelSpec:
+    config_file = path / "config.json"
+    if not path.is_dir() or not os.access(path, os.R_OK | os.X_OK):
+        raise ExportError(f"cannot read model folder {str(path)!r}")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ExportError(f"cannot read {str(config_file)!r}: {e}") from None
+    architectures = config.get("architectures") or []
+    decoder = any(a.endswith(DECODER_SUFFIXES) for a in architectures)
+    library = "sentence_transformers" if (path / "modules.json").exists() else "transformers"
+    return ModelSpec(
+        name=path.name,
+        description=f"local folder {path}",
+        task="text-generation" if decoder else "feature-extraction",
+        config=config,
+        library=library,
+    )
+
+
+def _build_model(source: Source, layers: int | None, seed: int):
+    """The PyTorch model to export (eval mode, float32)."""
+    import torch
+    import transformers
+
+    spec = source.spec
+    auto = (
+        transformers.AutoModelForCausalLM
+        if spec.task == "text-generation"
+        else transformers.AutoModel
+    )
+    overrides = {} if layers is None else {"num_hidden_layers": layers}
+    if source.folder is None:
+        config = transformers.AutoConfig.for_model(**{**spec.config, **overrides})
+        torch.manual_seed(seed)
+        return auto.from_config(config).eval()
+    if spec.library == "sentence_transformers":
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(str(source.folder), device="cpu", local_files_only=True)
+        if layers is not None:
+            encoder = model[0].auto_model
+            encoder.encoder.layer = encoder.encoder.layer[:layers]
+            encoder.config.num_hidden_layers = layers
+        return model.eval()
+    return auto.from_pretrained(str(source.folder), local_files_only=True, **overrides).eval()
+
+
+def build_torch_model(name_or_dir: str, layers: int | None = None, seed: int = 0):
+    """The same PyTorch model `export` exports (random weights are seeded), for comparisons."""
+    return _build_model(resolve(name_or_dir), layers, seed)
+
+
+def _copy_tokenizer(source: Source, out_dir: Path) -> bool:
+    """Copy tokenizer files when they exist offline; True if any were written."""
+    if source.folder is not None:
+        folder = source.folder
+    elif source.spec.tokenizer == "bert-base-uncased":
+        # all-MiniLM-L6-v2 ships the bert-base-uncased vocabulary.
+        folder = REGISTRY["minilm"].local_dir()
+    else:
+        return False
+    copied = False
+    for name in TOKENIZER_FILES:
+        if (folder / name).exists():
+            shutil.copyfile(folder / name, out_dir / name)
+            copied = True
+    return copied
+
+
+def _io_table(model_path: Path) -> tuple[list[dict], list[dict]]:
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+
+    def describe(values):
+        rows = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+            rows.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims})
+        return rows
+
+    return describe(model.graph.input), describe(model.graph.output)
+
+
+def _quiet_exporters() -> None:
+    """Keep the tracer's and loggers' chatter off the user's terminal; errors still raise."""
+    import warnings
+
+    import transformers
+    from optimum.utils import logging as optimum_logging
+
+    warnings.filterwarnings("ignore", module=r"(torch|transformers|optimum|sentence_transformers)\b")
+    transformers.logging.set_verbosity_error()
+    optimum_logging.set_verbosity_error()
+
+
+def export(
+    name_or_dir: str,
+    out_dir: str | Path,
+    opset: int = DEFAULT_OPSET,
+    layers: int | None = None,
+    seed: int = 0,
+    warn: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
+) -> dict:
+    """Export to OUT_DIR/model.onnx with tokenizer files and puma.json; returns the metadata."""
+    if layers is not None and layers < 1:
+        raise ExportError(f"--layers must be at least 1, got {layers}")
+    source = resolve(name_or_dir)
+    out_dir = Path(out_dir)
+    random_weights = source.folder is None
+    if random_weights:
+        warn(
+            f"puma-onnx: {source.name} has no local weights: exporting RANDOM weights "
+            f"(seed {seed}) from the shipped config"
+        )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    start = time.perf_counter()
+    _quiet_exporters()
+    try:
+        model = _build_model(source, layers, seed)
+        from optimum.exporters.onnx import onnx_export_from_model
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        onnx_export_from_model(
+            model, out_dir, opset=opset, task=source.spec.task, do_validation=False
+        )
+    except ExportError:
+        raise
+    except Exception as e:  # the exporter raises many kinds; the user needs one line
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"export of {source.name!r} failed: {first_line}") from e
+    has_tokenizer = _copy_tokenizer(source, out_dir) or any((out_dir / f).exists() for f in TOKENIZER_FILES)
+    inputs, outputs = _io_table(out_dir / "model.onnx")
+    config = model[0].auto_model.config if source.spec.library == "sentence_transformers" else model.config
+    metadata = {
+        "model": source.name,
+        "description": source.spec.description,
+        "task": source.spec.task,
+        "library": source.spec.library,
+        "opset": opset,
+        "random_weights": random_weights,
+        "seed": seed if random_weights else None,
+        "num_layers": config.num_hidden_layers,
+        "vocab_size": config.vocab_size,
+        "max_positions": getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None),
+        "tokenizer": has_tokenizer,
+        "inputs": inputs,
+        "outputs": outputs,
+        "export_s": round(time.perf_counter() - start, 2),
+    }
+    (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    return metadata

@@ -1,0 +1,153 @@
+"""`puma-onnx export`: every registry model exports and onnxruntime matches PyTorch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from puma_onnx.models import REGISTRY
+
+from .conftest import TEST_LAYERS
+
+CLI = [sys.executable, "-m", "puma_onnx"]
+SEQ = 16
+
+
+def feeds_for(session, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random ids, a mask with padding at the end of the second row, matching position ids."""
+    rng = np.random.default_rng(seed)
+    mask = np.ones((2, SEQ), dtype=np.int64)
+    mask[1, SEQ - 5 :] = 0
+    values = {
+        "input_ids": rng.integers(3, vocab_size, size=(2, SEQ), dtype=np.int64),
+        "attention_mask": mask,
+        "token_type_ids": np.zeros((2, SEQ), dtype=np.int64),
+        "position_ids": np.clip(np.cumsum(mask, axis=1) - 1, 0, None),
+    }
+    return {i.name: values[i.name] for i in session.get_inputs()}
+
+
+@pytest.mark.parametrize("name", sorted(set(REGISTRY) - {"minilm"}))
+def test_registry_model_matches_pytorch(exported, name):
+    import onnxruntime as ort
+    import torch
+
+    from puma_onnx.export import build_torch_model
+
+    folder = exported(name)
+    meta = json.loads((folder / "puma.json").read_text())
+    assert meta["random_weights"] is True
+    assert meta["num_layers"] == TEST_LAYERS
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = feeds_for(session, meta["vocab_size"])
+    onnx_out = session.run(None, feeds)[0]
+
+    model = build_torch_model(name, layers=TEST_LAYERS)
+    with torch.no_grad():
+        torch_out = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})[0].numpy()
+    assert onnx_out.shape == torch_out.shape
+    assert np.abs(onnx_out - torch_out).max() <= 1e-4
+
+
+def test_minilm_sentence_embedding_matches_sentence_transformers(exported):
+    import onnxruntime as ort
+    from sentence_transformers import SentenceTransformer
+    from tokenizers import Tokenizer
+
+    folder = exported("minilm")
+    meta = json.loads((folder / "puma.json").read_text())
+    assert meta["random_weights"] is False and meta["tokenizer"] is True
+    sentences = [
+        "The quick brown fox jumps over the lazy dog.",
+        "Secure inference keeps the prompt and the weights private.",
+        "A sentence embedding maps text to a vector.",
+    ]
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    reference = SentenceTransformer(str(REGISTRY["minilm"].local_dir()), device="cpu")
+    reference[0].auto_model.encoder.layer = reference[0].auto_model.encoder.layer[:TEST_LAYERS]
+    expected = reference.encode(sentences, convert_to_numpy=True)
+    for sentence, want in zip(sentences, expected):
+        encoding = tokenizer.encode(sentence)  # padded to 128 as the model's tokenizer.json asks
+        feeds = {
+            "input_ids": np.array([encoding.ids], dtype=np.int64),
+            "attention_mask": np.array([encoding.attention_mask], dtype=np.int64),
+        }
+        outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+        assert np.abs(outputs["sentence_embedding"][0] - want).max() <= 1e-4
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=300)
+
+
+def test_unknown_model_lists_known_names(tmp_path):
+    result = run_cli("export", "no-such-model", "-o", str(tmp_path / "x"))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown model 'no-such-model'" in lines[0]
+    assert all(name in lines[0] for name in REGISTRY)
+
+
+def test_missing_folder_is_one_line_error(tmp_path):
+    result = run_cli("export", str(tmp_path / "missing"), "-o", str(tmp_path / "x"))
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        f"puma-onnx: error: model folder {str(tmp_path / 'missing')!r} does not exist"
+    ]
+
+
+def test_unreadable_folder_is_one_line_error(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "config.json").write_text("{not json")
+    result = run_cli("export", str(folder), "-o", str(tmp_path / "x"))
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1 and "cannot read" in result.stderr
+
+
+def test_failed_export_is_one_line_error(tmp_path):
+    folder = tmp_path / "weird"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    result = run_cli("export", str(folder), "-o", str(tmp_path / "x"))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("puma-onnx: error: export of 'weird' failed")
+
+
+def test_random_weights_are_announced_on_stderr(tmp_path):
+    result = run_cli("export", "llama-tiny", "-o", str(tmp_path / "l"), "--layers", "1")
+    assert result.returncode == 0, result.stderr
+    assert "RANDOM weights" in result.stderr
+    meta = json.loads((tmp_path / "l" / "puma.json").read_text())
+    assert meta["random_weights"] is True and meta["num_layers"] == 1
+    assert [i["name"] for i in meta["inputs"]] == ["input_ids", "attention_mask", "position_ids"]
+
+
+def test_local_folder_exports_with_its_weights(tmp_path):
+    import torch
+
+    from puma_onnx.export import build_torch_model
+
+    model = build_torch_model("bert-base", layers=1)
+    folder = tmp_path / "my-bert"
+    model.save_pretrained(folder)
+    result = run_cli("export", str(folder), "-o", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((tmp_path / "out" / "puma.json").read_text())
+    assert meta["random_weights"] is False and meta["task"] == "feature-extraction"
+    assert "RANDOM" not in result.stderr
+    del torch
+
+
+def test_help_describes_every_option():
+    result = run_cli("export", "--help")
+    assert result.returncode == 0
+    for option in ("--output", "--opset", "--layers", "--seed"):
+        assert option in result.stdout
