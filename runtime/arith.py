@@ -1,0 +1,330 @@
+"""Arithmetic protocols on replicated shares over Z_2^64.
+
+Costs are per element of the output and per rank, as counted by the communicator
+(a round is one `exchange`). Multiplications and truncations accept a list of
+operands as well as a single one: a list goes out in one batch (same rounds, summed
+bytes), so independent work shares its rounds.
+
+Papers: Araki, Furukawa, Lindell, Nof, Ohara, "High-throughput semi-honest secure
+three-party computation with an honest majority" (CCS 2016) for sharing, reveal and
+multiplication; Mohassel, Rindal, "ABY3" (CCS 2018) section 5 for fixed point;
+Escudero, Ghosh, Keller, Rachuri, Scholl, "Improved primitives for MPC over mixed
+arithmetic-binary circuits" (CRYPTO 2020) section 4 for the truncation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .comm import PARTIES
+from .party import Party
+from .ring import ring_matmul
+from .shares import AShare
+
+U64 = np.uint64
+
+
+def _ring(c) -> np.ndarray:
+    """Public integers as ring elements (negative ones wrap)."""
+    c = np.asarray(c)
+    if c.dtype == np.uint64:
+        return c
+    if not np.issubdtype(c.dtype, np.integer):
+        raise TypeError(f"ring constants must be integers, got dtype {c.dtype}; use the *_fx variant for reals")
+    return c.astype(np.int64).view(np.uint64)
+
+
+def _listed(x):
+    """(list, was_a_list) so that every protocol handles one operand or a batch alike."""
+    return (list(x), True) if isinstance(x, (list, tuple)) else ([x], False)
+
+
+def _unlisted(out: list, was_list: bool):
+    return out if was_list else out[0]
+
+
+def _flat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.ravel(p) for p in parts]) if len(parts) > 1 else np.ravel(parts[0])
+
+
+def _unflat(flat: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    out, at = [], 0
+    for s in shapes:
+        n = int(np.prod(s))
+        out.append(flat[at : at + n].reshape(s))
+        at += n
+    return out
+
+
+# ----------------------------------------------------------------------------- input and output
+
+
+def share(party: Party, value: np.ndarray | None, owner: int, shape=None) -> AShare:
+    """Secret-share the owner's ring array; the others pass None and the (public) shape.
+
+    Idea: x_o comes from k_o (owner and rank o-1), x_{o+2} from the common key, and the
+    owner sends x_{o+1} = x - x_o - x_{o+2} to rank o+1; x_o hides x from rank o+1.
+    Rounds 1; bytes/elem: 8 from the owner, 0 from the others. Araki et al. 2016, 2.2.
+    """
+    comm, r = party.comm, party.rank
+    if r == owner:
+        value = _ring(value)
+        shape = value.shape
+    shape = tuple(shape)
+    with comm.tag("share"):
+        if r == owner:
+            x_o = party.prg_prev.words(shape)
+            x_o2 = party.prg_all.words(shape)
+            x_o1 = value - x_o - x_o2
+            comm.exchange({(owner + 1) % PARTIES: x_o1}, {})
+            return AShare(x_o, x_o1)
+        if r == (owner + 1) % PARTIES:
+            x_o2 = party.prg_all.words(shape)
+            got = comm.exchange({}, {owner: (shape, U64)})
+            return AShare(got[owner], x_o2)
+        x_o2 = party.prg_all.words(shape)
+        x_o = party.prg_next.words(shape)
+        comm.exchange({}, {})
+        return AShare(x_o2, x_o)
+
+
+def reveal(party: Party, x: AShare, to: int | None = None) -> np.ndarray | None:
+    """Open x to rank `to` (None: to all); returns the ring array there and None elsewhere.
+
+    Idea: the receiver i misses only x_{i+2}, which rank i+1 holds as its second component.
+    Rounds 1; bytes/elem: 8 per receiver, sent by the rank after it. Araki et al. 2016, 2.2.
+    """
+    comm, r = party.comm, party.rank
+    receivers = range(PARTIES) if to is None else [to]
+    with comm.tag("reveal"):
+        sends = {party.prev: x.second} if party.prev in receivers else {}
+        recvs = {party.next: (x.shape, U64)} if r in receivers else {}
+        got = comm.exchange(sends, recvs)
+    if r not in receivers:
+        return None
+    return x.first + x.second + got[party.next]
+
+
+# ----------------------------------------------------------------------------- local operations
+
+
+def add(x: AShare, y: AShare) -> AShare:
+    return AShare(x.first + y.first, x.second + y.second)
+
+
+def sub(x: AShare, y: AShare) -> AShare:
+    return AShare(x.first - y.first, x.second - y.second)
+
+
+def neg(x: AShare) -> AShare:
+    return AShare(-x.first, -x.second)
+
+
+def add_public(party: Party, x: AShare, c) -> AShare:
+    """x + c for a public ring array c (broadcasting): c joins x_0, held by ranks 0 and 2."""
+    c = _ring(c)
+    shape = np.broadcast_shapes(x.shape, c.shape)
+    first, second = np.broadcast_to(x.first, shape), np.broadcast_to(x.second, shape)
+    if party.rank == 0:
+        first = first + c
+    elif party.rank == PARTIES - 1:
+        second = second + c
+    return AShare(first, second)
+
+
+def mul_public(x: AShare, c) -> AShare:
+    """x * c for a public ring integer array c (broadcasting), no truncation."""
+    c = _ring(c)
+    return AShare(x.first * c, x.second * c)
+
+
+# ----------------------------------------------------------------------------- products
+
+
+def _reshare(party: Party, parts: list[np.ndarray]) -> list[AShare]:
+    """Additive parts z_i (sum = z) to a replicated share of z, re-randomised.
+
+    Rank i sends z_i + alpha_i to rank i-1 (alpha a fresh zero-sharing); 1 round, 8 B/elem.
+    """
+    z = _flat(parts)
+    z = z + party.zero_share(z.shape)
+    got = party.comm.exchange({party.prev: z}, {party.next: (z.shape, U64)})
+    return [AShare(a, b) for a, b in zip(_unflat(z, [p.shape for p in parts]), _unflat(got[party.next], [p.shape for p in parts]))]
+
+
+def _mul_parts(x: AShare, y: AShare) -> np.ndarray:
+    # x_i y_i + x_i y_{i+1} + x_{i+1} y_i in two products.
+    return x.first * (y.first + y.second) + x.second * y.first
+
+
+def _matmul_parts(x: AShare, y: AShare) -> np.ndarray:
+    # The two products of the three-term sum in one ring matmul over a doubled inner dimension.
+    if x.ndim < 2 or y.ndim < 2:
+        raise ValueError(f"matmul of shares needs operands with at least 2 dims, got {x.shape} @ {y.shape}")
+    shape = np.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+    left = np.concatenate(
+        [np.broadcast_to(x.first, shape + x.shape[-2:]), np.broadcast_to(x.second, shape + x.shape[-2:])], axis=-1
+    )
+    right = np.concatenate(
+        [np.broadcast_to(y.first + y.second, shape + y.shape[-2:]), np.broadcast_to(y.first, shape + y.shape[-2:])],
+        axis=-2,
+    )
+    return ring_matmul(left, right)
+
+
+def mul(party: Party, x, y):
+    """Ring product x * y (broadcasting); x, y may be lists of equal length (one batch).
+
+    Idea: rank i computes x_i y_i + x_i y_{i+1} + x_{i+1} y_i, adds a fresh zero-sharing
+    and sends it to rank i-1. Rounds 1; bytes/elem 8. Araki et al. 2016, section 2.2.
+    """
+    xs, was_list = _listed(x)
+    ys, _ = _listed(y)
+    with party.comm.tag("mul"):
+        return _unlisted(_reshare(party, [_mul_parts(a, b) for a, b in zip(xs, ys, strict=True)]), was_list)
+
+
+def matmul(party: Party, x, y):
+    """Ring matrix product x @ y (np.matmul broadcasting over leading dims); lists batch.
+
+    Idea: the three-term product as [x_i, x_{i+1}] @ [[y_i + y_{i+1}], [y_i]], one exact
+    ring matmul, then a re-randomised reshare. Rounds 1; bytes per output elem 8. Araki et al. 2016.
+    """
+    xs, was_list = _listed(x)
+    ys, _ = _listed(y)
+    with party.comm.tag("matmul"):
+        return _unlisted(_reshare(party, [_matmul_parts(a, b) for a, b in zip(xs, ys, strict=True)]), was_list)
+
+
+# ----------------------------------------------------------------------------- truncation
+
+_LOW63 = U64((1 << 63) - 1)
+
+
+def _pack(*arrays: np.ndarray) -> np.ndarray:
+    # Several arrays for one peer in one round travel as one byte message.
+    return np.concatenate([a.view(np.uint8).ravel() for a in arrays])
+
+
+def _trunc_parts(party: Party, parts: list[np.ndarray], bits: int) -> list[AShare]:
+    """Additive parts z_i of z (|z| < 2^62) to a replicated share of floor(z / 2^bits) + {0, 1}.
+
+    Dealer D and two ranks A = D+1, B = D+2 (D rotates per call). With r = r_A + r_B + r_D
+    uniform, A and B open c = z + 2^62 + r; D deals 2-of-2 shares of rc = (r mod 2^63) >> d
+    and rb = msb(r) to A (from k_A) and B (sent). Since z + 2^62 + (r mod 2^63) < 2^64, its
+    top bit is e = msb(c) xor rb, and
+        y = (c mod 2^63) >> d - rc + 2^(63-d) e - 2^(62-d)
+    equals floor(z / 2^d) or that + 1 (the borrow of the two floors): the error is below
+    one unit of the last place for every |z| < 2^62, with no catastrophic failure; it is +1
+    with probability about frac(z / 2^d). e = c_msb + rb - 2 c_msb rb is linear in rb
+    because c is public to A and B, and only rb mod 2^(d+1) matters, so its share is a uint32.
+    Round 2 turns y_A + y_B into a replicated share with masks A and B share with D.
+    Security: A and B see c, uniform because r is; each sees the others' parts masked by a
+    PRG word it lacks (r_A from k_A, r_B from k_D, r_D private); D receives nothing.
+    Cost: 2 rounds; bytes/elem: dealer 28, A and B 16 each (60 over the three ranks,
+    20 per rank on average as the dealer rotates). Escudero et al. 2020, section 4 (TruncPr with the MSB trick).
+    """
+    if not 0 < bits <= 62:
+        raise ValueError(f"truncation by {bits} bits: allowed 1..62")
+    comm, r = party.comm, party.rank
+    shapes = [p.shape for p in parts]
+    z = _flat(parts)
+    n = z.size
+    d = U64(bits)
+    rb_dtype = np.uint32 if bits <= 31 else np.uint64
+    dealer = party.next_dealer()
+    a_rank, b_rank = (dealer + 1) % PARTIES, (dealer + 2) % PARTIES
+
+    if r == dealer:
+        with_a, with_b = party.prg_next, party.prg_prev
+        r_a, rc_a, rb_a, m_a = with_a.words(n), with_a.words(n), with_a.words(n, rb_dtype), with_a.words(n)
+        r_b, m_b = with_b.words(n), with_b.words(n)
+        r_d = party.prg_own.words(n)
+        rr = r_a + r_b + r_d
+        rc_b = ((rr & _LOW63) >> d) - rc_a
+        rb_b = (rr >> U64(63)).astype(rb_dtype) - rb_a
+        c_d = z + r_d
+        comm.exchange({a_rank: c_d, b_rank: _pack(c_d, rc_b, rb_b)}, {})
+        comm.exchange({}, {})
+        return [AShare(s, t) for s, t in zip(_unflat(m_b, shapes), _unflat(m_a, shapes))]
+
+    if r == a_rank:
+        with_d = party.prg_prev
+        r_a, rc_a, rb_a, m_a = with_d.words(n), with_d.words(n), with_d.words(n, rb_dtype), with_d.words(n)
+        # The offset makes z + 2^62 non-negative for |z| < 2^62; A adds it and removes it below.
+        c_a = z + U64(1 << 62) + r_a
+        got = comm.exchange({b_rank: c_a}, {b_rank: ((n,), U64), dealer: ((n,), U64)})
+        c = c_a + got[b_rank] + got[dealer]
+        c_msb = c >> U64(63)
+        e_a = c_msb + rb_a.astype(U64) * (U64(1) - U64(2) * c_msb)
+        y = ((c & _LOW63) >> d) - rc_a + (e_a << (U64(63) - d)) - (U64(1) << (U64(62) - d))
+        w = y - m_a
+        got = comm.exchange({b_rank: w}, {b_rank: ((n,), U64)})
+        w = w + got[b_rank]
+        return [AShare(s, t) for s, t in zip(_unflat(m_a, shapes), _unflat(w, shapes))]
+
+    with_d = party.prg_next
+    r_b, m_b = with_d.words(n), with_d.words(n)
+    c_b = z + r_b
+    rb_bytes = np.dtype(rb_dtype).itemsize
+    got = comm.exchange({a_rank: c_b}, {a_rank: ((n,), U64), dealer: ((n * (16 + rb_bytes),), np.uint8)})
+    dealt = got[dealer]
+    c_d = dealt[: 8 * n].view(U64)
+    rc_b = dealt[8 * n : 16 * n].view(U64)
+    rb_b = dealt[16 * n :].view(rb_dtype)
+    c = got[a_rank] + c_b + c_d
+    c_msb = c >> U64(63)
+    e_b = rb_b.astype(U64) * (U64(1) - U64(2) * c_msb)
+    y = (e_b << (U64(63) - d)) - rc_b
+    w = y - m_b
+    got = comm.exchange({a_rank: w}, {a_rank: ((n,), U64)})
+    w = w + got[a_rank]
+    return [AShare(s, t) for s, t in zip(_unflat(w, shapes), _unflat(m_b, shapes))]
+
+
+def truncate(party: Party, x, bits: int):
+    """floor(x / 2^bits) + {0, 1} for |x| < 2^62 (one ulp at most, never more); lists batch.
+
+    Idea and proof: see `_trunc_parts`; here the additive parts are the first components.
+    Rounds 2; bytes/elem 20 per rank on average (dealer 28, others 16). Escudero et al. 2020, 4.
+    """
+    xs, was_list = _listed(x)
+    with party.comm.tag("truncate"):
+        return _unlisted(_trunc_parts(party, [a.first for a in xs], bits), was_list)
+
+
+def mul_fx(party: Party, x, y):
+    """Fixed-point product: the local three-term product fed straight into the truncation.
+
+    Idea: the three-term parts are masked by the truncation's r, so they need no zero-sharing
+    and no reshare round of their own. Rounds 2; bytes/elem 20 per rank on average (dealer 28,
+    others 16); needs |x y| < 2^(62 - 2f) in real terms. ABY3 5.1 with Escudero et al. 2020, 4.
+    """
+    xs, was_list = _listed(x)
+    ys, _ = _listed(y)
+    with party.comm.tag("mul_fx"):
+        parts = [_mul_parts(a, b) for a, b in zip(xs, ys, strict=True)]
+        return _unlisted(_trunc_parts(party, parts, party.fxp.frac_bits), was_list)
+
+
+def matmul_fx(party: Party, x, y):
+    """Fixed-point matrix product, fused with the truncation as in `mul_fx`.
+
+    Rounds 2; bytes per output elem 20 per rank on average (dealer 28, others 16).
+    ABY3 5.1 with Escudero et al. 2020, 4.
+    """
+    xs, was_list = _listed(x)
+    ys, _ = _listed(y)
+    with party.comm.tag("matmul_fx"):
+        parts = [_matmul_parts(a, b) for a, b in zip(xs, ys, strict=True)]
+        return _unlisted(_trunc_parts(party, parts, party.fxp.frac_bits), was_list)
+
+
+def mul_public_fx(party: Party, x: AShare, c) -> AShare:
+    """x * c for a public real array c (broadcasting): encode c, multiply locally, truncate.
+
+    Rounds 2; bytes/elem 20 per rank on average (dealer 28, others 16). ABY3 5.1.
+    """
+    c = party.fxp.encode(c)
+    with party.comm.tag("mul_public_fx"):
+        return _trunc_parts(party, [x.first * c], party.fxp.frac_bits)[0]

@@ -1,0 +1,156 @@
+import numpy as np
+import pytest
+
+from puma_onnx.runtime import arith
+from puma_onnx.runtime.comm import run_parties
+
+from .helpers import cost_of, open_fx, share_fx, share_ring
+
+rng = np.random.default_rng(5)
+ULP = 2.0**-18
+
+
+def test_share_reveal_roundtrip_from_every_owner():
+    v = rng.integers(0, 2**64, (3, 4), dtype=np.uint64)
+
+    def prog(p):
+        return [arith.reveal(p, share_ring(p, v, owner)) for owner in range(3)]
+
+    for per_rank in run_parties(prog):
+        for got in per_rank:
+            assert np.array_equal(got, v)
+
+
+def test_reveal_to_one_rank_only():
+    v = rng.integers(0, 2**64, 7, dtype=np.uint64)
+    out = run_parties(lambda p: arith.reveal(p, share_ring(p, v), to=2))
+    assert out[0] is None and out[1] is None and np.array_equal(out[2], v)
+
+
+def test_local_operations_match_ring_arithmetic():
+    x, y = rng.integers(0, 2**64, (2, 5, 3), dtype=np.uint64)
+    c = rng.integers(-100, 100, (3,))
+
+    def prog(p):
+        a, b = share_ring(p, x, 0), share_ring(p, y, 1)
+        return [
+            arith.reveal(p, r)
+            for r in (arith.add(a, b), arith.sub(a, b), arith.neg(a), arith.add_public(p, a, c), arith.mul_public(a, c))
+        ]
+
+    got = run_parties(prog)[0]
+    cu = c.astype(np.int64).view(np.uint64)
+    for g, want in zip(got, (x + y, x - y, -x, x + cu, x * cu)):
+        assert np.array_equal(g, want)
+
+
+def test_ring_mul_and_matmul_are_exact():
+    x, y = rng.integers(0, 2**64, (2, 6, 8), dtype=np.uint64)
+    w = rng.integers(0, 2**64, (8, 3), dtype=np.uint64)
+
+    def prog(p):
+        a, b, m = share_ring(p, x, 0), share_ring(p, y, 1), share_ring(p, w, 2)
+        return arith.reveal(p, arith.mul(p, a, b)), arith.reveal(p, arith.matmul(p, a, m))
+
+    prod, mm = run_parties(prog)[0]
+    assert np.array_equal(prod, x * y) and np.array_equal(mm, x @ w)
+
+
+def test_mul_fx_broadcasts_and_errs_below_two_ulp():
+    x, y = rng.uniform(-100, 100, (4, 50)), rng.uniform(-100, 100, (4, 1))
+    got = run_parties(lambda p: open_fx(p, arith.mul_fx(p, share_fx(p, x), share_fx(p, y, 1))))[0]
+    # Encoding rounds each factor (|x|,|y| <= 100: 100 * 2^-19 each) plus at most one ulp of truncation.
+    assert np.abs(got - x * y).max() <= 2 * 100 * 2.0**-19 + ULP
+
+
+def test_matmul_fx_batched_against_float64():
+    x, w = rng.uniform(-2, 2, (2, 5, 64)), rng.uniform(-2, 2, (64, 7))
+    got = run_parties(lambda p: open_fx(p, arith.matmul_fx(p, share_fx(p, x), share_fx(p, w, 1))))[0]
+    # Encoding errors sum over 64 products of |2| * 2^-19 each side; truncation adds one ulp.
+    assert np.abs(got - x @ w).max() <= 64 * 2 * 2 * 2.0**-19 + ULP
+
+
+def test_mul_public_fx_against_float64():
+    x, c = rng.uniform(-50, 50, 100), rng.uniform(-3, 3, 100)
+    got = run_parties(lambda p: open_fx(p, arith.mul_public_fx(p, share_fx(p, x), c)))[0]
+    assert np.abs(got - x * c).max() <= (50 + 3) * 2.0**-19 + ULP
+
+
+@pytest.mark.parametrize("bits", [18, 40])
+def test_truncate_error_below_one_ulp(bits):
+    # The result is floor(z / 2^d) or one more, for every |z| < 2^62: no failure probability at all,
+    # so 1e8 or more truncations are as safe as these. Millions of random words cover every
+    # dealer rotation and both carry cases of the top bit.
+    n = 2_000_000 if bits == 18 else 200_000
+    z = rng.integers(-(2**62), 2**62, n, dtype=np.int64)
+    z[:4] = [-(2**62), 2**62 - 1, 0, -1]
+
+    def prog(p):
+        x = share_ring(p, z.view(np.uint64))
+        return [arith.reveal(p, arith.truncate(p, x, bits)).view(np.int64) for _ in range(3)]
+
+    for got in run_parties(prog)[0]:
+        diff = got - (z >> bits)
+        assert diff.min() >= 0 and diff.max() <= 1
+
+
+def test_list_operands_share_rounds():
+    x, y = rng.uniform(-5, 5, (2, 10)), rng.uniform(-5, 5, (2, 3))
+
+    def prog(p):
+        a, b = share_fx(p, x), share_fx(p, y)
+        outs, cost = cost_of(p, lambda: arith.mul_fx(p, [a, b], [a, b]))
+        return [open_fx(p, o) for o in outs], cost
+
+    (sq_x, sq_y), cost = run_parties(prog)[0]
+    assert cost.rounds == 2
+    assert np.abs(sq_x - x * x).max() < 1e-4 and np.abs(sq_y - y * y).max() < 1e-4
+
+
+# ----------------------------------------------------------------------------- costs, as the docstrings state
+
+
+def costs(fn, shape=(10, 12)):
+    """Per-rank Cost of fn(party, x, y) on shares of random values."""
+    x, y = rng.uniform(-1, 1, shape), rng.uniform(-1, 1, shape)
+
+    def prog(p):
+        a, b = share_fx(p, x), share_fx(p, y, 1)
+        return cost_of(p, lambda: fn(p, a, b))[1]
+
+    return run_parties(prog)
+
+
+def test_cost_share_one_round_eight_bytes_from_owner():
+    c = costs(lambda p, a, b: share_fx(p, np.zeros((10, 12)), owner=2))
+    assert [k.rounds for k in c] == [1, 1, 1]
+    assert [k.bytes for k in c] == [0, 0, 8 * 120]
+
+
+def test_cost_reveal_one_round_eight_bytes_per_receiver():
+    c = costs(lambda p, a, b: arith.reveal(p, a))
+    assert all(k.rounds == 1 and k.bytes == 8 * 120 for k in c)
+    c = costs(lambda p, a, b: arith.reveal(p, a, to=0))
+    assert [k.bytes for k in c] == [0, 8 * 120, 0]
+
+
+def test_cost_mul_and_matmul_one_round_eight_bytes():
+    for c in (costs(lambda p, a, b: arith.mul(p, a, b)), costs(lambda p, a, b: arith.matmul(p, a, b.transpose())),):
+        assert all(k.rounds == 1 for k in c)
+    assert all(k.bytes == 8 * 120 for k in costs(lambda p, a, b: arith.mul(p, a, b)))
+    assert all(k.bytes == 8 * 100 for k in costs(lambda p, a, b: arith.matmul(p, a, b.transpose())))
+
+
+@pytest.mark.parametrize("op", ["truncate", "mul_fx", "matmul_fx", "mul_public_fx"])
+def test_cost_truncating_ops_two_rounds_sixty_bytes_over_three_ranks(op):
+    fn = {
+        "truncate": lambda p, a, b: arith.truncate(p, a, 18),
+        "mul_fx": lambda p, a, b: arith.mul_fx(p, a, b),
+        "matmul_fx": lambda p, a, b: arith.matmul_fx(p, a, b.reshape(12, 10)),
+        "mul_public_fx": lambda p, a, b: arith.mul_public_fx(p, a, 0.5),
+    }[op]
+    c = costs(fn)
+    n = 100 if op == "matmul_fx" else 120
+    assert all(k.rounds == 2 for k in c)
+    # Dealer 28 B/elem, the other two 16 each.
+    assert sorted(k.bytes for k in c) == [16 * n, 16 * n, 28 * n]

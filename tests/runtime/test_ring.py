@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+
+from puma_onnx.runtime import ring
+from puma_onnx.runtime.ring import FixedPoint, ring_matmul
+
+rng = np.random.default_rng(11)
+
+
+def rand_u64(*shape):
+    return rng.integers(0, 2**64, shape, dtype=np.uint64)
+
+
+def test_encode_decode_within_half_ulp():
+    fxp = FixedPoint(18)
+    x = rng.uniform(-1e6, 1e6, 10_000)
+    # Rounding to nearest: at most half of 2^-18.
+    assert np.abs(fxp.decode(fxp.encode(x)) - x).max() <= 2.0**-19
+
+
+def test_frac_bits_configurable():
+    fxp = FixedPoint(12)
+    assert fxp.encode(np.array([1.0]))[0] == 2**12
+    assert fxp.decode(np.array([2**12], dtype=np.uint64))[0] == 1.0
+
+
+def test_encode_out_of_range_names_allowed_range():
+    with pytest.raises(ValueError, match=r"\|x\| < 2\^45"):
+        FixedPoint(18).encode(np.array([0.0, 2.0**46]))
+    with pytest.raises(ValueError, match="cannot be encoded"):
+        FixedPoint(18).encode(np.array([np.nan]))
+
+
+def test_negative_values_wrap_as_twos_complement():
+    assert FixedPoint(0).encode(np.array([-1.0]))[0] == np.uint64(2**64 - 1)
+
+
+@pytest.mark.parametrize(
+    "sa, sb",
+    [((7, 13), (13, 5)), ((3, 1, 4), (4, 2)), ((2, 3, 4, 6), (3, 6, 5)), ((9,), (9, 4)), ((4, 9), (9,)), ((6,), (6,))],
+)
+def test_ring_matmul_equals_numpy_uint64_matmul(sa, sb):
+    a, b = rand_u64(*sa), rand_u64(*sb)
+    assert np.array_equal(ring_matmul(a, b), np.matmul(a, b))
+
+
+def test_ring_matmul_exact_at_largest_limbs():
+    # All-ones words maximise every limb product and partial sum.
+    a = np.full((3, 700), 2**64 - 1, dtype=np.uint64)
+    b = np.full((700, 2), 2**64 - 1, dtype=np.uint64)
+    assert np.array_equal(ring_matmul(a, b), a @ b)
+
+
+def test_ring_matmul_splits_inner_dimension_beyond_exact_limit(monkeypatch):
+    monkeypatch.setattr(ring, "_MAX_K", 16)
+    a, b = rand_u64(5, 50), rand_u64(50, 3)
+    assert np.array_equal(ring_matmul(a, b), a @ b)
