@@ -293,38 +293,39 @@ def truncate(party: Party, x, bits: int):
         return _unlisted(_trunc_parts(party, [a.first for a in xs], bits), was_list)
 
 
-def mul_fx(party: Party, x, y):
+def mul_fx(party: Party, x, y, bits: int | None = None):
     """Fixed-point product: the local three-term product fed straight into the truncation.
 
     Idea: the three-term parts are masked by the truncation's r, so they need no zero-sharing
     and no reshare round of their own. Rounds 2; bytes/elem 20 per rank on average (dealer 28,
-    others 16); needs |x y| < 2^(62 - 2f) in real terms. ABY3 5.1 with Escudero et al. 2020, 4.
+    others 16); needs |x y| < 2^(62 - 2f) in real terms. `bits` (default f) truncates by another
+    amount, for intermediates kept at a higher scale. ABY3 5.1 with Escudero et al. 2020, 4.
     """
     xs, was_list = _listed(x)
     ys, _ = _listed(y)
     with party.comm.tag("mul_fx"):
         parts = [_mul_parts(a, b) for a, b in zip(xs, ys, strict=True)]
-        return _unlisted(_trunc_parts(party, parts, party.fxp.frac_bits), was_list)
+        return _unlisted(_trunc_parts(party, parts, party.fxp.frac_bits if bits is None else bits), was_list)
 
 
-def matmul_fx(party: Party, x, y):
+def matmul_fx(party: Party, x, y, bits: int | None = None):
     """Fixed-point matrix product, fused with the truncation as in `mul_fx`.
 
-    Rounds 2; bytes per output elem 20 per rank on average (dealer 28, others 16).
-    ABY3 5.1 with Escudero et al. 2020, 4.
+    Rounds 2; bytes per output elem 20 per rank on average (dealer 28, others 16); `bits` as in
+    `mul_fx`. ABY3 5.1 with Escudero et al. 2020, 4.
     """
     xs, was_list = _listed(x)
     ys, _ = _listed(y)
     with party.comm.tag("matmul_fx"):
         parts = [_matmul_parts(a, b) for a, b in zip(xs, ys, strict=True)]
-        return _unlisted(_trunc_parts(party, parts, party.fxp.frac_bits), was_list)
+        return _unlisted(_trunc_parts(party, parts, party.fxp.frac_bits if bits is None else bits), was_list)
 
 
-def mul_public_fx(party: Party, x: AShare, c) -> AShare:
-    """x * c for a public real array c (broadcasting): encode c, multiply locally, truncate.
+def mul_public_fx(party: Party, x: AShare, c, bits: int | None = None) -> AShare:
+    """x * c for a public real array c (broadcasting): encode c, multiply locally, truncate by `bits` (default f).
 
     Rounds 2; bytes/elem 20 per rank on average (dealer 28, others 16). ABY3 5.1.
     """
     c = party.fxp.encode(c)
     with party.comm.tag("mul_public_fx"):
-        return _trunc_parts(party, [x.first * c], party.fxp.frac_bits)[0]
+        return _trunc_parts(party, [x.first * c], party.fxp.frac_bits if bits is None else bits)[0]

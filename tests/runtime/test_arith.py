@@ -154,3 +154,11 @@ def test_cost_truncating_ops_two_rounds_sixty_bytes_over_three_ranks(op):
     assert all(k.rounds == 2 for k in c)
     # Dealer 28 B/elem, the other two 16 each.
     assert sorted(k.bytes for k in c) == [16 * n, 16 * n, 28 * n]
+
+
+def test_mul_fx_truncates_by_requested_bits():
+    x, y = rng.uniform(-4, 4, 50), rng.uniform(-4, 4, 50)
+    # Keep 10 extra fractional bits: the result carries f + 10 of them.
+    got = run_parties(lambda p: arith.reveal(p, arith.mul_fx(p, share_fx(p, x), share_fx(p, y, 1), bits=8)))[0]
+    scaled = got.view(np.int64) / 2.0**28
+    assert np.abs(scaled - x * y).max() <= 2 * 4 * 2.0**-19 + 2.0**-28
