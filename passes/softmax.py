@@ -51,9 +51,9 @@ def _mask(op, m: ir.Value) -> tuple[ir.Value, ir.Value | None]:
         a_masked, b_masked = _is_masked_value(a), _is_masked_value(b)
         if a_masked is not None and b_masked is not None and a_masked != b_masked:
             return (op.Not(cond) if a_masked else cond), None
-    floor = op.Constant(value=ir.tensor(np.array(MASK_FLOOR, dtype=m.dtype.numpy())))
-    keep = op.Greater(m, floor)
-    zero = op.Constant(value=ir.tensor(np.array(0, dtype=m.dtype.numpy())))
+    dtype = (m.dtype or ir.DataType.FLOAT).numpy()
+    keep = op.Greater(m, op.Constant(value=ir.tensor(np.array(MASK_FLOOR, dtype=dtype))))
+    zero = op.Constant(value=ir.tensor(np.array(0, dtype=dtype)))
     return keep, op.Where(keep, m, zero)
 
 
