@@ -1,0 +1,72 @@
+"""Comparisons on arithmetic shares: ltz, less_than, equal, max along an axis.
+
+Results of ltz/less_than/equal are one-row boolean shares (bit-sliced); use
+convert.b2a for an arithmetic 0/1 or convert.mul_bit to select with them.
+"""
+
+from __future__ import annotations
+
+from . import arith
+from .boolean import and_all, not_, split_elements, xor
+from .convert import mul_bit, msb, split_sum
+from .party import Party
+from .shares import AShare, concat, flat_concat
+
+
+def ltz(party: Party, x):
+    """[x < 0] for x (any shape, or a list): the sign bit, exact for |x| < 2^(L-1).
+
+    Rounds 2 + ceil(log2(L-1)) (8 at L = 48); bytes/elem about 3L/8 (see convert.msb). ABY3 5.3.
+    """
+    with party.comm.tag("ltz"):
+        return msb(party, x)
+
+
+def less_than(party: Party, x, y):
+    """[x < y] elementwise (broadcasting; lists batch), exact for |x - y| < 2^(L-1).
+
+    Rounds 2 + ceil(log2(L-1)); bytes/elem about 3L/8 (msb of x - y). ABY3 5.3.
+    """
+    xs, was_list = (list(x), True) if isinstance(x, (list, tuple)) else ([x], False)
+    ys = list(y) if was_list else [y]
+    with party.comm.tag("less_than"):
+        return msb(party, [arith.sub(a, b) for a, b in zip(xs, ys, strict=True)] if was_list else arith.sub(x, y))
+
+
+def equal(party: Party, x, y, bits: int = 64):
+    """[x == y] elementwise (broadcasting; lists batch), exact for |x - y| < 2^bits (always at 64).
+
+    Idea: d = x - y = u + v with u known to rank 0 and v to ranks 1 and 2 (`split_sum`),
+    so d = 0 mod 2^bits iff u and -v agree on every bit: AND of the bits of ~(u ^ -v), as a tree.
+    Rounds 1 + ceil(log2 bits) (7 at 64); bytes/elem: rank 0 bits/8 + (bits-1)/8, others
+    (bits-1)/8 (16 and 8 at 64). A folklore equality test (e.g. ABY3's bit-decomposition-free variant).
+    """
+    was_list = isinstance(x, (list, tuple))
+    pairs = zip(x, y, strict=True) if was_list else [(x, y)]
+    diffs = [arith.sub(a, b) for a, b in pairs]
+    flat, shapes = flat_concat(diffs)
+    with party.comm.tag("equal"):
+        u, v = split_sum(party, flat, bits, negate_third=True)
+        out = and_all(party, not_(party, xor(u, v)))
+    parts = split_elements(out, shapes)
+    return parts if was_list else parts[0]
+
+
+def max(party: Party, x: AShare, axis: int = -1, keepdims: bool = True) -> AShare:  # noqa: A001 - the field's name
+    """Maximum along an axis by a tree of comparisons; one level is one batch.
+
+    Each level compares the first half of the remaining entries with the second half
+    (msb of the difference), then keeps the larger by mul_bit; an odd one out waits.
+    Rounds per level 2 + ceil(log2(L-1)) + 2 (10 at L = 48), ceil(log2 n) levels;
+    bytes per compared pair about 3L/8 + 18.7. PUMA section 4 / SPU's reduce max.
+    """
+    with party.comm.tag("max"):
+        x = x.moveaxis(axis, -1)
+        while x.shape[-1] > 1:
+            h = x.shape[-1] // 2
+            a, b = x[..., :h], x[..., h : 2 * h]
+            diff = arith.sub(b, a)
+            larger = arith.add(a, mul_bit(party, msb(party, arith.neg(diff)), diff))
+            x = concat([larger, x[..., 2 * h :]], axis=-1)
+        x = x.moveaxis(-1, axis) if keepdims else x.squeeze(-1)
+    return x

@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+
+from puma_onnx.runtime import compare
+from puma_onnx.runtime.boolean import reveal_bits
+from puma_onnx.runtime.comm import run_parties
+
+from .helpers import cost_of, open_fx, share_fx
+
+rng = np.random.default_rng(9)
+
+
+def test_less_than_and_ltz_against_numpy():
+    x, y = rng.uniform(-1000, 1000, (2, 20, 30))
+    y[0, :10] = x[0, :10]
+
+    def prog(p):
+        a, b = share_fx(p, x), share_fx(p, y, 1)
+        return reveal_bits(p, compare.less_than(p, a, b)), reveal_bits(p, compare.ltz(p, a))
+
+    lt, neg = run_parties(prog)[0]
+    assert np.array_equal(lt, x < y) and np.array_equal(neg, x < 0)
+
+
+def test_three_comparisons_share_one_batch():
+    x = rng.uniform(-6, 6, 100)
+    thresholds = [-4.0, -1.95, 3.0]
+
+    def prog(p):
+        a = share_fx(p, x)
+        ts = [share_fx(p, np.full(100, t)) for t in thresholds]
+        out, cost = cost_of(p, lambda: compare.less_than(p, [a] * 3, ts))
+        return [reveal_bits(p, o) for o in out], cost
+
+    out, cost = run_parties(prog)[0]
+    assert cost.rounds == 8
+    for got, t in zip(out, thresholds):
+        assert np.array_equal(got, x < t)
+
+
+def test_equal_against_numpy():
+    x = rng.integers(-50, 50, (10, 17)).astype(np.float64)
+    y = rng.integers(-50, 50, (10, 17)).astype(np.float64)
+    y[:, :5] = x[:, :5]
+
+    def prog(p):
+        return reveal_bits(p, compare.equal(p, share_fx(p, x), share_fx(p, y, 2)))
+
+    assert np.array_equal(run_parties(prog)[0], x == y)
+
+
+@pytest.mark.parametrize("axis, keepdims, shape", [(-1, True, (3, 4, 13)), (0, False, (7, 5)), (1, True, (2, 1, 3))])
+def test_max_along_axis(axis, keepdims, shape):
+    x = rng.uniform(-100, 100, shape)
+    got = run_parties(lambda p: open_fx(p, compare.max(p, share_fx(p, x), axis=axis, keepdims=keepdims)))[0]
+    # The maximum is one of the inputs, selected exactly: only its encoding error remains.
+    assert np.abs(got - x.max(axis=axis, keepdims=keepdims)).max() <= 2.0**-19
+
+
+def test_cost_equal_at_64_bits():
+    x = rng.uniform(-1, 1, 800)
+
+    def prog(p):
+        a = share_fx(p, x)
+        return cost_of(p, lambda: compare.equal(p, a, a))[1]
+
+    c = run_parties(prog)
+    assert all(k.rounds == 7 for k in c)
+    assert [k.bytes for k in c] == [(64 + 63) * 100, 63 * 100, 63 * 100]
+
+
+def test_cost_max_levels():
+    x = rng.uniform(-1, 1, (4, 16))
+
+    def prog(p):
+        a = share_fx(p, x)
+        return cost_of(p, lambda: compare.max(p, a))[1]
+
+    # 16 entries: 4 levels of msb (8 rounds) and mul_bit (2 rounds).
+    assert all(k.rounds == 4 * 10 for k in run_parties(prog))

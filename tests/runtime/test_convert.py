@@ -1,0 +1,96 @@
+import numpy as np
+import pytest
+
+from puma_onnx.runtime import arith, convert
+from puma_onnx.runtime.boolean import reveal_bits
+from puma_onnx.runtime.comm import run_parties
+
+from .helpers import cost_of, open_fx, share_fx, share_ring
+
+rng = np.random.default_rng(8)
+
+
+@pytest.mark.parametrize("bits", [48, 64, 20])
+def test_msb_is_the_sign_within_range(bits):
+    half = 2 ** (bits - 1)
+    z = rng.integers(-half, half, 5000, dtype=np.int64)
+    z[:6] = [-half, half - 1, 0, -1, 1, -2]
+
+    def prog(p):
+        return reveal_bits(p, convert.msb(p, share_ring(p, z.view(np.uint64)), bits=bits))
+
+    assert np.array_equal(run_parties(prog)[0], z < 0)
+
+
+def test_msb_accepts_lists_and_any_shape_in_one_batch():
+    xs = [rng.uniform(-5, 5, (3, 4, 5)), rng.uniform(-5, 5, 7)]
+
+    def prog(p):
+        shared = [share_fx(p, v) for v in xs]
+        out, cost = cost_of(p, lambda: convert.msb(p, shared))
+        return [reveal_bits(p, o) for o in out], cost
+
+    out, cost = run_parties(prog)[0]
+    assert cost.rounds == 8
+    for got, v in zip(out, xs):
+        assert got.shape == v.shape and np.array_equal(got, v < 0)
+
+
+def test_b2a_gives_integer_bits():
+    x = rng.uniform(-5, 5, (6, 9))
+
+    def prog(p):
+        return arith.reveal(p, convert.b2a(p, convert.msb(p, share_fx(p, x))))
+
+    assert np.array_equal(run_parties(prog)[0], (x < 0).astype(np.uint64))
+
+
+def test_mul_bit_selects_and_broadcasts():
+    x, c = rng.uniform(-50, 50, (4, 10)), rng.uniform(-5, 5, (4, 1))
+
+    def prog(p):
+        a = share_fx(p, x)
+        bit = convert.msb(p, share_fx(p, c))
+        return open_fx(p, convert.mul_bit(p, bit, a)), open_fx(p, convert.mul_bit(p, [bit], [a])[0])
+
+    got, got_list = run_parties(prog)[0]
+    want = (c < 0) * x
+    # The bit product is exact in the ring: only x's encoding error (half an ulp) remains.
+    assert np.abs(got - want).max() <= 2.0**-19 and np.array_equal(got, got_list)
+
+
+# ----------------------------------------------------------------------------- costs, as the docstrings state
+
+N = 800  # a multiple of 8: packed rows have no padding byte
+
+
+def per_rank_cost(fn):
+    x = rng.uniform(-1, 1, N)
+
+    def prog(p):
+        a = share_fx(p, x)
+        bit = convert.msb(p, a)
+        return cost_of(p, lambda: fn(p, a, bit))[1]
+
+    return run_parties(prog)
+
+
+@pytest.mark.parametrize("bits", [48, 64, 16])
+def test_cost_msb(bits):
+    c = per_rank_cost(lambda p, a, b: convert.msb(p, a, bits=bits))
+    levels = int(np.ceil(np.log2(bits - 1)))
+    and_rows = 3 * bits - 5 - levels
+    assert all(k.rounds == 2 + levels for k in c)
+    assert [k.bytes for k in c] == [(and_rows + bits) * N // 8, and_rows * N // 8, and_rows * N // 8]
+
+
+def test_cost_b2a_two_rounds():
+    c = per_rank_cost(lambda p, a, b: convert.b2a(p, b))
+    assert all(k.rounds == 2 for k in c)
+    assert [k.bytes for k in c] == [16 * N, 8 * N, 8 * N]
+
+
+def test_cost_mul_bit_two_rounds():
+    c = per_rank_cost(lambda p, a, b: convert.mul_bit(p, b, a))
+    assert all(k.rounds == 2 for k in c)
+    assert [k.bytes for k in c] == [24 * N, 16 * N, 16 * N]
