@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -40,6 +41,8 @@ def export(name_or_dir: str, out_dir: str, opset: int, layers: int | None, seed:
     from puma_onnx.export import ExportError
     from puma_onnx.export import export as do_export
 
+    from puma_onnx.passes import UnsupportedSecretOps, rewrite_file
+
     try:
         meta = do_export(name_or_dir, out_dir, opset=opset, layers=layers, seed=seed)
     except ExportError as e:
@@ -49,6 +52,72 @@ def export(name_or_dir: str, out_dir: str, opset: int, layers: int | None, seed:
         f"exported {meta['model']} ({meta['num_layers']} layers, {weights}, opset {opset}) "
         f"to {out_dir}/model.onnx in {meta['export_s']:.1f} s"
     )
+    try:
+        report = rewrite_file(Path(out_dir) / "model.onnx", Path(out_dir) / "model.puma.onnx")
+    except UnsupportedSecretOps as e:
+        fail(f"the export cannot run securely: {e.report.problems[0]} (and {len(e.report.problems) - 1} more; see puma-onnx inspect)")
+    click.echo(f"rewrote it to {out_dir}/model.puma.onnx: {_matches(report)}")
+
+
+def _matches(report) -> str:
+    return ", ".join(f"{n} {rule}" for rule, n in report.matches.items() if n) or "no matches"
+
+
+@main.command()
+@click.argument("in_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", "out_path", required=True, type=click.Path(dir_okay=False), help="Where to write the rewritten model.")
+def rewrite(in_path: str, out_path: str) -> None:
+    """Rewrite any ONNX file into the graph the secure executor runs (puma.* ops)."""
+    from puma_onnx.passes import UnsupportedSecretOps, rewrite_file
+
+    try:
+        report = rewrite_file(in_path, out_path)
+    except UnsupportedSecretOps as e:
+        fail(str(e).replace("\n", ";"))
+    click.echo(f"wrote {out_path}: {_matches(report)}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+def inspect(model: str) -> None:
+    """Print what the rewrite matches, the ops left on secret values and the public/secret counts."""
+    import onnx
+
+    from puma_onnx.passes import UnsupportedSecretOps, rewrite
+
+    try:
+        _, report = rewrite(onnx.load(model))
+    except UnsupportedSecretOps as e:
+        report = e.report
+    click.echo(report.table())
+    if report.problems:
+        sys.exit(1)
 
 
 export.help = (export.help or "") + ", ".join(REGISTRY) + "."
+
+
+@main.command()
+@click.argument("model")
+@click.option("--text", help="Input text (client side), tokenized with the model's tokenizer.")
+@click.option("--input-ids", type=click.Path(dir_okay=False), help="Token ids as a .npy file of shape (S,) or (1, S).")
+@click.option("--seq-len", type=int, help="Feed N random token ids.")
+@click.option("--output", type=click.Path(dir_okay=False), help="Write every graph output to this .npz (client).")
+@click.option("--report", type=click.Path(dir_okay=False), help="Write time, bytes, rounds, memory and per-op costs as JSON.")
+@click.option("--profile", is_flag=True, help="Print the per-op costs summed by op type and by layer.")
+@click.option("--frac-bits", default=18, show_default=True, type=click.IntRange(8, 30), help="Fractional bits of the fixed-point encoding.")
+def run(model, text, input_ids, seq_len, output, report, profile, frac_bits) -> None:
+    """Secure inference on three MPI ranks: mpirun -n 3 puma-onnx run MODEL.
+
+    MODEL is an export folder or an .onnx file (rewritten on the fly if it is
+    not yet). Rank 0 is the model owner and the only rank that reads MODEL;
+    rank 1 is the client: it reads the input and alone learns the output.
+    """
+    from puma_onnx.runtime.launch import launch
+    from puma_onnx.runtime.session import RunOptions
+
+    opts = RunOptions(
+        model=model, text=text, input_ids=input_ids, seq_len=seq_len, output=output,
+        report=report, profile=profile, frac_bits=frac_bits,
+    )
+    sys.exit(launch(opts))

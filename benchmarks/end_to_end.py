@@ -1,0 +1,99 @@
+"""End-to-end benchmark: BERT-base (12 layers, 128 tokens) and GPT-2 (12 layers, 32 tokens)
+on three MPI ranks, next to SPU's PUMA measured on this machine kind and PUMA's paper.
+
+    .venv/bin/python benchmarks/end_to_end.py [--models bert-base gpt2] [--out benchmarks/results]
+
+Exports each model once (random weights, seeded), runs `mpirun -n 3 puma-onnx run
+--seq-len N --report`, measures the max abs error against exact plaintext
+(onnxruntime on the original export) and prints one table. Not a test: nothing
+here asserts on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
+
+# (tokens, SPU 0.9.5 PUMA here: online s, GB sent by 3 ranks, max abs err; PUMA paper: s, GB)
+CASES = {
+    "bert-base": (128, 78.0, 7.21, 0.100, 33.9, 10.77),
+    "gpt2": (32, 42.0, 1.59, 0.061, 15.5, 3.77),
+    "minilm": (128, 31.0, 2.27, 0.051, None, None),
+}
+
+
+def export(name: str, out: Path) -> Path:
+    folder = out / name
+    if not (folder / "model.puma.onnx").exists():
+        subprocess.run([sys.executable, "-m", "puma_onnx", "export", name, "-o", str(folder)], check=True)
+    return folder
+
+
+def plaintext(folder: Path, ids: np.ndarray) -> dict:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    values = {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "token_type_ids": np.zeros_like(ids),
+        "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None, :],
+    }
+    feeds = {i.name: values[i.name] for i in session.get_inputs()}
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+
+
+def bench(name: str, out: Path) -> dict:
+    tokens = CASES[name][0]
+    folder = export(name, out)
+    meta = json.loads((folder / "puma.json").read_text())
+    ids = np.random.default_rng(0).integers(0, meta["vocab_size"], size=(1, tokens), dtype=np.int64)
+    np.save(out / f"{name}.ids.npy", ids)
+    report_path, result_path = out / f"{name}.report.json", out / f"{name}.out.npz"
+    cmd = [MPIEXEC, "-n", "3", sys.executable, "-m", "puma_onnx", "run", str(folder),
+           "--input-ids", str(out / f"{name}.ids.npy"), "--report", str(report_path),
+           "--output", str(result_path), "--profile"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    print(proc.stdout)
+    if proc.returncode != 0:
+        print(proc.stderr, file=sys.stderr)
+        raise SystemExit(f"{name}: secure run failed")
+    report = json.loads(report_path.read_text())
+    secure = dict(np.load(result_path))
+    plain = plaintext(folder, ids)
+    report["max_abs_err"] = max(float(np.abs(secure[k] - plain[k]).max()) for k in plain)
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["bert-base", "gpt2"], choices=sorted(CASES))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.models:
+        r = bench(name, args.out)
+        tokens, spu_s, spu_gb, spu_err, paper_s, paper_gb = CASES[name]
+        rows.append(
+            f"| {name} | {tokens} | {r['wall_s']:.1f} | {r['setup_s']:.1f} | {r['online_s']:.1f} | "
+            f"{r['bytes_sent_total'] / 1e9:.2f} | {max(r['rounds'])} | {max(r['peak_rss_mb']):.0f} | "
+            f"{r['max_abs_err']:.3f} | {spu_s:.0f} s / {spu_gb} GB / {spu_err} | "
+            f"{'-' if paper_s is None else f'{paper_s} s / {paper_gb} GB'} |"
+        )
+    print("| model | tokens | wall s | setup s | online s | GB sent (3 ranks) | rounds | peak RSS MB/rank | "
+          "max abs err | SPU PUMA here (online / GB / err) | PUMA paper |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The graph walker: a loop over the nodes of a rewritten ONNX graph and a table of kernels.
+
+Every rank walks the same graph in the same order. A node whose inputs are all
+public runs in plaintext on every rank (onnx's reference implementation of the
+op); a node with a secret input runs its secure kernel from `kernels.KERNELS`.
+Values die after their last use, so peak memory follows the live activations.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .kernels import KERNELS, Context, KernelError, Node, is_secret
+from .party import Party
+
+LAYER = re.compile(r"(?:^|/|\.)(?:layer|layers|h|block|blocks)\.(\d+)(?:/|\.|_|$)")
+
+
+def layer_of(name: str) -> int | None:
+    """The transformer layer a node belongs to, read from its exported name (/encoder/layer.3/...)."""
+    m = LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def parse_nodes(graph: onnx.GraphProto) -> list[Node]:
+    return [
+        Node(
+            name=n.name or f"{n.op_type}_{i}",
+            op_type=n.op_type,
+            domain=n.domain or "",
+            inputs=list(n.input),
+            outputs=list(n.output),
+            attrs={a.name: onnx.helper.get_attribute_value(a) for a in n.attribute},
+        )
+        for i, n in enumerate(graph.node)
+    ]
+
+
+def unsupported(nodes: list[Node], secret: Callable[[str], bool]) -> list[str]:
+    """Nodes with a secret input and no secure kernel, described for the user."""
+    return [n.describe() for n in nodes if any(secret(i) for i in n.inputs if i) and n.key not in KERNELS]
+
+
+class PublicOps:
+    """Plaintext evaluation of public nodes with onnx's reference evaluator, one evaluator per node."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self._opsets = {o.domain: o.version for o in model.opset_import}
+        self._functions = list(model.functions)
+        self._graph_nodes = {n.name: n for n in model.graph.node}
+        self._cache: dict[str, object] = {}
+
+    def run(self, node: Node, inputs: list) -> list:
+        from onnx.reference import ReferenceEvaluator
+
+        if node.name not in self._cache:
+            self._cache[node.name] = ReferenceEvaluator(
+                self._graph_nodes[node.name], opsets=self._opsets, functions=self._functions
+            )
+        evaluator = self._cache[node.name]
+        feeds = {name: v for name, v in zip(node.inputs, inputs) if name}
+        return evaluator.run(None, feeds)
+
+
+@dataclass
+class OpStats:
+    """What one node cost on this rank."""
+
+    name: str
+    layer: int | None
+    op_type: str
+    time_s: float
+    bytes: int
+    rounds: int
+
+
+@dataclass
+class Executor:
+    """Runs a graph skeleton (secret initializers removed) given the secret weights as shares."""
+
+    party: Party
+    model: onnx.ModelProto
+    weights: dict
+    stats: list[OpStats] = field(default_factory=list)
+
+    def __post_init__(self):
+        graph = self.model.graph
+        self.nodes = parse_nodes(graph)
+        # Node names must be unique for the per-node caches and the report.
+        for i, node in enumerate(self.nodes):
+            if node.name in {n.name for n in self.nodes[:i]}:
+                node.name = f"{node.name}_{i}"
+        for node, proto in zip(self.nodes, graph.node):
+            proto.name = node.name
+        self.public = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        self.output_names = [o.name for o in graph.output]
+        self._public_ops = PublicOps(self.model)
+        self._last_use = {}
+        for i, node in enumerate(self.nodes):
+            for name in node.inputs:
+                self._last_use[name] = i
+        self.layers = sorted({layer_of(n.name) for n in self.nodes} - {None})
+
+    def run(self, feeds: dict, on_node: Callable[[Node], None] | None = None) -> dict:
+        """Walk the graph; returns the graph outputs (shares, private or public values)."""
+        env = {**self.public, **self.weights, **feeds}
+        ctx = Context(self.party)
+        keep = set(self.output_names)
+        comm = self.party.comm
+        self.stats = []
+        for i, node in enumerate(self.nodes):
+            if on_node is not None:
+                on_node(node)
+            inputs = [env[name] if name else None for name in node.inputs]
+            before, start = comm.stats.snapshot(), time.perf_counter()
+            with comm.tag(node.op_type):
+                outputs = self._run_node(ctx, node, inputs)
+            cost = comm.stats.snapshot() - before
+            self.stats.append(
+                OpStats(node.name, layer_of(node.name), node.op_type, time.perf_counter() - start, cost.bytes, cost.rounds)
+            )
+            for name, value in zip(node.outputs, outputs):
+                if name:
+                    env[name] = value
+            for name in node.inputs:
+                if name and self._last_use.get(name) == i and name not in keep and name not in self.public:
+                    env.pop(name, None)
+        return {name: env[name] for name in self.output_names}
+
+    def _run_node(self, ctx: Context, node: Node, inputs: list) -> list:
+        if not any(is_secret(v) for v in inputs):
+            return self._public_ops.run(node, inputs)
+        kernel = KERNELS.get(node.key)
+        if kernel is None:
+            raise KernelError(f"{node.describe()} has a secret input and no secure kernel")
+        # Optional trailing inputs may be absent; kernels take them as None.
+        while inputs and inputs[-1] is None:
+            inputs.pop()
+        return list(kernel(ctx, node, *inputs))

@@ -1,0 +1,387 @@
+"""ONNX op kernels on secret values: one function per op, found through `KERNELS`.
+
+A kernel runs when at least one input of a node is secret; nodes on public
+values only run in plaintext (see `executor.PublicOps`). Inputs arrive as:
+  np.ndarray  public (every rank holds the same array),
+  AShare      secret, fixed point with `party.fxp.frac_bits` fractional bits,
+  Private     a client input only its owner rank knows (token ids).
+Shape-only ops (Shape, Size) give public outputs. Every other kernel returns
+secret outputs. The costs are those of the protocols each kernel calls; shape
+kernels are local and free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from . import arith, nonlinear
+from .party import Party
+from .ring import ring_matmul
+from .shares import AShare, concat, split
+
+
+@dataclass
+class Private:
+    """A value only rank `owner` holds in plaintext (value is None elsewhere); its shape is public."""
+
+    owner: int
+    shape: tuple[int, ...]
+    value: np.ndarray | None
+
+
+@dataclass
+class Node:
+    """An ONNX node with its attributes read once."""
+
+    name: str
+    op_type: str
+    domain: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.domain, self.op_type)
+
+    def describe(self) -> str:
+        op = f"{self.domain}.{self.op_type}" if self.domain else self.op_type
+        return f"node {self.name!r} ({op})"
+
+
+class KernelError(ValueError):
+    """A node whose inputs the secure kernels cannot handle; names the node."""
+
+
+class Context:
+    """What kernels need besides their inputs: the party and conversions between value kinds."""
+
+    def __init__(self, party: Party):
+        self.party = party
+        self._shared: dict[int, AShare] = {}
+
+    def encode(self, c: np.ndarray) -> np.ndarray:
+        return self.party.fxp.encode(c)
+
+    def secret(self, v) -> AShare:
+        """Any value as a secret share: public ones trivially, private ones shared by their owner."""
+        if isinstance(v, AShare):
+            return v
+        if isinstance(v, Private):
+            key = id(v)
+            if key not in self._shared:
+                value = self.encode(v.value) if self.party.rank == v.owner else None
+                self._shared[key] = arith.share(self.party, value, v.owner, v.shape)
+            return self._shared[key]
+        c = self.encode(np.asarray(v))
+        zero = np.zeros(c.shape, dtype=np.uint64)
+        return arith.add_public(self.party, AShare(zero, zero), c)
+
+
+def is_secret(v) -> bool:
+    return isinstance(v, (AShare, Private))
+
+
+def integral(c: np.ndarray) -> bool:
+    """A public factor that is a small integer needs no truncation after multiplying."""
+    c = np.asarray(c)
+    if np.issubdtype(c.dtype, np.integer) or c.dtype == bool:
+        return True
+    return bool(np.all(np.isfinite(c)) and np.all(c == np.round(c)) and np.all(np.abs(c) < 2**31))
+
+
+def scale(ctx: Context, x: AShare, c: np.ndarray) -> AShare:
+    """x * c for a public c: exact for integers, fixed-point product otherwise."""
+    if integral(c):
+        return arith.mul_public(x, np.asarray(c).astype(np.int64))
+    return arith.mul_public_fx(ctx.party, x, np.asarray(c, dtype=np.float64))
+
+
+def _shape_kernel(fn: Callable) -> Callable:
+    """A kernel that maps both share components (and Private values) by the same local shape op."""
+
+    def kernel(ctx: Context, node: Node, x, *rest):
+        if not is_secret(x) or any(is_secret(r) for r in rest):
+            raise KernelError(f"{node.describe()}: only its data input may be secret, its other inputs must be public")
+        x = ctx.secret(x)
+        return (AShare(fn(node, x.first, *rest), fn(node, x.second, *rest)),)
+
+    return kernel
+
+
+def _axes(node: Node, given) -> list[int] | None:
+    if given is not None:
+        return [int(a) for a in np.asarray(given).ravel()]
+    axes = node.attrs.get("axes")
+    return None if axes is None else list(axes)
+
+
+def _reshape(node, a, shape):
+    shape = [int(s) for s in shape]
+    if not node.attrs.get("allowzero", 0):
+        shape = [a.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return a.reshape(shape)
+
+
+def _transpose(node, a):
+    return a.transpose(node.attrs.get("perm"))
+
+
+def _unsqueeze(node, a, axes=None):
+    axes = _axes(node, axes)
+    out_rank = a.ndim + len(axes)
+    for ax in sorted(ax % out_rank for ax in axes):
+        a = np.expand_dims(a, ax)
+    return a
+
+
+def _squeeze(node, a, axes=None):
+    axes = _axes(node, axes)
+    return np.squeeze(a, axis=None if axes is None else tuple(axes))
+
+
+def _flatten(node, a):
+    axis = node.attrs.get("axis", 1) % (a.ndim + 1) if a.ndim else 0
+    return a.reshape(int(np.prod(a.shape[:axis])), -1)
+
+
+def _expand(node, a, shape):
+    return np.broadcast_to(a, np.broadcast_shapes(a.shape, tuple(int(s) for s in shape)))
+
+
+def _slice(node, a, starts, ends, axes=None, steps=None):
+    index = [slice(None)] * a.ndim
+    axes = range(len(starts)) if axes is None else axes
+    steps = [1] * len(starts) if steps is None else steps
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        index[int(axis)] = slice(int(start), int(end), int(step))
+    return a[tuple(index)]
+
+
+def _gather(node, a, indices):
+    axis = node.attrs.get("axis", 0)
+    indices = np.asarray(indices)
+    indices = np.where(indices < 0, indices + a.shape[axis], indices)
+    return np.take(a, indices, axis=axis)
+
+
+def _cumsum(node, a, axis):
+    axis = int(np.asarray(axis))
+    if node.attrs.get("reverse", 0):
+        a = np.flip(a, axis)
+    out = np.cumsum(a, axis=axis, dtype=np.uint64)
+    if node.attrs.get("exclusive", 0):
+        out = out - a
+    return np.flip(out, axis) if node.attrs.get("reverse", 0) else out
+
+
+def identity(ctx, node, x, *unused):
+    return (x,)
+
+
+def cast(ctx, node, x):
+    import onnx
+
+    to = onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"])
+    if not np.issubdtype(to, np.floating):
+        raise KernelError(f"{node.describe()} casts a secret value to {to}: only float-to-float casts are secure here")
+    return (x,)
+
+
+def shape(ctx, node, x):
+    dims = np.array(x.shape, dtype=np.int64)
+    return (dims[node.attrs.get("start", 0) : node.attrs.get("end", None)],)
+
+
+def size(ctx, node, x):
+    return (np.array(int(np.prod(x.shape)), dtype=np.int64),)
+
+
+def add(ctx, node, x, y):
+    if is_secret(x) and is_secret(y):
+        return (arith.add(ctx.secret(x), ctx.secret(y)),)
+    s, c = (x, y) if is_secret(x) else (y, x)
+    return (arith.add_public(ctx.party, ctx.secret(s), ctx.encode(c)),)
+
+
+def sub(ctx, node, x, y):
+    if is_secret(x) and is_secret(y):
+        return (arith.sub(ctx.secret(x), ctx.secret(y)),)
+    if is_secret(x):
+        return (arith.add_public(ctx.party, ctx.secret(x), ctx.encode(-np.asarray(y, dtype=np.float64))),)
+    return (arith.add_public(ctx.party, arith.neg(ctx.secret(y)), ctx.encode(x)),)
+
+
+def neg(ctx, node, x):
+    return (arith.neg(ctx.secret(x)),)
+
+
+def mul(ctx, node, x, y):
+    if is_secret(x) and is_secret(y):
+        return (arith.mul_fx(ctx.party, ctx.secret(x), ctx.secret(y)),)
+    s, c = (x, y) if is_secret(x) else (y, x)
+    return (scale(ctx, ctx.secret(s), c),)
+
+
+def div(ctx, node, x, y):
+    if is_secret(y):
+        raise KernelError(f"{node.describe()} divides by a secret value; only public divisors are supported")
+    return (scale(ctx, ctx.secret(x), 1.0 / np.asarray(y, dtype=np.float64)),)
+
+
+def _matmul_public(ctx: Context, x: AShare | None, c: np.ndarray, left: bool) -> AShare:
+    """x @ c (or c @ x when left) for public c: local ring products, then one truncation."""
+    if integral(c):
+        enc, bits = np.asarray(c).astype(np.int64).view(np.uint64), 0
+    else:
+        enc, bits = ctx.encode(c), ctx.party.fxp.frac_bits
+    prod = (lambda a: ring_matmul(enc, a)) if left else (lambda a: ring_matmul(a, enc))
+    out = AShare(prod(x.first), prod(x.second))
+    return arith.truncate(ctx.party, out, bits) if bits else out
+
+
+def matmul(ctx, node, x, y):
+    if is_secret(x) and is_secret(y):
+        return (arith.matmul_fx(ctx.party, ctx.secret(x), ctx.secret(y)),)
+    if is_secret(x):
+        return (_matmul_public(ctx, ctx.secret(x), np.asarray(y), left=False),)
+    return (_matmul_public(ctx, ctx.secret(y), np.asarray(x), left=True),)
+
+
+def gemm(ctx, node, a, b, c=None):
+    if node.attrs.get("transA", 0):
+        a = a.transpose() if isinstance(a, AShare) else np.asarray(a).T
+    if node.attrs.get("transB", 0):
+        b = b.transpose() if isinstance(b, AShare) else np.asarray(b).T
+    (out,) = matmul(ctx, node, a, b)
+    alpha, beta = node.attrs.get("alpha", 1.0), node.attrs.get("beta", 1.0)
+    if alpha != 1.0:
+        out = scale(ctx, out, np.asarray(alpha))
+    if c is not None:
+        if beta != 1.0:
+            c = scale(ctx, ctx.secret(c), np.asarray(beta)) if is_secret(c) else np.asarray(c) * beta
+        (out,) = add(ctx, node, out, c)
+    return (out,)
+
+
+def where(ctx, node, cond, x, y):
+    if is_secret(cond):
+        raise KernelError(f"{node.describe()} selects on a secret condition; only public conditions are supported")
+    keep = np.asarray(cond).astype(np.int64)
+    picked_x = scale(ctx, ctx.secret(x), keep)
+    picked_y = scale(ctx, ctx.secret(y), 1 - keep)
+    return (arith.add(picked_x, picked_y),)
+
+
+def concat_kernel(ctx, node, *xs):
+    return (concat([ctx.secret(x) for x in xs], axis=node.attrs["axis"]),)
+
+
+def split_kernel(ctx, node, x, sizes=None):
+    x = ctx.secret(x)
+    axis = node.attrs.get("axis", 0)
+    sizes = node.attrs.get("split") if sizes is None else [int(s) for s in np.asarray(sizes)]
+    if sizes is None:
+        return tuple(split(x, len(node.outputs), axis=axis))
+    return tuple(split(x, np.cumsum(sizes)[:-1], axis=axis))
+
+
+def reduce_sum(ctx, node, x, axes=None):
+    x = ctx.secret(x)
+    axes = _axes(node, axes)
+    if not axes:
+        if node.attrs.get("noop_with_empty_axes", 0):
+            return (x,)
+        axes = list(range(x.ndim))
+    return (x.sum(axis=tuple(axes), keepdims=bool(node.attrs.get("keepdims", 1))),)
+
+
+def reduce_mean(ctx, node, x, axes=None):
+    (total,) = reduce_sum(ctx, node, x, axes)
+    count = int(np.prod(x.shape)) // max(int(np.prod(total.shape)), 1)
+    return (scale(ctx, total, np.asarray(1.0 / count)),)
+
+
+def gelu(ctx, node, x):
+    return (nonlinear.gelu(ctx.party, ctx.secret(x)),)
+
+
+def silu(ctx, node, x):
+    return (nonlinear.silu(ctx.party, ctx.secret(x)),)
+
+
+def softmax(ctx, node, x, mask=None):
+    axis = node.attrs.get("axis", -1)
+    x = ctx.secret(x)
+    if axis not in (-1, x.ndim - 1):
+        raise KernelError(f"{node.describe()} takes softmax over axis {axis}; only the last axis is supported")
+    if is_secret(mask):
+        raise KernelError(f"{node.describe()} has a secret mask; the attention mask must be public")
+    return (nonlinear.softmax(ctx.party, x, None if mask is None else np.asarray(mask).astype(bool)),)
+
+
+def layer_norm(ctx, node, x, scale_, bias=None):
+    x = ctx.secret(x)
+    if node.attrs.get("axis", -1) not in (-1, x.ndim - 1):
+        raise KernelError(f"{node.describe()} normalises over axis {node.attrs['axis']}; only the last axis is supported")
+    if bias is None:
+        bias = np.zeros(x.shape[-1])
+    eps = float(node.attrs.get("epsilon", 1e-5))
+    return (nonlinear.layer_norm(ctx.party, x, ctx.secret(scale_), ctx.secret(bias), eps),)
+
+
+def rms_norm(ctx, node, x, scale_):
+    eps = float(node.attrs.get("epsilon", 1e-6))
+    return (nonlinear.rms_norm(ctx.party, ctx.secret(x), ctx.secret(scale_), eps),)
+
+
+def embedding_kernel(ctx, node, table, ids):
+    from . import embedding  # TEMP until embedding.py lands
+
+    if isinstance(ids, Private):
+        return (embedding.embedding(ctx.party, ctx.secret(table), ids.value, ids.owner, ids.shape),)
+    if isinstance(ids, AShare):
+        raise KernelError(
+            f"{node.describe()} looks up secret ids computed inside the graph; "
+            "only the client's own input ids (or public ids) are supported"
+        )
+    (out,) = _shape_kernel(_gather)(ctx, node, ctx.secret(table), ids)
+    return (out,)
+
+
+KERNELS: dict[tuple[str, str], Callable] = {
+    ("", "Identity"): identity,
+    ("", "Cast"): cast,
+    ("", "Shape"): shape,
+    ("", "Size"): size,
+    ("", "Reshape"): _shape_kernel(_reshape),
+    ("", "Transpose"): _shape_kernel(_transpose),
+    ("", "Unsqueeze"): _shape_kernel(_unsqueeze),
+    ("", "Squeeze"): _shape_kernel(_squeeze),
+    ("", "Flatten"): _shape_kernel(_flatten),
+    ("", "Expand"): _shape_kernel(_expand),
+    ("", "Slice"): _shape_kernel(_slice),
+    ("", "Gather"): _shape_kernel(_gather),
+    ("", "CumSum"): _shape_kernel(_cumsum),
+    ("", "Concat"): concat_kernel,
+    ("", "Split"): split_kernel,
+    ("", "Add"): add,
+    ("", "Sub"): sub,
+    ("", "Neg"): neg,
+    ("", "Mul"): mul,
+    ("", "Div"): div,
+    ("", "MatMul"): matmul,
+    ("", "Gemm"): gemm,
+    ("", "Where"): where,
+    ("", "ReduceSum"): reduce_sum,
+    ("", "ReduceMean"): reduce_mean,
+    ("puma", "Gelu"): gelu,
+    ("puma", "SiLU"): silu,
+    ("puma", "Softmax"): softmax,
+    ("puma", "LayerNorm"): layer_norm,
+    ("puma", "RMSNorm"): rms_norm,
+    ("puma", "Embedding"): embedding_kernel,
+}

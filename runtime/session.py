@@ -1,0 +1,375 @@
+"""One secure inference: roles, setup, input, the walk, output and report.
+
+Roles: rank 0 is the model owner (the only rank that reads the model file),
+rank 1 the client (the only rank that reads the input and learns the output),
+rank 2 a helper. In order:
+
+1. the owner loads the model, rewriting it if needed, and checks every op on
+   secret data has a kernel; it sends the graph without its secret weights,
+   the tokenizer (public) and the input specification to the others;
+2. the client reads and checks its input; public inputs (attention mask,
+   position ids) go to everyone in the clear, token ids stay with the client;
+3. the owner secret-shares every weight (setup);
+4. all ranks walk the graph (online); the client alone receives the outputs;
+5. the client gathers every rank's counters and writes the report.
+
+A problem found by the owner or the client in steps 1-2 reaches every rank as
+one line before any share moves (`UserError`).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from . import arith
+from .comm import Communicator
+from .executor import Executor, parse_nodes, unsupported
+from .kernels import Private
+from .party import Party
+from .shares import AShare
+from .wire import broadcast_bytes, broadcast_json, gather_json
+
+OWNER, CLIENT, HELPER = 0, 1, 2
+REWRITTEN_FILE = "model.puma.onnx"
+ORIGINAL_FILE = "model.onnx"
+PUBLIC_INPUTS = ("attention_mask", "position_ids")
+
+
+class UserError(Exception):
+    """A problem the user can fix; every rank prints it as one line and exits non-zero."""
+
+
+@dataclass
+class RunOptions:
+    model: str
+    text: str | None = None
+    input_ids: str | None = None
+    seq_len: int | None = None
+    output: str | None = None
+    report: str | None = None
+    profile: bool = False
+    frac_bits: int = 18
+    progress: bool = True
+
+
+def agree(comm: Communicator, root: int, step):
+    """Run step() on `root`; a UserError there is raised on every rank. Returns step's result on root."""
+    result, error = None, None
+    if comm.rank == root:
+        try:
+            result = step()
+        except UserError as e:
+            error = str(e)
+    error = broadcast_json(comm, {"error": error}, root)["error"]
+    if error:
+        raise UserError(error)
+    return result
+
+
+# ----------------------------------------------------------------------------- the owner's side
+
+
+def _model_paths(path: Path) -> tuple[Path, Path]:
+    """(the .onnx file to load, the folder with puma.json and tokenizer.json)."""
+    if path.is_dir():
+        rewritten, original = path / REWRITTEN_FILE, path / ORIGINAL_FILE
+        if rewritten.exists():
+            return rewritten, path
+        if original.exists():
+            return original, path
+        raise UserError(f"model folder {str(path)!r} has neither {REWRITTEN_FILE} nor {ORIGINAL_FILE}")
+    if path.is_file():
+        return path, path.parent
+    raise UserError(f"model {str(path)!r} not found")
+
+
+def is_rewritten(model: onnx.ModelProto) -> bool:
+    return any(f.domain == "puma" for f in model.functions)
+
+
+def load_model(path_str: str) -> tuple[onnx.ModelProto, dict, list[str]]:
+    """The rewritten model, its public info, and the names of the secret initializers (owner only)."""
+    from puma_onnx.passes import UnsupportedSecretOps, analyze, rewrite
+
+    path, folder = _model_paths(Path(path_str))
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:  # protobuf raises several kinds on a corrupt file
+        raise UserError(f"cannot read ONNX model {str(path)!r}: {e}") from None
+    if not is_rewritten(model):
+        try:
+            model, _ = rewrite(model)
+        except UnsupportedSecretOps as e:
+            raise UserError(str(e)) from None
+    levels = analyze(model)
+    secret_weights = [t.name for t in model.graph.initializer if levels.get(t.name) == "secret"]
+    missing = unsupported(parse_nodes(model.graph), lambda name: levels.get(name) == "secret")
+    if missing:
+        raise UserError("no secure kernel for: " + "; ".join(missing))
+    meta_file = folder / "puma.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    tokenizer_file = folder / "tokenizer.json"
+    info = {
+        "name": meta.get("model", path.stem),
+        "max_positions": meta.get("max_positions"),
+        "tokenizer": tokenizer_file.read_text() if tokenizer_file.exists() else None,
+        "inputs": [i.name for i in model.graph.input],
+        "vocab": _vocab_limits(model),
+    }
+    return model, info, secret_weights
+
+
+def _vocab_limits(model: onnx.ModelProto) -> dict[str, int]:
+    """For each graph input used as embedding ids: the number of rows of its table."""
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    inputs = {i.name for i in model.graph.input}
+    limits = {}
+    for node in model.graph.node:
+        if node.domain == "puma" and node.op_type == "Embedding" and node.input[1] in inputs:
+            limits[node.input[1]] = int(dims[node.input[0]][0])
+    return limits
+
+
+def skeleton(model: onnx.ModelProto, secret_weights: list[str]) -> tuple[bytes, list]:
+    """The model without its secret initializers (bytes), and their (name, shape) list."""
+    secret = set(secret_weights)
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    del light.graph.initializer[:]
+    light.graph.initializer.extend(t for t in model.graph.initializer if t.name not in secret)
+    manifest = [(t.name, list(t.dims)) for t in model.graph.initializer if t.name in secret]
+    return light.SerializeToString(), manifest
+
+
+# ----------------------------------------------------------------------------- the client's side
+
+
+def read_ids(opts: RunOptions, info: dict) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(ids, attention mask or None, token type ids or None), ids shaped (1, S); checked."""
+    given = [o for o in ("text", "input_ids", "seq_len") if getattr(opts, o) is not None]
+    if len(given) != 1:
+        raise UserError("give exactly one of --text, --input-ids or --seq-len")
+    mask = types = None
+    vocab = info["vocab"].get("input_ids")
+    if opts.text is not None:
+        if info["tokenizer"] is None:
+            raise UserError(f"model {info['name']!r} has no tokenizer; use --input-ids or --seq-len")
+        from tokenizers import Tokenizer
+
+        encoding = Tokenizer.from_str(info["tokenizer"]).encode(opts.text)
+        ids = np.array([encoding.ids], dtype=np.int64)
+        mask = np.array([encoding.attention_mask], dtype=np.int64)
+        types = np.array([encoding.type_ids], dtype=np.int64)
+    elif opts.input_ids is not None:
+        try:
+            ids = np.load(opts.input_ids, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read --input-ids {opts.input_ids!r}: {e}") from None
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise UserError(f"--input-ids must hold integers, got dtype {ids.dtype}")
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        if ids.ndim != 2 or ids.shape[0] != 1:
+            raise UserError(f"--input-ids must have shape (S,) or (1, S), got {ids.shape}")
+        ids = ids.astype(np.int64)
+    else:
+        if opts.seq_len < 1:
+            raise UserError(f"--seq-len must be at least 1, got {opts.seq_len}")
+        rng = np.random.default_rng()
+        ids = rng.integers(0, vocab or 2, size=(1, opts.seq_len), dtype=np.int64)
+    if ids.shape[1] < 1:
+        raise UserError("the input has no tokens")
+    if vocab is not None and (ids.min() < 0 or ids.max() >= vocab):
+        bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+        raise UserError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+    limit = info["max_positions"]
+    if limit is not None and ids.shape[1] > limit:
+        raise UserError(f"the input has {ids.shape[1]} tokens; {info['name']} allows at most {limit}")
+    return ids, mask, types
+
+
+def client_feeds(opts: RunOptions, info: dict) -> dict:
+    """Public inputs in the clear, and the shapes of the private ones (client only)."""
+    ids, mask, types = read_ids(opts, info)
+    if mask is None:
+        mask = np.ones_like(ids)
+    values = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "token_type_ids": np.zeros_like(ids) if types is None else types,
+        "position_ids": np.clip(np.cumsum(mask, axis=1) - 1, 0, None),
+    }
+    unknown = [name for name in info["inputs"] if name not in values]
+    if unknown:
+        raise UserError(f"the model wants inputs puma-onnx cannot make: {', '.join(unknown)}")
+    return {name: values[name] for name in info["inputs"]}
+
+
+def make_feeds(comm: Communicator, raw: dict | None, info: dict) -> dict:
+    """Every rank's view of the inputs: public arrays, Private values (value at the client only)."""
+    described = None
+    if comm.rank == CLIENT:
+        described = {
+            name: {"shape": list(v.shape), "data": v.tolist() if name in PUBLIC_INPUTS else None}
+            for name, v in raw.items()
+        }
+    described = broadcast_json(comm, described, CLIENT)
+    feeds = {}
+    for name, d in described.items():
+        if name in PUBLIC_INPUTS:
+            feeds[name] = np.array(d["data"], dtype=np.int64).reshape(d["shape"])
+        else:
+            feeds[name] = Private(CLIENT, tuple(d["shape"]), raw[name] if comm.rank == CLIENT else None)
+    return feeds
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def share_weights(party: Party, manifest: list, initializers: dict | None) -> dict[str, AShare]:
+    """The owner secret-shares each weight in fixed point; 1 round and 8 bytes per weight from the owner."""
+    weights = {}
+    with party.comm.tag("share_weights"):
+        for name, shape in manifest:
+            value = None
+            if party.rank == OWNER:
+                value = party.fxp.encode(numpy_helper.to_array(initializers.pop(name)))
+            weights[name] = arith.share(party, value, OWNER, tuple(shape))
+    return weights
+
+
+def reveal_outputs(party: Party, outputs: dict) -> dict[str, np.ndarray]:
+    """The graph outputs, opened to the client only (decoded there)."""
+    opened = {}
+    with party.comm.tag("reveal_outputs"):
+        for name, value in outputs.items():
+            if isinstance(value, AShare):
+                ring = arith.reveal(party, value, to=CLIENT)
+                if party.rank == CLIENT:
+                    opened[name] = party.fxp.decode(ring).astype(np.float32)
+            elif isinstance(value, Private):
+                raise UserError(f"output {name!r} is a private input passed through; nothing to compute")
+            elif party.rank == CLIENT:
+                opened[name] = np.asarray(value)
+    return opened
+
+
+class Progress:
+    """A per-layer progress bar on the client's stderr, shown only for runs longer than 2 s."""
+
+    def __init__(self, executor: Executor, enabled: bool):
+        self.bar = None
+        self.seen = set()
+        if enabled and executor.layers:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=len(executor.layers), unit="layer", delay=2.0, file=sys.stderr, leave=False)
+
+    def __call__(self, node) -> None:
+        from .executor import layer_of
+
+        layer = layer_of(node.name)
+        if self.bar is not None and layer is not None and layer not in self.seen:
+            if self.seen:
+                self.bar.update(1)
+            self.seen.add(layer)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.update(self.bar.total - self.bar.n)
+            self.bar.close()
+
+
+def run(comm: Communicator, opts: RunOptions) -> dict | None:
+    """One secure inference on this rank; the client returns the report, the others None."""
+    start = time.perf_counter()
+    party = Party.setup(comm, frac_bits=opts.frac_bits)
+    r = comm.rank
+
+    loaded = agree(comm, OWNER, lambda: load_model(opts.model))
+    light, manifest, info = b"", None, None
+    if r == OWNER:
+        model, info, secret_weights = loaded
+        light, manifest = skeleton(model, secret_weights)
+    light = broadcast_bytes(comm, light if r == OWNER else None, OWNER)
+    public = broadcast_json(comm, {"info": info, "manifest": manifest} if r == OWNER else None, OWNER)
+    info, manifest = public["info"], public["manifest"]
+
+    raw = agree(comm, CLIENT, lambda: client_feeds(opts, info))
+    feeds = make_feeds(comm, raw, info)
+    before_setup = comm.stats.snapshot()
+
+    setup_start = time.perf_counter()
+    initializers = {t.name: t for t in model.graph.initializer} if r == OWNER else None
+    if r == OWNER:
+        del model
+    weights = share_weights(party, manifest, initializers)
+    setup_s = time.perf_counter() - setup_start
+    after_setup = comm.stats.snapshot()
+
+    executor = Executor(party, onnx.load_from_string(light), weights)
+    progress = Progress(executor, opts.progress and r == CLIENT)
+    online_start = time.perf_counter()
+    outputs = executor.run(feeds, on_node=progress)
+    opened = reveal_outputs(party, outputs)
+    online_s = time.perf_counter() - online_start
+    progress.close()
+    online = comm.stats.snapshot() - after_setup
+    setup = after_setup - before_setup
+
+    mine = {
+        "bytes_online": online.bytes,
+        "rounds_online": online.rounds,
+        "messages_online": online.messages,
+        "bytes_setup": setup.bytes,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "op_bytes": [s.bytes for s in executor.stats],
+        "by_protocol": {k: [c.bytes, c.rounds] for k, c in comm.stats.by_protocol().items()},
+    }
+    everyone = gather_json(comm, mine, CLIENT)
+    if r != CLIENT:
+        return None
+    report = {
+        "model": info["name"],
+        "inputs": {name: list(v.shape) for name, v in raw.items()},
+        "wall_s": round(time.perf_counter() - start, 3),
+        "setup_s": round(setup_s, 3),
+        "online_s": round(online_s, 3),
+        "bytes_sent": [e["bytes_online"] for e in everyone],
+        "bytes_sent_total": sum(e["bytes_online"] for e in everyone),
+        "rounds": [e["rounds_online"] for e in everyone],
+        "messages": [e["messages_online"] for e in everyone],
+        "setup_bytes_sent": [e["bytes_setup"] for e in everyone],
+        "peak_rss_mb": [e["peak_rss_mb"] for e in everyone],
+        "frac_bits": opts.frac_bits,
+        "per_op": [
+            {
+                "name": s.name,
+                "layer": s.layer,
+                "op_type": s.op_type,
+                "time_s": round(s.time_s, 6),
+                "bytes": sum(e["op_bytes"][i] for e in everyone),
+                "rounds": s.rounds,
+            }
+            for i, s in enumerate(executor.stats)
+        ],
+        "by_protocol": {
+            k: {"bytes": sum(e["by_protocol"].get(k, [0, 0])[0] for e in everyone), "rounds": v[1]}
+            for k, v in everyone[CLIENT]["by_protocol"].items()
+        },
+    }
+    report["outputs"] = opened
+    return report

@@ -1,0 +1,127 @@
+"""The secure executor end to end on the thread backend, diffed against onnxruntime."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import numpy as np
+import onnx
+import pytest
+
+from puma_onnx.runtime.comm import ThreadComm
+from puma_onnx.runtime.session import CLIENT, REWRITTEN_FILE, RunOptions, UserError, run
+
+
+def run_threads(opts_by_rank: list[RunOptions]) -> tuple[list, list]:
+    """session.run on three thread ranks; (results, errors) by rank."""
+    comms = ThreadComm.group()
+    results, errors = [None] * 3, [None] * 3
+
+    def body(rank):
+        try:
+            results[rank] = run(comms[rank], opts_by_rank[rank])
+        except UserError as e:  # every rank raises it after the same broadcast: no one waits
+            errors[rank] = e
+        except BaseException as e:  # noqa: BLE001
+            errors[rank] = e
+            comms[rank]._abort.set()
+
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors
+
+
+def ort_run(path, feeds: dict) -> dict:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in session.get_inputs()}
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, {k: v for k, v in feeds.items() if k in wanted})))
+
+
+@pytest.fixture(scope="module")
+def bert(exported, tmp_path_factory):
+    """bert-base, 2 layers, with the rewritten model beside the original."""
+    from puma_onnx.passes import rewrite_file
+
+    folder = exported("bert-base")
+    if not (folder / REWRITTEN_FILE).exists():
+        rewrite_file(folder / "model.onnx", folder / REWRITTEN_FILE)
+    return folder
+
+
+def ids_file(tmp_path, ids: np.ndarray):
+    path = tmp_path / "ids.npy"
+    np.save(path, ids)
+    return str(path)
+
+
+def test_bert_matches_onnxruntime_on_the_rewritten_model(bert, tmp_path):
+    ids = np.random.default_rng(1).integers(0, 30522, size=(1, 16))
+    opts = RunOptions(model=str(bert), input_ids=ids_file(tmp_path, ids), progress=False)
+    results, errors = run_threads([opts] * 3)
+    assert errors == [None] * 3
+    assert results[0] is None and results[2] is None
+    secure = results[CLIENT]["outputs"]["last_hidden_state"]
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    rewritten = ort_run(bert / REWRITTEN_FILE, feeds)["last_hidden_state"]
+    original = ort_run(bert / "model.onnx", feeds)["last_hidden_state"]
+    assert np.abs(secure - rewritten).max() <= 1e-2
+    # The rewritten model differs from the original by PUMA's approximations only.
+    assert np.abs(secure - original).max() <= np.abs(rewritten - original).max() + 1e-2
+
+
+def test_helper_ranks_never_read_the_model_or_the_input(bert, tmp_path):
+    ids = np.random.default_rng(2).integers(0, 30522, size=(1, 8))
+    owner = RunOptions(model=str(bert), progress=False)
+    client = RunOptions(model="/nonexistent/for/the/client", input_ids=ids_file(tmp_path, ids), progress=False)
+    helper = RunOptions(model="/nonexistent/for/the/helper", progress=False)
+    results, errors = run_threads([owner, client, helper])
+    assert errors == [None] * 3
+    assert results[CLIENT]["outputs"]["last_hidden_state"].shape == (1, 8, 768)
+
+
+def test_ids_outside_the_vocabulary_fail_on_every_rank_before_sharing(bert, tmp_path):
+    ids = np.array([[1, 2, 40000]])
+    opts = RunOptions(model=str(bert), input_ids=ids_file(tmp_path, ids), progress=False)
+    _, errors = run_threads([opts] * 3)
+    assert all(isinstance(e, UserError) for e in errors)
+    assert all("token id 40000 is outside the vocabulary [0, 30522)" in str(e) for e in errors)
+
+
+def test_too_long_input_fails_on_every_rank(bert, tmp_path):
+    opts = RunOptions(model=str(bert), seq_len=513, progress=False)
+    _, errors = run_threads([opts] * 3)
+    assert all(isinstance(e, UserError) and "at most 512" in str(e) for e in errors)
+
+
+def test_missing_model_fails_on_every_rank(tmp_path):
+    opts = RunOptions(model=str(tmp_path / "nope"), seq_len=4, progress=False)
+    _, errors = run_threads([opts] * 3)
+    assert all(isinstance(e, UserError) and "not found" in str(e) for e in errors)
+
+
+def test_op_without_secure_kernel_fails_before_any_share_moves(tmp_path):
+    from onnx import TensorProto, helper
+
+    weight = onnx.numpy_helper.from_array(np.ones((4, 3), dtype=np.float32), "table")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "input_ids"], ["emb"], name="embed"),
+            helper.make_node("Exp", ["emb"], ["out"], name="bad_exp"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "S"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, "S", 3])],
+        [weight],
+    )
+    path = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    opts = RunOptions(model=str(path), seq_len=2, progress=False)
+    _, errors = run_threads([opts] * 3)
+    assert all(isinstance(e, UserError) for e in errors)
+    assert all("bad_exp" in str(e) and "Exp" in str(e) for e in errors)

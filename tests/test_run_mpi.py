@@ -1,0 +1,133 @@
+"""`mpirun -n 3 puma-onnx run`: real MPI ranks, diffed against onnxruntime on the original model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
+PUMA = [sys.executable, "-m", "puma_onnx"]
+TIMEOUT_S = 600
+
+pytestmark = pytest.mark.skipif(not Path(MPIEXEC).exists(), reason="mpiexec not installed next to the interpreter")
+
+
+def mpirun(*args: str, ranks: int = 3) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [MPIEXEC, "-n", str(ranks), *PUMA, "run", *args], capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+
+
+def ort_outputs(path: Path, feeds: dict) -> dict:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in session.get_inputs()}
+    values = session.run(None, {k: v for k, v in feeds.items() if k in wanted})
+    return dict(zip([o.name for o in session.get_outputs()], values))
+
+
+def plain_feeds(ids: np.ndarray) -> dict:
+    return {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "token_type_ids": np.zeros_like(ids),
+        "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None, :],
+    }
+
+
+def secure_run(folder: Path, tmp_path: Path, ids: np.ndarray) -> tuple[dict, dict]:
+    np.save(tmp_path / "ids.npy", ids)
+    out, report = tmp_path / "out.npz", tmp_path / "report.json"
+    proc = mpirun(str(folder), "--input-ids", str(tmp_path / "ids.npy"), "--output", str(out), "--report", str(report))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(np.load(out)), json.loads(report.read_text())
+
+
+@pytest.mark.parametrize("name", ["bert-base", "roberta-base", "gpt2", "llama-tiny"])
+def test_two_layer_models_match_onnxruntime(exported, tmp_path, name):
+    from puma_onnx.passes import rewrite_file
+
+    folder = exported(name)
+    rewritten = folder / "model.puma.onnx"
+    if not rewritten.exists():
+        rewrite_file(folder / "model.onnx", rewritten)
+    meta = json.loads((folder / "puma.json").read_text())
+    ids = np.random.default_rng(7).integers(3, meta["vocab_size"], size=(1, 16), dtype=np.int64)
+    secure, report = secure_run(folder, tmp_path, ids)
+    plain_rewritten = ort_outputs(rewritten, plain_feeds(ids))
+    plain_original = ort_outputs(folder / "model.onnx", plain_feeds(ids))
+    assert set(secure) == set(plain_original)
+    for key, want in plain_rewritten.items():
+        err_rewritten = np.abs(secure[key] - want).max()
+        approximation = np.abs(want - plain_original[key]).max()
+        err_original = np.abs(secure[key] - plain_original[key]).max()
+        print(f"{name} {key}: max abs err vs rewritten {err_rewritten:.2e}, vs original {err_original:.2e} "
+              f"(approximation alone {approximation:.2e})")
+        assert err_rewritten <= 1e-2
+        assert err_original <= approximation + 1e-2
+    for key in ("wall_s", "setup_s", "online_s", "bytes_sent", "bytes_sent_total", "rounds", "peak_rss_mb", "per_op"):
+        assert key in report
+    assert len(report["bytes_sent"]) == 3 and report["bytes_sent_total"] == sum(report["bytes_sent"]) > 0
+    assert {"name", "layer", "op_type", "time_s", "bytes", "rounds"} <= set(report["per_op"][0])
+
+
+def test_minilm_real_sentences_keep_their_embedding(exported, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from puma_onnx.models import REGISTRY
+
+    folder = exported("minilm")
+    reference = SentenceTransformer(str(REGISTRY["minilm"].local_dir()), device="cpu")
+    reference[0].auto_model.encoder.layer = reference[0].auto_model.encoder.layer[:2]
+    for sentence in ["Secure inference keeps the prompt private.", "The weather in Paris is mild in spring."]:
+        out = tmp_path / "out.npz"
+        proc = mpirun(str(folder), "--text", sentence, "--output", str(out))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        secure = np.load(out)["sentence_embedding"][0]
+        plain = reference.encode([sentence], convert_to_numpy=True)[0]
+        cosine = float(secure @ plain / np.linalg.norm(secure) / np.linalg.norm(plain))
+        print(f"minilm {sentence!r}: cosine {cosine:.6f}")
+        assert cosine >= 0.999
+
+
+def test_wrong_rank_count_is_one_line_on_every_rank(tmp_path):
+    proc = mpirun(str(tmp_path), "--seq-len", "4", ranks=2)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2
+    assert all(line.startswith("puma-onnx: error: puma-onnx run needs exactly 3 MPI ranks") for line in lines)
+
+
+def test_missing_model_is_one_line_on_every_rank(tmp_path):
+    proc = mpirun(str(tmp_path / "missing"), "--seq-len", "4")
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"puma-onnx: error: model {str(tmp_path / 'missing')!r} not found"] * 3
+
+
+def test_client_and_helper_run_without_the_model_file(exported, tmp_path):
+    folder = exported("bert-base")
+    gone = str(tmp_path / "not-here")
+    out = tmp_path / "out.npz"
+    common = ["run"]
+    proc = subprocess.run(
+        [MPIEXEC, "-n", "1", *PUMA, *common, str(folder), "--seq-len", "4",
+         ":", "-n", "1", *PUMA, *common, gone, "--seq-len", "4", "--output", str(out),
+         ":", "-n", "1", *PUMA, *common, gone, "--seq-len", "4"],
+        capture_output=True, text=True, timeout=TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert np.load(out)["last_hidden_state"].shape == (1, 4, 768)
+
+
+def test_a_failing_rank_aborts_the_job_instead_of_hanging():
+    script = Path(__file__).with_name("mpi_fault.py")
+    proc = subprocess.run([MPIEXEC, "-n", "3", sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "rank 2 failed: RuntimeError: injected fault" in proc.stderr
