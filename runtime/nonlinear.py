@@ -1,0 +1,378 @@
+"""Secure nonlinear functions on fixed-point AShares: PUMA's approximations, three parties.
+
+Every input and output is an AShare with f = party.fxp.frac_bits fractional bits unless a
+docstring says otherwise. The approximations and their constants are those of `approx`
+(PUMA, Dong et al. 2023, arXiv 2307.12533, section 4); the tests compare each kernel with
+the float64 definition there.
+
+Costs. Each function runs under `comm.tag(<its name>)`. Rounds and bytes are given per rank
+(bytes averaged over the ranks, as the truncation's dealer rotates) and per element of the
+input unless "per row" is said. They are written in terms of the layer below:
+    M      = fused multiply-truncate (`arith.mul_fx`): 2 rounds, 20 B/elem
+    C      = one comparison (`compare.ltz`) on msb_bits = L bits: R_C rounds, B_C B/elem
+    S      = `compare.mul_bit` (bit times arithmetic share): R_S rounds, B_S B/elem
+    A      = `compare.b2a` of one bit: R_A rounds, B_A B/elem
+`tests/runtime/test_nonlinear.py` measures C, S, A and checks every formula below against the
+counters. Several products of one step always go out in one batch (`mul_fx` on lists).
+
+Two ideas used throughout, beyond PUMA:
+- Scales. Products truncate by however many bits keeps the next operand exact
+  (`mul_fx(..., bits=)`), so 1 + x/2^t, x/2^s (the polynomials' variable) and the
+  higher-precision reciprocal square root cost no extra truncation round.
+- Thermometer start. reciprocal and rsqrt compare their (per-row) input with public
+  thresholds lo * 2^(j/k) in one batched comparison, b2a the bits, and read a piecewise-constant
+  first guess as a public linear combination of the bits: y0 = g_m - sum_j [x < T_j](g_j - g_{j-1}).
+  No normalisation by the highest set bit, no extra product: the guess and its square are
+  both free linear combinations, and a short series finishes the job in 3-4 batched products.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import approx, arith, compare
+from .convert import b2a, mul_bit
+from .party import Party
+from .shares import AShare, stack
+
+# exp_neg's intermediate squares (values in [0, 1]) carry this many fractional bits.
+EXP_BITS = 30
+# Thresholds per octave of the input range, and the series after the guess (see reciprocal, rsqrt).
+RECIP_STEPS_PER_OCTAVE = 2
+RSQRT_STEPS_PER_OCTAVE = 4
+# Taylor coefficients of (1 - r)^(-1/2), k = 0..4, times 2^RSQRT_COEF_BITS: exact integers.
+RSQRT_COEF_BITS = 7
+RSQRT_SERIES = (128, 64, 48, 40, 35)
+# LayerNorm / RMSNorm accept var + eps in [NORM_VAR_LO, NORM_VAR_HI].
+NORM_VAR_LO = 2.0**-20
+NORM_VAR_HI = 2.0**14
+# Extra fractional bits of 1/sqrt(var + eps) inside the norms: 4e-6 relative at var = 2^14, and
+# 2.5 * 2^10 (the series at r = 1, var + eps below range) times 2^(2f + 7 + 7) still below 2^62.
+NORM_EXTRA_BITS = 7
+# 1/n in the mean carries f + 12 bits (mean error <= n |mean| 2^-31).
+MEAN_EXTRA_BITS = 12
+# LayerNorm's centred values for the output product carry f + 4 bits.
+CENTER_EXTRA_BITS = 4
+# S = sum of squares carries up to f + 8 bits (fewer when the comparison range needs the room).
+NORM_SUM_EXTRA_BITS = 8
+# Ring products before a truncation stay below 2^62 (arith's truncation bound) with this margin.
+_HEADROOM = 61
+
+
+def _encode(v, bits: int) -> np.ndarray:
+    """round(v * 2^bits) as ring elements, for constants at a scale other than f."""
+    scaled = np.rint(np.asarray(v, dtype=np.float64) * 2.0**bits)
+    if not np.all(np.abs(scaled) < 2.0**63):
+        raise ValueError(f"constant {v!r} does not fit the ring at 2^{bits}")
+    return scaled.astype(np.int64).view(np.uint64)
+
+
+def _one_minus(party: Party, minus: AShare, bits: int) -> AShare:
+    """1 - minus, at scale `bits`."""
+    return arith.add_public(party, arith.neg(minus), _encode(1.0, bits))
+
+
+def _shift(x: AShare, bits: int) -> AShare:
+    """x * 2^bits, exact and local."""
+    return arith.mul_public(x, np.uint64(1) << np.uint64(bits))
+
+
+def _lin(party: Party, terms: list[tuple[AShare, float, int]], const: float, bits: int) -> AShare:
+    """const + sum c * x at scale `bits`, each x at scale s_x given as (x, c, bits - s_x): local."""
+    out = None
+    for x, c, cbits in terms:
+        t = arith.mul_public(x, _encode(c, cbits))
+        out = t if out is None else arith.add(out, t)
+    return arith.add_public(party, out, _encode(const, bits))
+
+
+# ----------------------------------------------------------------------------- thermometer
+
+
+def _thermometer(party: Party, x: AShare, thresholds: np.ndarray, bits: int) -> AShare:
+    """[x < T_j] for each public threshold (x at scale `bits`), as integer 0/1 AShares on a new trailing axis.
+
+    One batched comparison and one batched b2a: R_C + R_A rounds, len(T) (B_C + B_A) B/elem.
+    """
+    shape = x.shape + (len(thresholds),)
+    diff = arith.add_public(party, x.expand_dims(-1).broadcast_to(shape), _encode(-np.asarray(thresholds), bits))
+    return b2a(party, compare.ltz(party, diff))
+
+
+def _steps(party: Party, below: AShare, values: np.ndarray, bits: int) -> AShare:
+    """The step function values[i] on [T_i, T_{i+1}) from the thermometer bits `below`, at 2^bits.
+
+    g(x) = g_m - sum_j [x < T_j] (g_j - g_{j-1}): a public linear combination, local.
+    The encodings are differenced in the ring, so the result is exactly an encoded g_i.
+    """
+    g = _encode(values, bits)
+    return arith.add_public(party, arith.neg(arith.mul_public(below, g[1:] - g[:-1]).sum(axis=-1)), g[-1])
+
+
+def _grid(lo: float, hi: float, per_octave: int) -> np.ndarray:
+    """Edges lo * 2^(j / per_octave) covering [lo, hi]."""
+    if not 0 < lo < hi:
+        raise ValueError(f"input range must satisfy 0 < lo < hi, got [{lo}, {hi}]")
+    steps = max(1, math.ceil(per_octave * math.log2(hi / lo) - 1e-9))
+    return lo * 2.0 ** (np.arange(steps + 1) / per_octave)
+
+
+# ----------------------------------------------------------------------------- exp
+
+
+def exp_neg(party: Party, x: AShare) -> AShare:
+    """exp(x) for x <= 0 as PUMA: (1 + x/2^t)^(2^t) on [EXP_CLIP, 0], 0 below EXP_CLIP (t = EXP_SQUARINGS).
+
+    1 + x/2^t is x + 2^(f+t) read at scale f+t (free); the squares (all <= 1) stay at EXP_BITS
+    fractional bits and only the last one truncates back to f: t fused multiply-truncates, no
+    extra round, and the error does not double with every squaring. Then y - mul_bit([x < EXP_CLIP], y).
+    Valid for x in [-8000, 0] (the first square stays below 2^62); further down the clip still
+    gives 0 (the garbage cancels exactly), as far as the comparison reaches, |x| < 2^(L-1-f).
+    Rounds R_C + 2t + R_S (= 20 at L = 48, t = 5); bytes/elem B_C + 20 t + B_S. PUMA section 4.2.
+    """
+    f, t = party.fxp.frac_bits, approx.EXP_SQUARINGS
+    with party.comm.tag("exp_neg"):
+        below = compare.ltz(party, arith.add_public(party, x, _encode(-approx.EXP_CLIP, f)))
+        y = arith.add_public(party, x, _encode(1.0, f + t))
+        scale = f + t
+        for i in range(t):
+            out = f if i == t - 1 else EXP_BITS
+            y = arith.mul_fx(party, y, y, bits=2 * scale - out)
+            scale = out
+        return arith.sub(y, mul_bit(party, below, y))
+
+
+# ----------------------------------------------------------------------------- reciprocal
+
+
+def reciprocal(party: Party, x: AShare, lo: float = 1.0, hi: float = 1024.0) -> AShare:
+    """1/x for x in [lo, hi] (public bounds; softmax passes [1, row length]).
+
+    Guess y0 = 2/(a+b) on each half-octave [a, b) of [lo, hi] from a thermometer (free linear
+    combination), then Goldschmidt: r = 1 - x y0, y = y0 (1+r)(1+r^2)(1+r^4): |r| <= 0.1716, so the
+    relative error is r^8 <= 7.5e-7 before fixed-point rounding (a few ulp). Outside [lo, hi] the
+    guess is that of the nearest end and the error grows.
+    Rounds R_C + R_A + 8; bytes/elem (k-1)(B_C + B_A) + 6*20 with k = ceil(2 log2(hi/lo)) intervals.
+    SPU normalises by the highest set bit and runs Goldschmidt from 2.9142 - 2c; CrypTen starts Newton
+    from an exp; this needs neither a bit decomposition nor an exp.
+    """
+    f = party.fxp.frac_bits
+    with party.comm.tag("reciprocal"):
+        edges = _grid(lo, hi, RECIP_STEPS_PER_OCTAVE)
+        below = _thermometer(party, x, edges[1:-1], f)
+        y = _steps(party, below, 2.0 / (edges[:-1] + edges[1:]), f)
+        r = _one_minus(party, arith.mul_fx(party, x, y), f)
+        yr, r2 = arith.mul_fx(party, [y, r], [r, r])
+        y = arith.add(y, yr)
+        yr2, r4 = arith.mul_fx(party, [y, r2], [r2, r2])
+        y = arith.add(y, yr2)
+        return arith.add(y, arith.mul_fx(party, y, r4))
+
+
+# ----------------------------------------------------------------------------- rsqrt
+
+
+def _rsqrt(party: Party, x: AShare, in_bits: int, lo: float, hi: float, gain: float, out_bits: int, ride=None):
+    """gain / sqrt(x) for x (at scale in_bits) in [lo, hi], at 2^out_bits; see rsqrt.
+
+    Guess on quarter-octaves [a, b): g with g^2 = 2/(a+b), so r = 1 - x g^2 lies in +-0.0864.
+    g^2 is a linear combination of the bits like g, at scale 60 - in_bits so that x g^2 ~ 1 fills
+    the ring. (1 - r)^(-1/2) = sum_k C(2k,k)/4^k r^k to degree 4 (error <= 0.246 r^5 = 1.2e-6),
+    coefficients exact at 2^-7. Batches: x g^2; r^2; r^3 and r^4; g * series.
+    `ride` = (a, b): the caller's a * b, truncated by f, goes out in the r^2 batch.
+    Returns (result, ride product or None).
+    """
+    f = party.fxp.frac_bits
+    edges = _grid(lo, hi, RSQRT_STEPS_PER_OCTAVE)
+    g2 = 2.0 / (edges[:-1] + edges[1:])
+    below = _thermometer(party, x, edges[1:-1], in_bits)
+    sq_bits = _HEADROOM - 1 - in_bits
+    r = _one_minus(party, arith.mul_fx(party, x, _steps(party, below, g2, sq_bits), bits=sq_bits + in_bits - f), f)
+    if ride is None:
+        r2, ridden = arith.mul_fx(party, r, r), None
+    else:
+        r2, ridden = arith.mul_fx(party, [r, ride[0]], [r, ride[1]])
+    r3, r4 = arith.mul_fx(party, [r, r2], [r2, r2])
+    c = RSQRT_SERIES
+    series = _lin(party, [(r, c[1], 0), (r2, c[2], 0), (r3, c[3], 0), (r4, c[4], 0)], 1.0, f + RSQRT_COEF_BITS)
+    guess = _steps(party, below, gain * np.sqrt(g2), out_bits)
+    return arith.mul_fx(party, guess, series, bits=f + RSQRT_COEF_BITS), ridden
+
+
+def rsqrt(party: Party, x: AShare, lo: float = 2.0**-10, hi: float = 2.0**10) -> AShare:
+    """1/sqrt(x) for x in [lo, hi] (public bounds, lo >= 2^-(f+3)); the norms use the same kernel.
+
+    Idea: a piecewise-constant guess from a quarter-octave thermometer, then the binomial series
+    of (1 - r)^(-1/2) to degree 4, r = 1 - x y0^2 (|r| <= 0.0864): relative error <= 1.2e-6 plus
+    fixed-point rounding. No highest-set-bit normalisation (SPU), no Newton loop.
+    Rounds R_C + R_A + 8; bytes/elem (k-1)(B_C + B_A) + 5*20 with k = ceil(4 log2(hi/lo)) intervals.
+    """
+    with party.comm.tag("rsqrt"):
+        return _rsqrt(party, x, party.fxp.frac_bits, lo, hi, 1.0, party.fxp.frac_bits)[0]
+
+
+# ----------------------------------------------------------------------------- GeLU, SiLU
+
+
+def _piecewise(party: Party, x: AShare, breaks, low, mid) -> AShare:
+    """0 below breaks[0], poly `low` (degree <= 3) up to breaks[1], `mid` (degree <= 6) up to breaks[2], x above.
+
+    Polynomials in u = x / 2^s (s = ceil(log2 max|break|), so |u| <= 1 where they matter): u is x read at
+    scale q = f + s, free. Every product truncates by B = 61 - q and the second operand carries the public
+    coefficients at whatever scale makes the product land where wanted (u^k at q, values at f), so no
+    separate truncation: batch 1 u^2, u (m1 + m2 u); batch 2 u^3, u (l1 + l2 u + l3 u^2); batch 3
+    u^3 (m3 + m4 u + m5 u^2 + m6 u^3). Selection with the three comparisons in one call and one batched
+    mul_bit: x - b0 low - b1 (mid - low) - b2 (x - mid) with b_i = [x < breaks_i]. Out-of-range garbage in
+    low/mid cancels exactly in the ring, so the result is right for every x the comparison can take.
+    """
+    f = party.fxp.frac_bits
+    s = math.ceil(math.log2(max(abs(b) for b in breaks)))
+    q = f + s
+    top = _HEADROOM - q
+    # Coefficients of the polynomials in u, from the constant term up.
+    lw = [c * 2.0 ** (s * k) for k, c in enumerate(low)] + [0.0] * (4 - len(low))
+    md = [c * 2.0 ** (s * k) for k, c in enumerate(mid)] + [0.0] * (7 - len(mid))
+    val = top - s  # scale of a second operand whose product with u lands at f
+    cbits = val - q  # scale of a coefficient that multiplies a power of u inside such an operand
+    u = x
+
+    below = compare.ltz(party, stack([arith.add_public(party, x, _encode(-b, f)) for b in breaks]))
+
+    mid_lin = _lin(party, [(u, md[2], cbits)], md[1], val)
+    u2, a = arith.mul_fx(party, [u, u], [_shift(u, top - q), mid_lin], bits=top)
+    low_poly = _lin(party, [(u, lw[2], cbits), (u2, lw[3], cbits)], lw[1], val)
+    u3, lpart = arith.mul_fx(party, [u, u], [_shift(u2, top - q), low_poly], bits=top)
+    mid_hi = _lin(party, [(u, md[4], cbits), (u2, md[5], cbits), (u3, md[6], cbits)], md[3], val)
+    hpart = arith.mul_fx(party, u3, mid_hi, bits=top)
+
+    low_v = arith.add_public(party, lpart, _encode(lw[0], f))
+    mid_v = arith.add_public(party, arith.add(a, hpart), _encode(md[0], f))
+    terms = stack([low_v, arith.sub(mid_v, low_v), arith.sub(x, mid_v)])
+    picked = mul_bit(party, below, terms)
+    return arith.sub(x, picked.sum(axis=0))
+
+
+def gelu(party: Party, x: AShare) -> AShare:
+    """PUMA's GeLU: 0 | F0 (cubic) | F1 (degree 6, even + x/2) | x, breaks -4, -1.95, 3 (approx.GELU_*).
+
+    See `_piecewise`: 3 comparisons in one batch, 3 batched product steps (5 products), 1 batched mul_bit.
+    Max error vs approx.gelu a few ulp; vs exact GeLU 0.0140 (the approximation's).
+    Rounds R_C + 6 + R_S; bytes/elem 3 B_C + 5*20 + 3 B_S. PUMA section 4.3.
+    """
+    with party.comm.tag("gelu"):
+        return _piecewise(party, x, approx.GELU_BREAKS, approx.GELU_F0, approx.GELU_F1)
+
+
+def silu(party: Party, x: AShare) -> AShare:
+    """PUMA's SiLU: 0 | quadratic | degree 6 | x, breaks -8, -4, 4 (approx.SILU_*); as gelu.
+
+    Rounds R_C + 6 + R_S; bytes/elem 3 B_C + 5*20 + 3 B_S. PUMA section 4.3 (LLaMA).
+    """
+    with party.comm.tag("silu"):
+        return _piecewise(party, x, approx.SILU_BREAKS, approx.SILU_S0, approx.SILU_S1)
+
+
+# ----------------------------------------------------------------------------- softmax
+
+
+def softmax(party: Party, x: AShare, mask: np.ndarray | None = None) -> AShare:
+    """Softmax over the last axis with PUMA's exp; mask (public bool, broadcastable, False = weight 0).
+
+    max over kept positions (masked ones are first overwritten, locally, with the row's first kept
+    element, so no sentinel value has to fit the ring), e = exp_neg(x - max) * mask, ONE reciprocal
+    per row of the sum (in [1, n]: the max contributes exp(0) = 1), then a broadcast product.
+    A row with no kept position gives 0 (approx.softmax gives NaN there; the ONNX export maps it to 0).
+    Rounds R_max + R_exp + R_recip + 2; bytes/elem: max tree + exp_neg + 20, plus the reciprocal per row.
+    PUMA section 4.2.
+    """
+    f = party.fxp.frac_bits
+    n = x.shape[-1]
+    with party.comm.tag("softmax"):
+        keep = None
+        if mask is not None:
+            keep = np.broadcast_to(np.asarray(mask, dtype=bool), x.shape)
+            first = np.argmax(keep, axis=-1)[..., None]
+            filler = AShare(np.take_along_axis(x.first, first, -1), np.take_along_axis(x.second, first, -1))
+            x = arith.add(arith.mul_public(arith.sub(x, filler), keep.astype(np.int64)), filler)
+        top = compare.max(party, x, axis=-1, keepdims=True)
+        e = exp_neg(party, arith.sub(x, top))
+        total = None
+        if keep is not None:
+            e = arith.mul_public(e, keep.astype(np.int64))
+            empty = ~keep.any(axis=-1, keepdims=True)
+            total = arith.add_public(party, e.sum(axis=-1, keepdims=True), _encode(empty.astype(np.float64), f))
+        else:
+            total = e.sum(axis=-1, keepdims=True)
+        inv = reciprocal(party, total, 1.0, float(max(n, 2)))
+        return arith.mul_fx(party, e, inv)
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+def _sum_squares_bits(party: Party, n: int) -> int:
+    """Extra fractional bits for S = sum d^2: as many as the comparison's range leaves at S = n * NORM_VAR_HI."""
+    room = party.msb_bits - 2 - party.fxp.frac_bits - math.ceil(math.log2(n * NORM_VAR_HI))
+    return max(0, min(NORM_SUM_EXTRA_BITS, room))
+
+
+def _normalise(party: Party, d: AShare, fine: AShare, fine_bits: int, scale: AShare, eps: float) -> AShare:
+    """scale * d / sqrt(mean(d^2) + eps) over the last axis (the shared tail of layer_norm and rms_norm).
+
+    S = sum d^2 is one fixed-point matmul per row (one truncation, bytes per row, not per element),
+    kept with a few extra bits; sqrt(n) / sqrt(S + n eps) = 1/sqrt(var + eps) comes at
+    f + NORM_EXTRA_BITS bits; `fine` (d with fine_bits more bits) times scale rides in the rsqrt's
+    r^2 batch and keeps those bits (a row of tiny variance keeps its precision), so only one more
+    full-size product follows.
+    Rounds 2 + R_C + R_A + 8 + 2; bytes/elem 2*20, plus per row 20 + rsqrt's.
+    """
+    f = party.fxp.frac_bits
+    n = d.shape[-1]
+    e = _sum_squares_bits(party, n)
+    ss = arith.matmul_fx(party, d.expand_dims(-2), d.expand_dims(-1), bits=f - e)[..., 0]
+    ss = arith.add_public(party, ss, _encode(n * eps, f + e))
+    inv, ds = _rsqrt(
+        party, ss, f + e, n * NORM_VAR_LO, n * NORM_VAR_HI, math.sqrt(n), f + NORM_EXTRA_BITS, (fine, scale)
+    )
+    return arith.mul_fx(party, ds, inv, bits=f + NORM_EXTRA_BITS + fine_bits)
+
+
+def layer_norm(party: Party, x: AShare, scale: AShare, bias: AShare, eps: float) -> AShare:
+    """LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * scale + bias; scale, bias secret.
+
+    mean: local row sum times 1/n encoded at f + MEAN_EXTRA_BITS, truncated in one batch to f bits
+    (for the variance) and to f + CENTER_EXTRA_BITS bits (for the output, so the mean's rounding
+    does not shift a low-variance row); then `_normalise`: var via one matmul per row, 1/sqrt per row
+    (thermometer + binomial series, see rsqrt) for var + eps in [2^-20, 2^14] (~1e-6 .. 1.6e4) with
+    n (var + eps) < 2^26 and |mean| < 2^(26 - 12 - 4) = 1024; two full-size products.
+    Rounds 2 + 2 + R_C + R_A + 8 + 2 (= 34 at L = 48); bytes/elem 2*20, plus per row
+    2*20 + 20 + (k-1)(B_C + B_A) + 5*20 with k = 4*34 = 136 thresholds. PUMA section 4.4.
+    """
+    f = party.fxp.frac_bits
+    n = x.shape[-1]
+    with party.comm.tag("layer_norm"):
+        total = x.sum(axis=-1, keepdims=True)
+        cut = f + MEAN_EXTRA_BITS
+        mean, mean_fine = arith.truncate(
+            party,
+            [
+                arith.mul_public(total, _encode(1.0 / n, cut)),
+                arith.mul_public(total, _encode(1.0 / n, cut + CENTER_EXTRA_BITS)),
+            ],
+            cut,
+        )
+        d = arith.sub(x, mean)
+        fine = arith.sub(_shift(x, CENTER_EXTRA_BITS), mean_fine)
+        return arith.add(_normalise(party, d, fine, CENTER_EXTRA_BITS, scale, eps), bias)
+
+
+def rms_norm(party: Party, x: AShare, scale: AShare, eps: float) -> AShare:
+    """RMSNorm over the last axis (LLaMA): x / sqrt(mean(x^2) + eps) * scale; scale secret.
+
+    `_normalise` without the mean, same ranges. Rounds 2 + R_C + R_A + 8 + 2 (= 32 at L = 48);
+    bytes/elem 2*20 plus per row 20 + rsqrt's.
+    """
+    with party.comm.tag("rms_norm"):
+        return _normalise(party, x, x, 0, scale, eps)
