@@ -101,6 +101,26 @@ def _attach_functions(model: ir.Model) -> None:
         model.graph.opset_imports[functions.DOMAIN] = functions.VERSION
 
 
+def _name_puma_nodes(graph: ir.Graph) -> None:
+    """Name each puma node after the scope of the nodes it replaced, for readable errors.
+
+    "/encoder/layer.0/intermediate/intermediate_act_fn/Mul_1_output_0" gives
+    "/encoder/layer.0/intermediate/intermediate_act_fn/puma.Gelu"; a graph output
+    "token_embeddings" gives "token_embeddings/puma.LayerNorm".
+    """
+    taken = {node.name for node in graph}
+    for node in graph:
+        if node.domain != functions.DOMAIN:
+            continue
+        output = node.outputs[0].name
+        scope = output.rpartition("/")[0] if "/" in output else output
+        name = f"{scope}/{functions.DOMAIN}.{node.op_type}"
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        node.name = name
+
+
 def rewrite_ir(model: ir.Model) -> RewriteReport:
     """Rewrite `model` in place; raise UnsupportedSecretOps if secret ops remain without a kernel."""
     ShapeInferencePass(check_type=False, strict_mode=False)(model)
@@ -111,6 +131,7 @@ def rewrite_ir(model: ir.Model) -> RewriteReport:
             levels.refresh(model.graph)
             matches[rule.name] = pattern.RewriteRuleSet([rule], commute=True).apply_to_model(model)
     RemoveUnusedNodesPass()(model)
+    _name_puma_nodes(model.graph)
     _attach_functions(model)
     report = survey(model, matches)
     if report.problems:
