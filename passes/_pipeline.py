@@ -122,7 +122,7 @@ def _name_puma_nodes(graph: ir.Graph) -> None:
 
 
 def rewrite_ir(model: ir.Model) -> RewriteReport:
-    """Rewrite `model` in place; raise UnsupportedSecretOps if secret ops remain without a kernel."""
+    """Rewrite `model` in place; raise UnsupportedSecretOps if secret ops lack a kernel."""
     ShapeInferencePass(check_type=False, strict_mode=False)(model)
     levels = Levels()
     matches = {}

@@ -70,7 +70,9 @@ class _Body:
         """Mean over the axis held in the int64 scalar `axis`, keepdims, valid from opset 13."""
         axes = self.op("Reshape", axis, self.const([1], np.int64))
         total = self.op("ReduceSum", x, axes, keepdims=1)
-        count = self.op("Cast", self.op("Gather", self.op("Shape", x), axis), to=onnx.TensorProto.FLOAT)
+        count = self.op(
+            "Cast", self.op("Gather", self.op("Shape", x), axis), to=onnx.TensorProto.FLOAT
+        )
         return self.op("Div", total, count)
 
     def poly(self, x: str, coeffs: tuple[float, ...]) -> str:
@@ -81,7 +83,7 @@ class _Body:
         return out
 
     def piecewise(self, x: str, breaks, low, mid) -> str:
-        """0 below breaks[0], low up to breaks[1], mid up to breaks[2], x above (approx.piecewise)."""
+        """0 below breaks[0], low to breaks[1], mid to breaks[2], x above (approx.piecewise)."""
         b0, b1, b2 = breaks
         upper = self.op("Where", self.op("LessOrEqual", x, self.const(b2)), self.poly(x, mid), x)
         middle = self.op("Where", self.op("Less", x, self.const(b1)), self.poly(x, low), upper)

@@ -30,7 +30,7 @@ class LayerNormOp(PumaRule):
 
 
 class LayerNormDecomposed(PumaRule):
-    """The opset-14 decomposition: ReduceMean, Sub, Pow 2, ReduceMean, Add eps, Sqrt, Div, Mul, Add."""
+    """The opset-14 form: ReduceMean, Sub, Pow 2, ReduceMean, Add eps, Sqrt, Div, Mul, Add."""
 
     def pattern(self, op, x, two, eps, scale, bias):
         d = op.Sub(x, op.ReduceMean(x, _allow_other_inputs=True, _outputs=["mean"]))

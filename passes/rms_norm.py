@@ -72,7 +72,9 @@ class L2Normalize(PumaRule):
     def rewrite(self, op, x, eps, **_):
         n = x.shape[-1]
         scale = np.full((n,), 1.0 / math.sqrt(n), dtype=x.dtype.numpy())
-        return puma(op, "RMSNorm", x, op.Constant(value=ir.tensor(scale)), epsilon=scalar(eps) ** 2 / n)
+        return puma(
+            op, "RMSNorm", x, op.Constant(value=ir.tensor(scale)), epsilon=scalar(eps) ** 2 / n
+        )
 
 
 def rules(levels):

@@ -68,7 +68,10 @@ def test_softmax_uses_pumas_exp_and_gives_masked_positions_zero_weight(opset):
 def test_layer_norm_matches_reference_with_epsilon_by_reference(opset):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 5, 8)).astype(np.float32)
-    scale, bias = rng.standard_normal(8).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+    scale, bias = (
+        rng.standard_normal(8).astype(np.float32),
+        rng.standard_normal(8).astype(np.float32),
+    )
     inputs = [("x", FLOAT, [2, 5, 8]), ("scale", FLOAT, [8]), ("bias", FLOAT, [8])]
     for eps in (1e-5, 0.5):
         m = call("LayerNorm", inputs, opset, epsilon=eps, axis=-1)

@@ -20,10 +20,14 @@ PARAMS = [weight("scale", SCALE), weight("bias", BIAS)]
 
 
 def decomposed(axes=(-1,), opset=14):
-    """ReduceMean, Sub, Pow 2, ReduceMean, Add eps, Sqrt, Div, Mul, Add (axes as opset 14 attribute)."""
+    """ReduceMean, Sub, Pow 2, ReduceMean, Add eps, Sqrt, Div, Mul, Add (axes as at opset 14)."""
+
     def mean(src, dst):
         if opset >= 18:
-            return [const(dst + "_axes", list(axes), np.int64), helper.make_node("ReduceMean", [src, dst + "_axes"], [dst])]
+            return [
+                const(dst + "_axes", list(axes), np.int64),
+                helper.make_node("ReduceMean", [src, dst + "_axes"], [dst]),
+            ]
         return [helper.make_node("ReduceMean", [src], [dst], axes=list(axes))]
 
     return [
@@ -50,18 +54,27 @@ def check_layer_norm(m, rule):
 
 
 def test_layer_normalization_op_becomes_puma_layer_norm():
-    node = helper.make_node("LayerNormalization", ["x", "scale", "bias"], ["y"], axis=-1, epsilon=1e-5)
+    node = helper.make_node(
+        "LayerNormalization", ["x", "scale", "bias"], ["y"], axis=-1, epsilon=1e-5
+    )
     check_layer_norm(model([node], X, Y, PARAMS), "layer_norm")
 
 
 @pytest.mark.parametrize("opset", [14, 18])
 def test_decomposed_layer_norm_becomes_puma_layer_norm(opset):
-    check_layer_norm(model(decomposed(opset=opset), X, Y, PARAMS, opset=opset), "layer_norm_decomposed")
+    check_layer_norm(
+        model(decomposed(opset=opset), X, Y, PARAMS, opset=opset), "layer_norm_decomposed"
+    )
 
 
 def test_layer_norm_over_another_axis_is_left_and_reported():
-    node = helper.make_node("LayerNormalization", ["x", "scale", "bias"], ["y"], axis=1, epsilon=1e-5)
-    params = [weight("scale", np.ones((3, 8), np.float32)), weight("bias", np.zeros((3, 8), np.float32))]
+    node = helper.make_node(
+        "LayerNormalization", ["x", "scale", "bias"], ["y"], axis=1, epsilon=1e-5
+    )
+    params = [
+        weight("scale", np.ones((3, 8), np.float32)),
+        weight("bias", np.zeros((3, 8), np.float32)),
+    ]
     with pytest.raises(UnsupportedSecretOps, match=r"\(LayerNormalization\)"):
         rewrite(model([node], X, Y, params))
 

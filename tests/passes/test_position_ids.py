@@ -46,7 +46,9 @@ def test_position_ids_become_public():
     out, report = rewrite(m)
     assert report.matches["position_ids_from_mask"] == 1
     assert analyze(out)["position_ids_"] == "public"
-    assert not {"Equal", "Not", "CumSum"} & {n.op_type for n in out.graph.node if "input_ids" in n.input}
+    assert not {"Equal", "Not", "CumSum"} & {
+        n.op_type for n in out.graph.node if "input_ids" in n.input
+    }
 
 
 def test_rewritten_position_ids_equal_the_original_when_the_mask_marks_the_pads():
@@ -54,4 +56,7 @@ def test_rewritten_position_ids_equal_the_original_when_the_mask_marks_the_pads(
     out, _ = rewrite(m)
     ids = np.array([[5, 7, 3, 2], [4, 9, PAD, PAD]], np.int64)
     mask = (ids != PAD).astype(np.int64)
-    np.testing.assert_array_equal(run(out, input_ids=ids, attention_mask=mask)[0], run(m, input_ids=ids, attention_mask=mask)[0])
+    np.testing.assert_array_equal(
+        run(out, input_ids=ids, attention_mask=mask)[0],
+        run(m, input_ids=ids, attention_mask=mask)[0],
+    )

@@ -56,7 +56,9 @@ def feeds(folder, m: onnx.ModelProto) -> dict[str, np.ndarray]:
 def run(m: onnx.ModelProto, f) -> list[np.ndarray]:
     import onnxruntime as ort
 
-    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, f)
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, f
+    )
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +89,9 @@ def test_match_counts_follow_the_architecture(rewritten, name):
 def test_no_nonlinear_op_is_left_on_secret_data(rewritten, name):
     _, _, _, report = rewritten(name)
     assert not report.problems
-    assert not {"Erf", "Tanh", "Pow", "Sqrt", "Softmax", "Sigmoid", "LayerNormalization"} & set(report.secret_ops)
+    assert not {"Erf", "Tanh", "Pow", "Sqrt", "Softmax", "Sigmoid", "LayerNormalization"} & set(
+        report.secret_ops
+    )
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -100,7 +104,7 @@ def test_rewritten_model_passes_the_full_checker(rewritten, name):
 def test_onnxruntime_difference_is_the_approximation_error(rewritten, name):
     folder, original, model, _ = rewritten(name)
     f = feeds(folder, original)
-    for want, got in zip(run(original, f), run(model, f)):
+    for want, got in zip(run(original, f), run(model, f), strict=True):
         error = float(np.max(np.abs(want - got)))
         assert 0.0 < error < MAX_ABS_ERROR, f"{name}: max abs difference {error}"
 

@@ -41,7 +41,9 @@ def test_llama_rms_norm_becomes_puma_rms_norm(cast):
     assert op_types(out) == ["puma.RMSNorm"]
     assert report.matches["rms_norm_cast" if cast else "rms_norm"] == 1
     x = np.random.default_rng(0).standard_normal((2, 3, 8)).astype(np.float32)
-    np.testing.assert_allclose(run(out, x=x)[0], approx.rms_norm(x, SCALE, 1e-6), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        run(out, x=x)[0], approx.rms_norm(x, SCALE, 1e-6), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_rms_norm_over_another_axis_is_left_and_reported():

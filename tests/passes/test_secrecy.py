@@ -20,16 +20,33 @@ def node(op, inputs, output="out", **attrs):
 
 def test_inputs_weights_and_constants_get_their_levels():
     nodes = [const("c", [1.0, 2.0]), node("Identity", ["w"], "wi")]
-    inputs = [("input_ids", INT64, [2]), ("token_type_ids", INT64, [2]), ("attention_mask", INT64, [2]), ("position_ids", INT64, [2])]
-    inits = [weight("w", np.ones((2, 2), np.float32)), weight("s", np.float32(3.0)), weight("i", np.ones(4, np.int64))]
+    inputs = [
+        ("input_ids", INT64, [2]),
+        ("token_type_ids", INT64, [2]),
+        ("attention_mask", INT64, [2]),
+        ("position_ids", INT64, [2]),
+    ]
+    inits = [
+        weight("w", np.ones((2, 2), np.float32)),
+        weight("s", np.float32(3.0)),
+        weight("i", np.ones(4, np.int64)),
+    ]
     levels = analyze(model(nodes, inputs, [("wi", FLOAT, [2, 2])], inits))
     assert PUBLIC_INPUTS == {"attention_mask", "position_ids"}
-    assert {k: levels[k] for k in ("input_ids", "token_type_ids", "w", "wi")} == dict.fromkeys(("input_ids", "token_type_ids", "w", "wi"), "secret")
-    assert {k: levels[k] for k in ("attention_mask", "position_ids", "s", "i", "c")} == dict.fromkeys(("attention_mask", "position_ids", "s", "i", "c"), "public")
+    assert {k: levels[k] for k in ("input_ids", "token_type_ids", "w", "wi")} == dict.fromkeys(
+        ("input_ids", "token_type_ids", "w", "wi"), "secret"
+    )
+    assert {
+        k: levels[k] for k in ("attention_mask", "position_ids", "s", "i", "c")
+    } == dict.fromkeys(("attention_mask", "position_ids", "s", "i", "c"), "public")
 
 
 def test_shape_of_a_secret_is_public_and_so_is_arithmetic_on_it():
-    nodes = [node("Shape", ["x"], "shape"), const("two", 2, np.int64), node("Mul", ["shape", "two"], "out")]
+    nodes = [
+        node("Shape", ["x"], "shape"),
+        const("two", 2, np.int64),
+        node("Mul", ["shape", "two"], "out"),
+    ]
     levels = analyze(model(nodes, XY[:1], [("out", INT64, [2])]))
     assert levels["shape"] == "public" and levels["out"] == "public"
 
@@ -48,8 +65,14 @@ def test_product_of_two_secrets_is_supported():
     "nodes, reason",
     [
         ([node("Div", ["x", "y"])], r"the_div \(Div\): input 1 \(y\) is secret"),
-        ([node("Cast", ["x"], "ids", to=INT64), node("Gather", ["w", "ids"])], r"the_cast \(Cast\): casts a secret FLOAT to INT64"),
-        ([node("Less", ["x", "y"], "c"), node("Where", ["c", "x", "y"])], r"the_less \(Less\): no secure kernel"),
+        (
+            [node("Cast", ["x"], "ids", to=INT64), node("Gather", ["w", "ids"])],
+            r"the_cast \(Cast\): casts a secret FLOAT to INT64",
+        ),
+        (
+            [node("Less", ["x", "y"], "c"), node("Where", ["c", "x", "y"])],
+            r"the_less \(Less\): no secure kernel",
+        ),
         ([node("Exp", ["x"])], r"the_exp \(Exp\): no secure kernel"),
     ],
 )
@@ -68,13 +91,17 @@ def test_where_with_secret_condition_is_reported():
 
 def test_gather_of_secret_indices_outside_an_embedding_is_reported():
     nodes = [node("Cast", ["x"], "ids", to=INT64), node("Gather", ["y", "ids"])]
-    with pytest.raises(UnsupportedSecretOps, match=r"the_gather \(Gather\): input 1 \(ids\) is secret"):
+    with pytest.raises(
+        UnsupportedSecretOps, match=r"the_gather \(Gather\): input 1 \(ids\) is secret"
+    ):
         rewrite(model(nodes, XY, OUT))
 
 
 def test_unencodable_constant_on_secret_data_is_reported():
     nodes = [const("huge", -3.4e38), node("Add", ["x", "huge"])]
-    with pytest.raises(UnsupportedSecretOps, match=r"the_add \(Add\): constant input 1 \(huge\).*2\^44"):
+    with pytest.raises(
+        UnsupportedSecretOps, match=r"the_add \(Add\): constant input 1 \(huge\).*2\^44"
+    ):
         rewrite(model(nodes, XY[:1], OUT))
 
 

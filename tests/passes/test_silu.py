@@ -24,6 +24,9 @@ def test_x_times_sigmoid_x_becomes_puma_silu(operands):
 
 
 def test_sigmoid_times_another_value_is_left_and_reported():
-    nodes = [helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("Mul", ["y", "s"], ["out"])]
+    nodes = [
+        helper.make_node("Sigmoid", ["x"], ["s"]),
+        helper.make_node("Mul", ["y", "s"], ["out"]),
+    ]
     with pytest.raises(UnsupportedSecretOps, match=r"\(Sigmoid\)"):
         rewrite(model(nodes, XY, [("out", FLOAT, [16])]))

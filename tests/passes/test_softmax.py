@@ -68,11 +68,19 @@ def feeds():
 def constants_feeding_secret_ops(m: onnx.ModelProto) -> list[float]:
     """Every float constant that a node with a secret input reads."""
     levels = analyze(m)
-    values = {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in m.graph.node if n.op_type == "Constant"}
+    values = {
+        n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t)
+        for n in m.graph.node
+        if n.op_type == "Constant"
+    }
     found = []
     for node in m.graph.node:
         if any(levels.get(i) == "secret" for i in node.input):
-            found += [float(np.max(np.abs(values[i]))) for i in node.input if i in values and values[i].dtype.kind == "f"]
+            found += [
+                float(np.max(np.abs(values[i])))
+                for i in node.input
+                if i in values and values[i].dtype.kind == "f"
+            ]
     return found
 
 
@@ -118,7 +126,10 @@ def test_softmax_over_another_axis_is_left_and_reported():
 
 
 def test_secret_additive_mask_is_not_folded():
-    nodes = [helper.make_node("Add", ["x", "bias"], ["s_in"]), helper.make_node("Softmax", ["s_in"], ["y"], axis=-1)]
+    nodes = [
+        helper.make_node("Add", ["x", "bias"], ["s_in"]),
+        helper.make_node("Softmax", ["s_in"], ["y"], axis=-1),
+    ]
     out, report = rewrite(model(nodes, SCORES + [("bias", FLOAT, SHAPE)], Y))
     assert report.matches["softmax_masked"] == 0 and report.matches["softmax"] == 1
     assert "Add" in op_types(out)
