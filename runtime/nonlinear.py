@@ -42,18 +42,22 @@ EXP_BITS = 30
 # Thresholds per octave of the input range, and the series after the guess (see reciprocal, rsqrt).
 RECIP_STEPS_PER_OCTAVE = 2
 RSQRT_STEPS_PER_OCTAVE = 4
-# Taylor coefficients of (1 - r)^(-1/2), k = 0..4, times 2^RSQRT_COEF_BITS: exact integers.
-RSQRT_COEF_BITS = 7
-RSQRT_SERIES = (128, 64, 48, 40, 35)
+# Taylor coefficients of (1 - r)^(-1/2), k = 0..4, times 2^RSQRT_COEF_BITS (35/128 rounded to 36/128:
+# 4.4e-7 at the largest |r|, and the series keeps 2 more bits of room).
+RSQRT_COEF_BITS = 5
+RSQRT_SERIES = (32, 16, 12, 10, 9)
+# r = 1 - x y0^2 and its powers keep up to f + 8 bits when the output's range leaves room.
+RSQRT_R_EXTRA_BITS = 8
 # LayerNorm / RMSNorm accept var + eps in [NORM_VAR_LO, NORM_VAR_HI].
 NORM_VAR_LO = 2.0**-20
 NORM_VAR_HI = 2.0**14
-# Extra fractional bits of 1/sqrt(var + eps) inside the norms: 4e-6 relative at var = 2^14, and
-# 2.5 * 2^10 (the series at r = 1, var + eps below range) times 2^(2f + 7 + 7) still below 2^62.
-NORM_EXTRA_BITS = 7
-# 1/n in the mean carries f + 12 bits (mean error <= n |mean| 2^-31).
+# Fractional bits of the norms' 1/sqrt (scaled by 2^p/m ~ 1/16..1/32, see _normalise): its
+# smallest value 2^-12 keeps 2^19 steps, its largest 2^6 (x 2.5 below range) times 2^(31 + f + 5) < 2^61,
+# and the output product truncates by 31 bits, the most that still ships a 4-byte share (M, not W).
+NORM_INV_BITS = 31
+# 1/n in the variance's mean carries f + 12 bits; the mean only needs to be close there.
 MEAN_EXTRA_BITS = 12
-# LayerNorm's centred values for the output product carry f + 4 bits.
+# The output product keeps d * scale with ~4 bits more than f.
 CENTER_EXTRA_BITS = 4
 # S = sum of squares carries up to f + 8 bits (fewer when the comparison range needs the room).
 NORM_SUM_EXTRA_BITS = 8
@@ -179,9 +183,10 @@ def _rsqrt(party: Party, x: AShare, in_bits: int, lo: float, hi: float, gain: fl
 
     Guess on quarter-octaves [a, b): g with g^2 = 2/(a+b), so r = 1 - x g^2 lies in +-0.0864.
     g^2 is a linear combination of the bits like g, at scale 60 - in_bits so that x g^2 ~ 1 fills
-    the ring. (1 - r)^(-1/2) = sum_k C(2k,k)/4^k r^k to degree 4 (error <= 0.246 r^5 = 1.2e-6),
-    coefficients exact at 2^-7. Batches: x g^2; r^2; r^3 and r^4; g * series.
-    `ride` = (a, b): the caller's a * b, truncated by f, goes out in the r^2 batch.
+    the ring. (1 - r)^(-1/2) = sum_k C(2k,k)/4^k r^k to degree 4 (error <= 0.246 r^5 = 1.2e-6, and
+    4.4e-7 from rounding 35/128 to 9/32).
+    Batches: x g^2; r^2; r^3 and r^4; g * series.
+    `ride` = (a, b, p): the caller's a * b / 2^p (a, b at f, result at f) goes out in the r^2 batch.
     Returns (result, ride product or None).
     """
     f = party.fxp.frac_bits
@@ -189,25 +194,31 @@ def _rsqrt(party: Party, x: AShare, in_bits: int, lo: float, hi: float, gain: fl
     g2 = 2.0 / (edges[:-1] + edges[1:])
     below = _thermometer(party, x, edges[1:-1], in_bits)
     sq_bits = _HEADROOM - 1 - in_bits
-    r = _one_minus(party, arith.mul_fx(party, x, _steps(party, below, g2, sq_bits), bits=sq_bits + in_bits - f), f)
+    # r and its powers carry rb bits, as many as the last product (result times series <= 2.5) allows.
+    top = math.log2(2.5 * gain / math.sqrt(lo))
+    rb = f + max(0, min(RSQRT_R_EXTRA_BITS, math.floor(_HEADROOM - out_bits - f - RSQRT_COEF_BITS - top)))
+    r = _one_minus(party, arith.mul_fx(party, x, _steps(party, below, g2, sq_bits), bits=sq_bits + in_bits - rb), rb)
     if ride is None:
-        r2, ridden = arith.mul_fx(party, r, r), None
+        r2, ridden = arith.mul_fx(party, r, r, bits=rb), None
     else:
-        r2, ridden = arith.mul_fx(party, [r, ride[0]], [r, ride[1]])
-    r3, r4 = arith.mul_fx(party, [r, r2], [r2, r2])
+        a, b, p = ride
+        r2, ridden = arith.mul_fx(party, [r, a], [_shift(r, p), _shift(b, rb - f)], bits=rb + p)
+    r3, r4 = arith.mul_fx(party, [r, r2], [r2, r2], bits=rb)
     c = RSQRT_SERIES
-    series = _lin(party, [(r, c[1], 0), (r2, c[2], 0), (r3, c[3], 0), (r4, c[4], 0)], 1.0, f + RSQRT_COEF_BITS)
+    series = _lin(party, [(r, c[1], 0), (r2, c[2], 0), (r3, c[3], 0), (r4, c[4], 0)], 1.0, rb + RSQRT_COEF_BITS)
     guess = _steps(party, below, gain * np.sqrt(g2), out_bits)
-    return arith.mul_fx(party, guess, series, bits=f + RSQRT_COEF_BITS), ridden
+    return arith.mul_fx(party, guess, series, bits=rb + RSQRT_COEF_BITS), ridden
 
 
 def rsqrt(party: Party, x: AShare, lo: float = 2.0**-10, hi: float = 2.0**10) -> AShare:
     """1/sqrt(x) for x in [lo, hi] (public bounds, lo >= 2^-(f+3)); the norms use the same kernel.
 
     Idea: a piecewise-constant guess from a quarter-octave thermometer, then the binomial series
-    of (1 - r)^(-1/2) to degree 4, r = 1 - x y0^2 (|r| <= 0.0864): relative error <= 1.2e-6 plus
-    fixed-point rounding. No highest-set-bit normalisation (SPU), no Newton loop.
-    Rounds R_C + R_A + 8; bytes/elem (k-1)(B_C + B_A) + 5*20 with k = ceil(4 log2(hi/lo)) intervals.
+    of (1 - r)^(-1/2) to degree 4, r = 1 - x y0^2 (|r| <= 0.0864): relative error <= 1.7e-6
+    (1.2e-6 truncation of the series, 4.4e-7 from coefficients on a 2^-5 grid) plus fixed-point
+    rounding. No highest-set-bit normalisation (SPU), no Newton loop.
+    Rounds R_C + R_A + 8 (= 18 at L = 48); bytes per element (k-1)(C + A) + 4M + W with
+    k = ceil(4 log2(hi/lo)) intervals (79 thresholds for the default range).
     """
     with party.comm.tag("rsqrt"):
         return _rsqrt(party, x, party.fxp.frac_bits, lo, hi, 1.0, party.fxp.frac_bits)[0]
@@ -318,61 +329,56 @@ def _sum_squares_bits(party: Party, n: int) -> int:
     return max(0, min(NORM_SUM_EXTRA_BITS, room))
 
 
-def _normalise(party: Party, d: AShare, fine: AShare, fine_bits: int, scale: AShare, eps: float) -> AShare:
+def _normalise(party: Party, d: AShare, fine: AShare, mult: int, scale: AShare, eps: float) -> AShare:
     """scale * d / sqrt(mean(d^2) + eps) over the last axis (the shared tail of layer_norm and rms_norm).
 
-    S = sum d^2 is one fixed-point matmul per row (one truncation, bytes per row, not per element),
-    kept with a few extra bits; sqrt(n) / sqrt(S + n eps) = 1/sqrt(var + eps) comes at
-    f + NORM_EXTRA_BITS bits; `fine` (d with fine_bits more bits) times scale rides in the rsqrt's
-    r^2 batch and keeps those bits (a row of tiny variance keeps its precision), so only one more
-    full-size product follows.
-    Rounds 2 + R_C + R_A + 8 + 2; bytes/elem 2*20, plus per row 20 + rsqrt's.
+    `fine` = mult * d exactly (LayerNorm: n x - sum x, no rounded 1/n; RMSNorm: 16 x), so the
+    output keeps the centring exact and log2(mult) extra bits. S = sum d^2 is one fixed-point
+    matmul per row (one truncation; bytes per row, not per element) with a few extra bits.
+    The rsqrt returns 2^p sqrt(n) / (mult sqrt(S + n eps)) at NORM_INV_BITS, while
+    fine * scale / 2^p (p = log2(mult) - 4, so the factor is 16..32) rides in its r^2 batch:
+    one more full-size product gives the result. Needs mult |d scale| < 2^26 and |result| < 2^13.
+    Rounds 2 + R_C + R_A + 8 + 2; bytes/elem 2M, plus per row M + rsqrt's.
     """
     f = party.fxp.frac_bits
     n = d.shape[-1]
     e = _sum_squares_bits(party, n)
     ss = arith.matmul_fx(party, d.expand_dims(-2), d.expand_dims(-1), bits=f - e)[..., 0]
     ss = arith.add_public(party, ss, _encode(n * eps, f + e))
-    inv, ds = _rsqrt(
-        party, ss, f + e, n * NORM_VAR_LO, n * NORM_VAR_HI, math.sqrt(n), f + NORM_EXTRA_BITS, (fine, scale)
-    )
-    return arith.mul_fx(party, ds, inv, bits=f + NORM_EXTRA_BITS + fine_bits)
+    p = max(0, int(math.floor(math.log2(mult))) - CENTER_EXTRA_BITS)
+    gain = math.sqrt(n) * 2.0**p / mult
+    lo, hi = n * NORM_VAR_LO, n * NORM_VAR_HI
+    inv, ds = _rsqrt(party, ss, f + e, lo, hi, gain, NORM_INV_BITS, (fine, scale, p))
+    return arith.mul_fx(party, ds, inv, bits=NORM_INV_BITS)
 
 
 def layer_norm(party: Party, x: AShare, scale: AShare, bias: AShare, eps: float) -> AShare:
     """LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * scale + bias; scale, bias secret.
 
-    mean: local row sum times 1/n encoded at f + MEAN_EXTRA_BITS, truncated in one batch to f bits
-    (for the variance) and to f + CENTER_EXTRA_BITS bits (for the output, so the mean's rounding
-    does not shift a low-variance row); then `_normalise`: var via one matmul per row, 1/sqrt per row
-    (thermometer + binomial series, see rsqrt) for var + eps in [2^-20, 2^14] (~1e-6 .. 1.6e4) with
-    n (var + eps) < 2^26 and |mean| < 2^(26 - 12 - 4) = 1024; two full-size products.
-    Rounds 2 + 2 + R_C + R_A + 8 + 2 (= 34 at L = 48); bytes/elem 2*20, plus per row
-    2*20 + 20 + (k-1)(B_C + B_A) + 5*20 with k = 4*34 = 136 thresholds. PUMA section 4.4.
+    The variance's mean: local row sum times 1/n at f + 12 bits, one truncation per row; the
+    output's centring is exact (n x - sum x, see `_normalise`). Then var via one matmul per row,
+    1/sqrt per row (thermometer + binomial series, see rsqrt) and two full-size products.
+    Ranges: var + eps in [2^-20, 2^14] (~1e-6 .. 1.6e4), n (var + eps) < 2^26, n |(x - mean) scale|
+    < 2^26, |result - bias| < 2^13; the row mean only needs |mean| < 2^(26 - 12).
+    Rounds 2 + 2 + R_C + R_A + 8 + 2 (= 24 at L = 48); bytes/elem 2M, plus per row
+    8M + (k-1)(C + A) with k = 4*34 = 136 thresholds (M, C, A: see the module docstring). PUMA 4.4.
     """
     f = party.fxp.frac_bits
     n = x.shape[-1]
     with party.comm.tag("layer_norm"):
         total = x.sum(axis=-1, keepdims=True)
         cut = f + MEAN_EXTRA_BITS
-        mean, mean_fine = arith.truncate(
-            party,
-            [
-                arith.mul_public(total, _encode(1.0 / n, cut)),
-                arith.mul_public(total, _encode(1.0 / n, cut + CENTER_EXTRA_BITS)),
-            ],
-            cut,
-        )
+        mean = arith.truncate(party, arith.mul_public(total, _encode(1.0 / n, cut)), cut)
         d = arith.sub(x, mean)
-        fine = arith.sub(_shift(x, CENTER_EXTRA_BITS), mean_fine)
-        return arith.add(_normalise(party, d, fine, CENTER_EXTRA_BITS, scale, eps), bias)
+        centred = arith.sub(arith.mul_public(x, n), total)
+        return arith.add(_normalise(party, d, centred, n, scale, eps), bias)
 
 
 def rms_norm(party: Party, x: AShare, scale: AShare, eps: float) -> AShare:
     """RMSNorm over the last axis (LLaMA): x / sqrt(mean(x^2) + eps) * scale; scale secret.
 
-    `_normalise` without the mean, same ranges. Rounds 2 + R_C + R_A + 8 + 2 (= 32 at L = 48);
-    bytes/elem 2*20 plus per row 20 + rsqrt's.
+    `_normalise` without the mean; ranges as layer_norm's with 16 |x scale| < 2^26.
+    Rounds 2 + R_C + R_A + 8 + 2 (= 22 at L = 48); bytes/elem 2M, plus per row 6M + (k-1)(C + A).
     """
     with party.comm.tag("rms_norm"):
-        return _normalise(party, x, x, 0, scale, eps)
+        return _normalise(party, x, _shift(x, CENTER_EXTRA_BITS), 2**CENTER_EXTRA_BITS, scale, eps)
