@@ -63,3 +63,28 @@ def test_and_all_is_true_only_for_all_ones_rows():
         return boolean.reveal_bits(p, boolean.and_all(p, boolean.xor(u, v)))
 
     assert np.array_equal(run_parties(prog)[0], x.all(axis=0))
+
+
+def test_cost_and_one_round_rows_bits_per_element():
+    x = rng.integers(0, 2**64, 800, dtype=np.uint64)
+
+    def prog(p):
+        u, v = split_sum(p, share_ring(p, x), 10)
+        before = p.comm.stats.snapshot()
+        boolean.and_(p, u, v)
+        return p.comm.stats.snapshot() - before
+
+    # 10 rows of 800 bits: 1000 bytes from every rank.
+    assert all(c.rounds == 1 and c.bytes == 1000 for c in run_parties(prog))
+
+
+def test_cost_reveal_bits_one_round_one_bit_per_element():
+    x = rng.integers(0, 2**64, 800, dtype=np.uint64)
+
+    def prog(p):
+        u, _ = split_sum(p, share_ring(p, x), 1)
+        before = p.comm.stats.snapshot()
+        boolean.reveal_bits(p, u)
+        return p.comm.stats.snapshot() - before
+
+    assert all(c.rounds == 1 and c.bytes == 100 for c in run_parties(prog))
