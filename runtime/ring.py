@@ -53,30 +53,39 @@ class FixedPoint:
         return f"FixedPoint(frac_bits={self.frac_bits})"
 
 
-# Unsigned 16-bit limbs: a limb product is below 2^32, so dot products stay exact in
-# float64 (below 2^53) up to an inner dimension of 2^21.
+# Three unsigned limbs of 22, 22 and 20 bits: a limb product is below 2^44, so a dot
+# product over up to 2^9 terms stays below 2^53, where float64 integers are exact; longer
+# inner dimensions are cut into pieces of 2^9. Limb pairs with p + q >= 3 sit at 2^66 and
+# vanish mod 2^64, so 6 limb products remain.
 #
-# Measured on this machine kind (128x768x768, one BLAS thread, busy neighbours):
-# numpy uint64 matmul 80-117 ms; 16-bit limbs 48 ms; balanced 21/21/22-bit limbs
-# (8 limb products + a parity product, exact for k <= 2^12) 74 ms: fewer BLAS flops
-# but the signed limb split costs more elementwise passes than it saves.
-_LIMB_BITS = 16
-_MAX_K = 2**21
+# Measured on this machine kind (one BLAS thread, busy neighbours, so +-30%):
+#                      numpy uint64   16-bit limbs (10 products)   22-bit limbs (6 products)
+#   128x768x768         80-180 ms      37-48 ms                     23 ms
+#   128x3072x768       950-1590 ms    147-230 ms                   111 ms
+# Balanced signed 21-bit limbs (8 products + a parity product, k <= 2^12) took 74 ms for the
+# first shape: the signed split costs more elementwise passes than the saved products.
+_LIMB_BITS = (22, 22, 20)
+_MAX_K = 2**9
 
 
-def _matmul_u16(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """10 limb products (p + q <= 3) grouped as a_p @ [b_0 .. b_{3-p}]: 4 BLAS calls."""
+def _limbs(x: np.ndarray) -> list[np.ndarray]:
+    out, shift = [], 0
+    for width in _LIMB_BITS:
+        out.append(((x >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(np.float64))
+        shift += width
+    return out
+
+
+def _matmul_limbs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """6 limb products grouped as a_p @ [b_0 .. b_{2-p}]: 3 BLAS calls."""
     n = b.shape[-1]
-    al = np.ascontiguousarray(a).view(np.uint16).reshape(a.shape + (4,))
-    bl = np.ascontiguousarray(b).view(np.uint16).reshape(b.shape + (4,))
-    # One copy lays b out as [b_0 b_1 b_2 b_3] along the columns; each call takes a prefix.
-    bcat = np.moveaxis(bl, -1, -2).astype(np.float64).reshape(b.shape[:-1] + (4 * n,))
+    bcat = np.concatenate(_limbs(b), axis=-1)
     out = None
-    for p in range(4):
-        c = np.matmul(al[..., p].astype(np.float64), bcat[..., : (4 - p) * n])
-        for q in range(4 - p):
+    for p, a_p in enumerate(_limbs(a)):
+        c = np.matmul(a_p, bcat[..., : (3 - p) * n])
+        for q in range(3 - p):
             term = c[..., q * n : (q + 1) * n].astype(np.uint64)
-            term <<= np.uint64(_LIMB_BITS * (p + q))
+            term <<= np.uint64(22 * (p + q))  # limb p starts at bit 22 p (p <= 2)
             if out is None:
                 out = term
             else:
@@ -102,8 +111,8 @@ def _chunked(kernel, max_k: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def ring_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Exact a @ b mod 2^64 for uint64 operands, with np.matmul's broadcasting and 1-D rules.
 
-    Uses 16-bit limbs (10 limb products in 4 BLAS calls); inner dimensions above 2^21
-    are cut into exact pieces whose products are summed in the ring.
+    Uses 22-bit limbs (6 limb products in 3 BLAS calls) on pieces of the inner dimension
+    short enough to be exact in float64, summed in the ring.
     """
     a = np.asarray(a, dtype=np.uint64)
     b = np.asarray(b, dtype=np.uint64)
@@ -115,4 +124,4 @@ def ring_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return ring_matmul(a, b[:, None])[..., 0]
     if a.shape[-1] != b.shape[-2]:
         raise ValueError(f"ring_matmul: inner dimensions differ, {a.shape} @ {b.shape}")
-    return _chunked(_matmul_u16, _MAX_K, a, b)
+    return _chunked(_matmul_limbs, _MAX_K, a, b)
