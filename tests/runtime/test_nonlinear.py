@@ -47,11 +47,11 @@ def test_exp_neg_gives_zero_far_below_the_clip():
 # ----------------------------------------------------------------------------- reciprocal, rsqrt
 
 
-def test_reciprocal_within_4_ulp_on_1_to_128():
+def test_reciprocal_within_5_ulp_on_1_to_128():
     x = np.concatenate([np.exp(rng.uniform(0, np.log(128), 2000)), [1.0, 128.0, 2.0**0.5]])
     got = secure(lambda p, a: nonlinear.reciprocal(p, a, 1.0, 128.0), x)
     err = np.abs(got - 1 / encoded(x)).max()
-    assert err <= 4 * ULP, f"max error {err:.3g}"
+    assert err <= 5 * ULP, f"max error {err:.3g}"
 
 
 def test_rsqrt_within_2e_minus_6_relative_plus_2_ulp_on_2e_minus_10_to_2e10():
@@ -97,21 +97,21 @@ def exact_softmax(x, keep):
     return e / e.sum(-1, keepdims=True)
 
 
-def test_softmax_without_mask_within_6_ulp():
+def test_softmax_without_mask_within_3_ulp():
     x = rng.normal(0, 4, (6, 3, 32))
     got = secure(nonlinear.softmax, x)
     err = np.abs(got - approx.softmax(encoded(x))).max()
-    assert err <= 6 * ULP, f"max error {err:.3g}"
+    assert err <= 3 * ULP, f"max error {err:.3g}"
     # PUMA's exp makes softmax up to ~0.035 off the exact one.
     assert np.abs(got - exact_softmax(x, True)).max() < 0.035
 
 
-def test_softmax_with_causal_mask_within_6_ulp():
+def test_softmax_with_causal_mask_within_3_ulp():
     x = rng.normal(0, 4, (4, 24, 24))
     causal = np.tril(np.ones((24, 24), dtype=bool))
     got = secure(lambda p, a: nonlinear.softmax(p, a, causal), x)
     err = np.abs(got - approx.softmax(encoded(x), causal)).max()
-    assert err <= 6 * ULP, f"max error {err:.3g}"
+    assert err <= 3 * ULP, f"max error {err:.3g}"
     assert np.all(got[:, ~causal] == 0.0)
 
 
@@ -124,7 +124,7 @@ def test_softmax_padding_mask_ignores_huge_masked_scores_and_zeroes_empty_rows()
     got = secure(lambda p, a: nonlinear.softmax(p, a, keep), x)
     rows = [0, 1, 2, 4]
     err = np.abs(got[rows] - approx.softmax(encoded(x[rows]), keep[rows])).max()
-    assert err <= 6 * ULP, f"max error {err:.3g}"
+    assert err <= 3 * ULP, f"max error {err:.3g}"
     assert np.all(got[3] == 0.0) and np.all(got[:, 12:] == 0.0)
 
 
@@ -246,7 +246,7 @@ def test_cost_softmax_matches_docstring():
     (rc, c), (rs, s), (ra, a), m, w = u["C"], u["S"], u["A"], u["M"][1], u["W"][1]
     levels, k = int(math.log2(n)), math.ceil(2 * math.log2(n))
     assert rounds == levels * (rc + rs) + (rc + 10 + rs) + (rc + ra + 8) + 2 == 90
-    per_row = (n - 1) * (c + s) + n * (c + 4 * m + w + s) + (k - 1) * (c + a) + 6 * m + n * m
+    per_row = (n - 1) * (c + s) + n * (c + 4 * m + w + s) + (k - 1) * (c + a) + 6 * m + n * w
     assert nbytes == rows * per_row
 
 
