@@ -137,7 +137,10 @@ def protocol_section(party: Party, quick: bool) -> None:
         cost = party.comm.stats.snapshot() - before
         with party.comm.tag("bench_sync"):
             mine = np.array([cost.bytes], dtype=np.int64)
-            got = party.comm.exchange({} if party.rank == 0 else {0: mine}, {1: ((1,), np.int64), 2: ((1,), np.int64)} if party.rank == 0 else {})
+            if party.rank == 0:
+                got = party.comm.exchange({}, {1: ((1,), np.int64), 2: ((1,), np.int64)})
+            else:
+                party.comm.exchange({0: mine}, {})
         if party.rank == 0:
             nbytes = [cost.bytes, int(got[1][0]), int(got[2][0])]
             elems = out.size if hasattr(out, "size") else out.shape[0]

@@ -106,6 +106,7 @@ def reveal(party: Party, x: AShare, to: int | None = None) -> np.ndarray | None:
 
 
 # ----------------------------------------------------------------------------- local operations
+# Linear maps act on each share component: 0 rounds, 0 bytes (Araki et al. 2016, 2.2).
 
 
 def add(x: AShare, y: AShare) -> AShare:
@@ -149,7 +150,8 @@ def _reshare(party: Party, parts: list[np.ndarray]) -> list[AShare]:
     z = _flat(parts)
     z = z + party.zero_share(z.shape)
     got = party.comm.exchange({party.prev: z}, {party.next: (z.shape, U64)})
-    return [AShare(a, b) for a, b in zip(_unflat(z, [p.shape for p in parts]), _unflat(got[party.next], [p.shape for p in parts]))]
+    shapes = [p.shape for p in parts]
+    return [AShare(a, b) for a, b in zip(_unflat(z, shapes), _unflat(got[party.next], shapes))]
 
 
 def _mul_parts(x: AShare, y: AShare) -> np.ndarray:

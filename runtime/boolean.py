@@ -90,7 +90,10 @@ def carry_out(party: Party, g: BShare, p: BShare) -> BShare:
 
 
 def and_all(party: Party, x: BShare) -> BShare:
-    """AND of all rows, as a balanced tree. Rounds ceil(log2 rows); bytes/elem (rows - 1)/8."""
+    """AND of all rows, as a balanced tree whose ANDs of one level go in one round.
+
+    Rounds ceil(log2 rows); bytes/elem (rows - 1)/8. ABY3 5.3 (AND trees on binary shares).
+    """
     while x.rows > 1:
         h = x.rows // 2
         z = and_(party, x.row(slice(0, h)), x.row(slice(h, 2 * h)))
@@ -102,6 +105,7 @@ def reveal_bits(party: Party, x: BShare) -> np.ndarray:
     """Open a one-row boolean share to every rank as a bool array of x.shape.
 
     Rounds 1; bytes/elem 1/8: rank i misses x_{i+2}, the second component of rank i+1.
+    Araki et al. 2016, 2.2 (the boolean case of reveal).
     """
     with party.comm.tag("reveal_bits"):
         got = party.comm.exchange({party.prev: x.second}, {party.next: (x.second.shape, np.uint8)})

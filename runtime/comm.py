@@ -151,7 +151,9 @@ class ThreadComm(Communicator):
                     break
                 except queue.Empty:
                     if time.monotonic() > deadline:
-                        raise TimeoutError(f"rank {self.rank} waited {self.TIMEOUT_S} s for rank {frm} under {self.path!r}")
+                        raise TimeoutError(
+                            f"rank {self.rank} waited {self.TIMEOUT_S} s for rank {frm} under {self.path!r}"
+                        )
         return got
 
 
