@@ -93,6 +93,14 @@ def _mul_fx(p, a):
     return arith.mul_fx(p, a, a)
 
 
+def _truncate(p, a):
+    return arith.truncate(p, a, 18)
+
+
+def _equal_zero(p, a):
+    return compare.equal(p, a, arith.sub(a, a))
+
+
 def _msb(p, a):
     return convert.msb(p, a)
 
@@ -101,7 +109,11 @@ def _mul_bit(p, a):
     return convert.mul_bit(p, compare.ltz(p, a), a)
 
 
-@pytest.mark.parametrize("prog", [_mul, _mul_fx, _msb, _mul_bit], ids=["mul", "mul_fx", "msb", "mul_bit"])
+@pytest.mark.parametrize(
+    "prog",
+    [_mul, _mul_fx, _truncate, _msb, _equal_zero, _mul_bit],
+    ids=["mul", "mul_fx", "truncate", "msb", "equal", "mul_bit"],
+)
 def test_received_words_do_not_depend_on_the_secret(monkeypatch, prog):
     # Two very different secrets: all zeros against all -1000 (every high bit set).
     n = 4000
