@@ -17,8 +17,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .kernels import KERNELS, Context, KernelError, Node, is_secret
+from .kernels import KERNELS, PRIVATE_LOCAL, Context, KernelError, Node, Private, is_secret
 from .party import Party
+from .shares import AShare
 
 LAYER = re.compile(r"(?:^|/|\.)(?:layer|layers|h|block|blocks)\.(\d+)(?:/|\.|_|$)")
 
@@ -137,6 +138,8 @@ class Executor:
     def _run_node(self, ctx: Context, node: Node, inputs: list) -> list:
         if not any(is_secret(v) for v in inputs):
             return self._public_ops.run(node, inputs)
+        if node.key in PRIVATE_LOCAL and not any(isinstance(v, AShare) for v in inputs):
+            return self._run_private(node, inputs)
         kernel = KERNELS.get(node.key)
         if kernel is None:
             raise KernelError(f"{node.describe()} has a secret input and no secure kernel")
@@ -144,3 +147,16 @@ class Executor:
         while inputs and inputs[-1] is None:
             inputs.pop()
         return list(kernel(ctx, node, *inputs))
+
+    def _run_private(self, node: Node, inputs: list) -> list:
+        """A data-movement op on the client's private value: its owner runs it in the clear.
+
+        The other ranks run it on zeros of the same public shape to learn the output shape.
+        """
+        (owner,) = {v.owner for v in inputs if isinstance(v, Private)}
+        mine = self.party.rank == owner
+        plain = [
+            (v.value if mine else np.zeros(v.shape, dtype=np.int64)) if isinstance(v, Private) else v for v in inputs
+        ]
+        outputs = self._public_ops.run(node, plain)
+        return [Private(owner, tuple(np.shape(o)), o if mine else None) for o in outputs]

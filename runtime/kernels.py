@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import arith, nonlinear
+from . import arith, embedding, nonlinear
 from .party import Party
 from .ring import ring_matmul
 from .shares import AShare, concat, split
@@ -50,6 +50,13 @@ class Node:
     def describe(self) -> str:
         op = f"{self.domain}.{self.op_type}" if self.domain else self.op_type
         return f"node {self.name!r} ({op})"
+
+
+# Ops that move or retype values without arithmetic: on a private value (the
+# client's ids) its owner applies them in the clear and the value stays private.
+PRIVATE_LOCAL = frozenset(
+    ("", op) for op in ("Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "Slice", "Transpose")
+)
 
 
 class KernelError(ValueError):
@@ -339,8 +346,6 @@ def rms_norm(ctx, node, x, scale_):
 
 
 def embedding_kernel(ctx, node, table, ids):
-    from . import embedding  # TEMP until embedding.py lands
-
     if isinstance(ids, Private):
         return (embedding.embedding(ctx.party, ctx.secret(table), ids.value, ids.owner, ids.shape),)
     if isinstance(ids, AShare):
