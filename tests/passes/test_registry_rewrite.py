@@ -125,3 +125,19 @@ def test_model_with_an_op_without_secure_kernel_gets_the_clear_error(exported):
     m.graph.node.append(onnx.helper.make_node("Exp", [out + "_pre"], [out], name="extra_exp"))
     with pytest.raises(UnsupportedSecretOps, match=r"extra_exp \(Exp\): no secure kernel"):
         rewrite(m)
+
+
+@pytest.mark.parametrize("name", ["bert-base", "gpt2"])
+def test_opset14_export_rewrites_its_decomposed_layer_norm(tmp_path, name):
+    from puma_onnx.export import export
+
+    export(name, tmp_path, opset=14, layers=2, warn=lambda msg: None)
+    original = onnx.load(tmp_path / "model.onnx")
+    model, report = rewrite(original)
+    expected = {**EXPECTED[name], "layer_norm_decomposed": 5}
+    del expected["layer_norm"]
+    assert {rule: n for rule, n in report.matches.items() if n} == expected
+    onnx.checker.check_model(model, full_check=True)
+    f = feeds(tmp_path, original)
+    for want, got in zip(run(original, f), run(model, f), strict=True):
+        assert float(np.max(np.abs(want - got))) < MAX_ABS_ERROR
