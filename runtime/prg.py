@@ -28,14 +28,12 @@ class PRG:
         if len(seed) != SEED_BYTES:
             raise ValueError(f"PRG seed must be {SEED_BYTES} bytes, got {len(seed)}")
         self._enc = Cipher(algorithms.AES(seed), modes.CTR(b"\0" * 16)).encryptor()
-        self._zeros = bytes(0)
 
     def _stream(self, nbytes: int) -> np.ndarray:
-        if len(self._zeros) < nbytes:
-            self._zeros = bytes(nbytes)
-        # update_into wants room for a block more than the input.
+        # A fresh bytearray is zeros: encrypting it in place (OpenSSL allows in == out)
+        # yields the key stream without a second buffer. update_into wants a block of slack.
         out = bytearray(nbytes + 15)
-        self._enc.update_into(memoryview(self._zeros)[:nbytes], out)
+        self._enc.update_into(memoryview(out)[:nbytes], out)
         return np.frombuffer(out, dtype=np.uint8, count=nbytes)
 
     def words(self, shape, dtype=np.uint64) -> np.ndarray:
