@@ -162,3 +162,14 @@ def test_mul_fx_truncates_by_requested_bits():
     got = run_parties(lambda p: arith.reveal(p, arith.mul_fx(p, share_fx(p, x), share_fx(p, y, 1), bits=8)))[0]
     scaled = got.view(np.int64) / 2.0**28
     assert np.abs(scaled - x * y).max() <= 2 * 4 * 2.0**-19 + 2.0**-28
+
+
+def test_other_fraction_bits():
+    x, y = rng.uniform(-30, 30, 40), rng.uniform(-30, 30, 40)
+
+    def prog(p):
+        assert p.fxp.frac_bits == 12
+        return open_fx(p, arith.mul_fx(p, share_fx(p, x), share_fx(p, y, 1)))
+
+    got = run_parties(prog, frac_bits=12)[0]
+    assert np.abs(got - x * y).max() <= 2 * 30 * 2.0**-13 + 2.0**-12

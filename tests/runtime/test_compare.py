@@ -78,3 +78,15 @@ def test_cost_max_levels():
 
     # 16 entries: 4 levels of msb (8 rounds) and mul_bit (2 rounds).
     assert all(k.rounds == 4 * 10 for k in run_parties(prog))
+
+
+def test_party_level_comparison_width():
+    x = rng.uniform(-100, 100, 64)
+
+    def prog(p):
+        a = share_fx(p, x)
+        return reveal_bits(p, compare.ltz(p, a)), cost_of(p, lambda: compare.ltz(p, a))[1]
+
+    neg, cost = run_parties(prog, msb_bits=32)[0]
+    # |x| * 2^18 < 2^31: 32 bits suffice; 2 + ceil(log2 31) = 7 rounds.
+    assert np.array_equal(neg, x < 0) and cost.rounds == 7
