@@ -8,6 +8,8 @@ encoding holds those. The rule folds `Softmax(Add(x, m), axis=-1)` with public
 - mask = m > MASK_FLOOR, computed on public values;
 - if `m` is `Where(c, a, b)` with constant branches that are 0 or at most
   MASK_FLOOR (GPT-2, LLaMA), mask is `c` or `Not(c)` and nothing else changes;
+  so it is for `Where(Cast(v, bool), low, v)` (BERT's `masked_fill` of the
+  inverted mask), since v is 0 wherever the condition is False;
 - otherwise the kept part of `m`, `Where(mask, m, 0)`, is still added to `x`
   (a public add, local to each party) so that any finite bias survives.
 
@@ -43,6 +45,19 @@ def _is_masked_value(value: ir.Value) -> bool | None:
     return False if number == 0.0 else None
 
 
+def _bool_source(value: ir.Value) -> ir.Value:
+    """The value that a chain of Casts to bool starts from."""
+    node = value.producer()
+    while (
+        node is not None
+        and node.op_type == "Cast"
+        and node.attributes.get_int("to") == ir.DataType.BOOL
+    ):
+        value = node.inputs[0]
+        node = value.producer()
+    return value
+
+
 def _mask(op, m: ir.Value) -> tuple[ir.Value, ir.Value | None]:
     """The public boolean mask (True = keep) and the finite bias still to add, if any."""
     node = m.producer()
@@ -51,6 +66,9 @@ def _mask(op, m: ir.Value) -> tuple[ir.Value, ir.Value | None]:
         a_masked, b_masked = _is_masked_value(a), _is_masked_value(b)
         if a_masked is not None and b_masked is not None and a_masked != b_masked:
             return (op.Not(cond) if a_masked else cond), None
+        if a_masked and _bool_source(cond) is b:
+            # Where(Cast(v, bool), low, v): v is 0 wherever the condition is False.
+            return op.Not(cond), None
     dtype = (m.dtype or ir.DataType.FLOAT).numpy()
     keep = op.Greater(m, op.Constant(value=ir.tensor(np.array(MASK_FLOOR, dtype=dtype))))
     zero = op.Constant(value=ir.tensor(np.array(0, dtype=dtype)))

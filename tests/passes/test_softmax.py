@@ -96,12 +96,39 @@ def test_where_mask_becomes_the_bool_mask_itself(guard):
     assert report.matches["softmax_masked_guarded" if guard else "softmax_masked"] == 1
 
 
-def test_bert_mask_is_split_into_bool_mask_and_finite_bias():
+def test_bert_mask_becomes_the_negated_condition_without_a_bias():
     m = model(masked_softmax(bert_mask()), SCORES + MASK_IN, Y)
     out, _ = rewrite(m)
+    assert "Add" not in op_types(out)
     f = feeds()
     keep = f["attention_mask"].astype(bool)[:, None, None, :]
-    np.testing.assert_allclose(run(out, **f)[0], approx.softmax(f["x"], keep), rtol=1e-5, atol=1e-7)
+    want = approx.softmax(f["x"], keep)
+    np.testing.assert_allclose(run(out, **f)[0], want, rtol=1e-5, atol=1e-7)
+    assert max(constants_feeding_secret_ops(out), default=0.0) < ENCODABLE_LIMIT
+
+
+def other_bias():
+    """Where(c, -3.4e38, b) with a finite public bias b that is not 0 at kept positions."""
+    return [
+        const("axes", [1, 2], np.int64),
+        helper.make_node("Unsqueeze", ["attention_mask", "axes"], ["m4"]),
+        helper.make_node("Cast", ["m4"], ["masked"], to=BOOL),
+        helper.make_node("Not", ["masked"], ["masked_"]),
+        helper.make_node("Cast", ["m4"], ["mf"], to=FLOAT),
+        const("quarter", 0.25),
+        helper.make_node("Mul", ["mf", "quarter"], ["finite"]),
+        const("low", -3.4028234663852886e38),
+        helper.make_node("Where", ["masked_", "low", "finite"], ["bias"]),
+    ]
+
+
+def test_finite_public_bias_is_still_added_to_the_scores():
+    out, _ = rewrite(model(masked_softmax(other_bias()), SCORES + MASK_IN, Y))
+    assert "Add" in op_types(out)
+    f = feeds()
+    keep = f["attention_mask"].astype(bool)[:, None, None, :]
+    want = approx.softmax(f["x"] + 0.25 * keep, keep)
+    np.testing.assert_allclose(run(out, **f)[0], want, rtol=1e-5, atol=1e-7)
     assert max(constants_feeding_secret_ops(out), default=0.0) < ENCODABLE_LIMIT
 
 
