@@ -27,10 +27,10 @@ def less_than(party: Party, x, y):
 
     Rounds 2 + ceil(log2(L-1)); bytes/elem about 3L/8 (msb of x - y). ABY3 5.3.
     """
-    xs, was_list = (list(x), True) if isinstance(x, (list, tuple)) else ([x], False)
-    ys = list(y) if was_list else [y]
     with party.comm.tag("less_than"):
-        return msb(party, [arith.sub(a, b) for a, b in zip(xs, ys, strict=True)] if was_list else arith.sub(x, y))
+        if isinstance(x, (list, tuple)):
+            return msb(party, [arith.sub(a, b) for a, b in zip(x, y, strict=True)])
+        return msb(party, arith.sub(x, y))
 
 
 def equal(party: Party, x, y, bits: int = 64):
@@ -39,7 +39,8 @@ def equal(party: Party, x, y, bits: int = 64):
     Idea: d = x - y = u + v with u known to rank 0 and v to ranks 1 and 2 (`split_sum`),
     so d = 0 mod 2^bits iff u and -v agree on every bit: AND of the bits of ~(u ^ -v), as a tree.
     Rounds 1 + ceil(log2 bits) (7 at 64); bytes/elem: rank 0 bits/8 + (bits-1)/8, others
-    (bits-1)/8 (16 and 8 at 64). A folklore equality test (e.g. ABY3's bit-decomposition-free variant).
+    (bits-1)/8 (16 and 8 at 64). Folklore equality-to-zero (an AND tree over XNOR bits);
+    the u + v split of ABY3 5.3 makes the XNOR local.
     """
     was_list = isinstance(x, (list, tuple))
     pairs = zip(x, y, strict=True) if was_list else [(x, y)]
