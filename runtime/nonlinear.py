@@ -103,7 +103,7 @@ def _lin(party: Party, terms: list[tuple[AShare, float, int]], const: float, bit
 def _thermometer(party: Party, x: AShare, thresholds: np.ndarray, bits: int) -> AShare:
     """[x < T_j] for each public threshold (x at scale `bits`), as integer 0/1 AShares on a new trailing axis.
 
-    One batched comparison and one batched b2a: R_C + R_A rounds, len(T) (B_C + B_A) B/elem.
+    One batched comparison and one batched b2a: C + A rounds, len(T) (C + A) bytes per element of x.
     """
     shape = x.shape + (len(thresholds),)
     diff = arith.add_public(party, x.expand_dims(-1).broadcast_to(shape), _encode(-np.asarray(thresholds), bits))
@@ -240,8 +240,11 @@ def rsqrt(party: Party, x: AShare, lo: float = 2.0**-10, hi: float = 2.0**10) ->
     Rounds C + A + 8 = 18; bytes per row (k-1)(C + A) + 4M + W with k = ceil(4 log2(hi/lo))
     intervals (79 thresholds for the default range: 2.4 KB per row).
     """
+    f = party.fxp.frac_bits
+    if lo < 2.0 ** -(f + 3):
+        raise ValueError(f"rsqrt: lo = {lo} is below 2^-{f + 3}, the smallest input range this fixed point supports")
     with party.comm.tag("rsqrt"):
-        return _rsqrt(party, x, party.fxp.frac_bits, lo, hi, 1.0, party.fxp.frac_bits)[0]
+        return _rsqrt(party, x, f, lo, hi, 1.0, f)[0]
 
 
 # ----------------------------------------------------------------------------- GeLU, SiLU
