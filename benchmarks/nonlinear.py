@@ -84,7 +84,8 @@ def main() -> None:
     ]
     if party.rank == 0:
         print(f"== nonlinear kernels on 3 MPI ranks (time: best of {repeat}; bytes sent per rank) ==")
-        print(f"{'kernel':36s} {'time ms':>9s} {'rounds':>7s} {'MB/rank':>9s} {'max MB':>8s} {'B/elem':>8s} {'max err':>9s}")
+        print(f"{'kernel':36s} {'time ms':>9s} {'rounds':>7s} {'MB/rank':>9s} {'max MB':>8s} "
+              f"{'B/elem':>8s} {'max err':>9s}")
     for name, fn, reference in cases:
         best, cost = None, None
         for _ in range(repeat):
