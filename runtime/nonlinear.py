@@ -272,7 +272,9 @@ def _piecewise(party: Party, x: AShare, breaks, low, mid) -> AShare:
     cbits = val - q  # scale of a coefficient that multiplies a power of u inside such an operand
     u = x
 
-    below = compare.ltz(party, stack([arith.add_public(party, x, _encode(-b, f)) for b in breaks]))
+    # The three comparisons in one batch: x - break for each break on a new leading axis.
+    offsets = _encode(-np.asarray(breaks), f).reshape((-1,) + (1,) * x.ndim)
+    below = compare.ltz(party, arith.add_public(party, x.expand_dims(0).broadcast_to((3,) + x.shape), offsets))
 
     mid_lin = _lin(party, [(u, md[2], cbits)], md[1], val)
     u2, a = arith.mul_fx(party, [u, u], [_shift(u, top - q), mid_lin], bits=top)
