@@ -1,0 +1,18 @@
+"""Secure three-party runtime: replicated secret sharing over Z_2^64 (ABY3 / PUMA).
+
+Layers, each using only those above it (none imports ONNX):
+  ring       Z_2^64, FixedPoint encode/decode, exact ring_matmul through float64 BLAS limbs
+  prg        AES-CTR correlated randomness
+  comm       Communicator (ThreadComm for tests, MPIComm), cost counters, run_parties
+  party      a rank: communicator, fixed point, pairwise keys, zero-sharings
+  shares     AShare / BShare and their local shape operations
+  arith      share, reveal, add, mul, matmul, truncate, mul_fx, matmul_fx, ...
+  boolean    bit-sliced XOR, AND, AND trees
+  convert    msb, b2a, mul_bit
+  compare    ltz, less_than, equal, max
+  approx     PUMA's approximations in float64 (the reference)
+  nonlinear  exp, reciprocal, rsqrt, gelu, silu, softmax, layer_norm, rms_norm
+  embedding  secret-id embedding lookup
+Every protocol states its rounds and bytes per element in its docstring and runs under
+comm.tag(<its name>), so costs group by protocol.
+"""
