@@ -1,6 +1,6 @@
 """Secure three-party runtime: replicated secret sharing over Z_2^64 (ABY3 / PUMA).
 
-Layers, each using only those above it (none imports ONNX):
+Layers, each using only those above it (the protocols never import ONNX):
   ring       Z_2^64, FixedPoint encode/decode, exact ring_matmul through float64 BLAS limbs
   prg        AES-CTR correlated randomness
   comm       Communicator (ThreadComm for tests, MPIComm), cost counters, run_parties
@@ -13,6 +13,7 @@ Layers, each using only those above it (none imports ONNX):
   approx     PUMA's approximations in float64 (the reference)
   nonlinear  exp, reciprocal, rsqrt, gelu, silu, softmax, layer_norm, rms_norm
   embedding  secret-id embedding lookup
+  kernels, executor, ...  ONNX op kernels and the graph walker on top (the only ONNX-aware part)
 Every protocol states its rounds and bytes per element in its docstring and runs under
 comm.tag(<its name>), so costs group by protocol.
 """
