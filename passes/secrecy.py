@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from puma_onnx.runtime.ring import FixedPoint
+
 PUBLIC = "public"
 SECRET = "secret"
 
@@ -63,10 +65,10 @@ _FLOATS = frozenset(
     {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
 )
 
-# Fixed point with 18 fractional bits in Z_2^64 (SPU's FM64): public constants
-# at or above 2^44 in magnitude do not leave enough headroom for a product.
-FRAC_BITS = 18
-ENCODABLE_LIMIT = 2.0**44
+# The executor's fixed point (18 fractional bits in Z_2^64, SPU's FM64) encodes
+# |x| < 2^45; a constant in a secure op keeps one bit of headroom: |x| < 2^44.
+FRAC_BITS = FixedPoint().frac_bits
+ENCODABLE_LIMIT = FixedPoint().bound / 2
 
 
 def is_weight(value: ir.Value) -> bool:
