@@ -149,6 +149,6 @@ def problems(graph: ir.Graph, levels: dict[ir.Value, str]) -> list[str]:
                 found.append(
                     f"{_describe(node)}: constant input {i} ({value.name}) holds "
                     f"{np.min(array):.4g}..{np.max(array):.4g}, outside the fixed-point range "
-                    f"|v| < 2^44 ({FRAC_BITS} fractional bits)"
+                    f"|v| < 2^{int(np.log2(ENCODABLE_LIMIT))} ({FRAC_BITS} fractional bits)"
                 )
     return found
