@@ -200,12 +200,16 @@ class MPIComm(Communicator):
     times with sched_yield between polls (gives the core away when another rank needs it,
     yet stays within tens of microseconds), then sleeps, doubling from `min_sleep` up to
     `max_sleep` seconds.
-    Measured here (benchmarks/protocols.py; 2 busy cores, so +-30%): a 3-rank ring round
-    takes 3800 us with busy Testall, 530-630 us with a fixed 1 ms sleep, 150-170 us with
-    sleeps of 50 us..1 ms, 35-56 us with 100 yields before those sleeps and 41-49 us with
-    yields only; while rank 0 computes (30 float matmuls, ~400 ms alone) and the others
-    wait, busy Testall makes it 3.5x slower and yields only 1.9x, while yields-then-sleep
-    costs nothing measurable. Chosen: spin 50, 200 yields, then 50 us doubling to 1 ms.
+    Measured here (benchmarks/protocols.py, one BLAS thread per rank, quiet machine):
+                                    3-rank ring round   rank 0's 30 matmuls while 1, 2 wait
+        busy Testall                  2700-2800 us        590-610 ms (1.5x)
+        sleep 1 ms                      500-600 us        384-454 ms (the baseline)
+        sleep 50 us doubling to 1 ms    155-220 us        380-650 ms
+        sched_yield only                 73-103 us        530-1010 ms (1.4x-2.3x)
+        50 spins, 200 yields, then
+          sleep 50 us doubling to 1 ms   53-127 us        385-407 ms   <- chosen
+    Yielding hands the core to a rank that computes, yet answers within tens of microseconds;
+    the doubling sleep then keeps a long wait (another rank in a big matmul) almost free.
     """
 
     def __init__(

@@ -58,12 +58,12 @@ class FixedPoint:
 # inner dimensions are cut into pieces of 2^9. Limb pairs with p + q >= 3 sit at 2^66 and
 # vanish mod 2^64, so 6 limb products remain.
 #
-# Measured on this machine kind (one BLAS thread, busy neighbours, so +-30%):
+# Measured on this machine kind (one BLAS thread, quiet machine; benchmarks/protocols.py):
 #                      numpy uint64   16-bit limbs (10 products)   22-bit limbs (6 products)
-#   128x768x768         80-180 ms      37-48 ms                     23 ms
-#   128x3072x768       950-1590 ms    147-230 ms                   111 ms
-# Balanced signed 21-bit limbs (8 products + a parity product, k <= 2^12) took 74 ms for the
-# first shape: the signed split costs more elementwise passes than the saved products.
+#   128x768x768          100-121 ms     45 ms                        29-39 ms
+#   128x3072x768         856-940 ms    180 ms                       122-154 ms
+# Balanced signed 21-bit limbs (8 products + a parity product, k <= 2^12) were slower than
+# 16-bit limbs (74 vs 48 ms under load): the signed split costs more elementwise passes.
 _LIMB_BITS = (22, 22, 20)
 _MAX_K = 2**9
 
