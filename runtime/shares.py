@@ -51,8 +51,9 @@ class AShare:
     def reshape(self, *shape) -> AShare:
         return self._map(lambda a: a.reshape(*shape))
 
-    def transpose(self, axes=None) -> AShare:
-        return self._map(lambda a: a.transpose(axes))
+    def transpose(self, *axes) -> AShare:
+        """As ndarray.transpose: no argument, a tuple of axes, or the axes as arguments."""
+        return self._map(lambda a: a.transpose(*axes))
 
     def swapaxes(self, a1: int, a2: int) -> AShare:
         return self._map(lambda a: a.swapaxes(a1, a2))
