@@ -60,36 +60,45 @@ class FixedPoint:
 #
 # Measured on this machine kind (one BLAS thread, quiet machine; benchmarks/protocols.py):
 #                      numpy uint64   16-bit limbs (10 products)   22-bit limbs (6 products)
-#   128x768x768          100-121 ms     45 ms                        29-39 ms
-#   128x3072x768         856-940 ms    180 ms                       122-154 ms
+#   128x768x768          100-121 ms     45-49 ms                     27-28 ms
+#   128x3072x768         856-940 ms    160-180 ms                   102-118 ms
+# (the 6 limb products are ~80% of the time: BLAS is now the floor.)
 # Balanced signed 21-bit limbs (8 products + a parity product, k <= 2^12) were slower than
 # 16-bit limbs (74 vs 48 ms under load): the signed split costs more elementwise passes.
 _LIMB_BITS = (22, 22, 20)
 _MAX_K = 2**9
 
 
-def _limbs(x: np.ndarray) -> list[np.ndarray]:
-    out, shift = [], 0
-    for width in _LIMB_BITS:
-        out.append(((x >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(np.float64))
+def _limbs(x: np.ndarray) -> np.ndarray:
+    """The limbs of x as float64 side by side along the last axis: [l_0 | l_1 | l_2]."""
+    n = x.shape[-1]
+    out = np.empty(x.shape[:-1] + (3 * n,), dtype=np.float64)
+    # One scratch buffer and writes into `out`: fresh temporaries per limb were 8x slower.
+    scratch = np.empty(x.shape, dtype=np.uint64)
+    shift = 0
+    for p, width in enumerate(_LIMB_BITS):
+        np.right_shift(x, np.uint64(shift), out=scratch)
+        np.bitwise_and(scratch, np.uint64((1 << width) - 1), out=scratch)
+        out[..., p * n : (p + 1) * n] = scratch
         shift += width
     return out
 
 
 def _matmul_limbs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """6 limb products grouped as a_p @ [b_0 .. b_{2-p}]: 3 BLAS calls."""
-    n = b.shape[-1]
-    bcat = np.concatenate(_limbs(b), axis=-1)
-    out = None
-    for p, a_p in enumerate(_limbs(a)):
-        c = np.matmul(a_p, bcat[..., : (3 - p) * n])
+    k, n = a.shape[-1], b.shape[-1]
+    alimbs, blimbs = _limbs(a), _limbs(b)
+    out = scratch = None
+    for p in range(3):
+        c = np.matmul(alimbs[..., p * k : (p + 1) * k], blimbs[..., : (3 - p) * n])
+        if out is None:
+            out = np.zeros(c.shape[:-1] + (n,), dtype=np.uint64)
+            scratch = np.empty_like(out)
         for q in range(3 - p):
-            term = c[..., q * n : (q + 1) * n].astype(np.uint64)
-            term <<= np.uint64(22 * (p + q))  # limb p starts at bit 22 p (p <= 2)
-            if out is None:
-                out = term
-            else:
-                out += term
+            np.copyto(scratch, c[..., q * n : (q + 1) * n], casting="unsafe")
+            # Limb p starts at bit 22 p (p <= 2), so the pair (p, q) sits at 2^(22 (p + q)).
+            np.left_shift(scratch, np.uint64(22 * (p + q)), out=scratch)
+            out += scratch
     return out
 
 
