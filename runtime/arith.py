@@ -208,6 +208,33 @@ def _pack(*arrays: np.ndarray) -> np.ndarray:
     return np.concatenate([a.view(np.uint8).ravel() for a in arrays])
 
 
+def reshare_from_two(party: Party, dealer: int, part: np.ndarray | None, shape) -> AShare:
+    """A value held 2-of-2 additively by A = dealer+1 and B = dealer+2, as a replicated share.
+
+    Idea: x_D = m_BD and x_A = m_AD are PRG words the dealer shares with B and A; A and B
+    swap part - mask, so both learn x_B = y - m_AD - m_BD, and each sees the other's part
+    masked by a word it lacks. The dealer passes part=None.
+    Rounds 1; bytes/elem 8 from A and B, 0 from the dealer. (As the second round of
+    Escudero et al. 2020's dealer-aided truncation.)
+    """
+    comm, r = party.comm, party.rank
+    shape = tuple(shape)
+    a_rank, b_rank = (dealer + 1) % PARTIES, (dealer + 2) % PARTIES
+    if r == dealer:
+        m_a, m_b = party.prg_next.words(shape), party.prg_prev.words(shape)
+        comm.exchange({}, {})
+        return AShare(m_b, m_a)
+    if r == a_rank:
+        m_a = party.prg_prev.words(shape)
+        w = part - m_a
+        got = comm.exchange({b_rank: w}, {b_rank: (shape, U64)})
+        return AShare(m_a, w + got[b_rank])
+    m_b = party.prg_next.words(shape)
+    w = part - m_b
+    got = comm.exchange({a_rank: w}, {a_rank: (shape, U64)})
+    return AShare(w + got[a_rank], m_b)
+
+
 def _trunc_parts(party: Party, parts: list[np.ndarray], bits: int) -> list[AShare]:
     """Additive parts z_i of z (|z| < 2^62) to a replicated share of floor(z / 2^bits) + {0, 1}.
 
@@ -220,7 +247,7 @@ def _trunc_parts(party: Party, parts: list[np.ndarray], bits: int) -> list[AShar
     one unit of the last place for every |z| < 2^62, with no catastrophic failure; it is +1
     with probability about frac(z / 2^d). e = c_msb + rb - 2 c_msb rb is linear in rb
     because c is public to A and B, and only rb mod 2^(d+1) matters, so its share is a uint32.
-    Round 2 turns y_A + y_B into a replicated share with masks A and B share with D.
+    Round 2 turns y_A + y_B into a replicated share (`reshare_from_two`).
     Security: A and B see c, uniform because r is; each sees the others' parts masked by a
     PRG word it lacks (r_A from k_A, r_B from k_D, r_D private); D receives nothing.
     Cost: 2 rounds; bytes/elem: dealer 28, A and B 16 each (60 over the three ranks,
@@ -239,20 +266,18 @@ def _trunc_parts(party: Party, parts: list[np.ndarray], bits: int) -> list[AShar
 
     if r == dealer:
         with_a, with_b = party.prg_next, party.prg_prev
-        r_a, rc_a, rb_a, m_a = with_a.words(n), with_a.words(n), with_a.words(n, rb_dtype), with_a.words(n)
-        r_b, m_b = with_b.words(n), with_b.words(n)
+        r_a, rc_a, rb_a = with_a.words(n), with_a.words(n), with_a.words(n, rb_dtype)
+        r_b = with_b.words(n)
         r_d = party.prg_own.words(n)
         rr = r_a + r_b + r_d
         rc_b = ((rr & _LOW63) >> d) - rc_a
         rb_b = (rr >> U64(63)).astype(rb_dtype) - rb_a
         c_d = z + r_d
         comm.exchange({a_rank: c_d, b_rank: _pack(c_d, rc_b, rb_b)}, {})
-        comm.exchange({}, {})
-        return [AShare(s, t) for s, t in zip(_unflat(m_b, shapes), _unflat(m_a, shapes))]
-
-    if r == a_rank:
+        y = None
+    elif r == a_rank:
         with_d = party.prg_prev
-        r_a, rc_a, rb_a, m_a = with_d.words(n), with_d.words(n), with_d.words(n, rb_dtype), with_d.words(n)
+        r_a, rc_a, rb_a = with_d.words(n), with_d.words(n), with_d.words(n, rb_dtype)
         # The offset makes z + 2^62 non-negative for |z| < 2^62; A adds it and removes it below.
         c_a = z + U64(1 << 62) + r_a
         got = comm.exchange({b_rank: c_a}, {b_rank: ((n,), U64), dealer: ((n,), U64)})
@@ -260,28 +285,21 @@ def _trunc_parts(party: Party, parts: list[np.ndarray], bits: int) -> list[AShar
         c_msb = c >> U64(63)
         e_a = c_msb + rb_a.astype(U64) * (U64(1) - U64(2) * c_msb)
         y = ((c & _LOW63) >> d) - rc_a + (e_a << (U64(63) - d)) - (U64(1) << (U64(62) - d))
-        w = y - m_a
-        got = comm.exchange({b_rank: w}, {b_rank: ((n,), U64)})
-        w = w + got[b_rank]
-        return [AShare(s, t) for s, t in zip(_unflat(m_a, shapes), _unflat(w, shapes))]
-
-    with_d = party.prg_next
-    r_b, m_b = with_d.words(n), with_d.words(n)
-    c_b = z + r_b
-    rb_bytes = np.dtype(rb_dtype).itemsize
-    got = comm.exchange({a_rank: c_b}, {a_rank: ((n,), U64), dealer: ((n * (16 + rb_bytes),), np.uint8)})
-    dealt = got[dealer]
-    c_d = dealt[: 8 * n].view(U64)
-    rc_b = dealt[8 * n : 16 * n].view(U64)
-    rb_b = dealt[16 * n :].view(rb_dtype)
-    c = got[a_rank] + c_b + c_d
-    c_msb = c >> U64(63)
-    e_b = rb_b.astype(U64) * (U64(1) - U64(2) * c_msb)
-    y = (e_b << (U64(63) - d)) - rc_b
-    w = y - m_b
-    got = comm.exchange({a_rank: w}, {a_rank: ((n,), U64)})
-    w = w + got[a_rank]
-    return [AShare(s, t) for s, t in zip(_unflat(w, shapes), _unflat(m_b, shapes))]
+    else:
+        r_b = party.prg_next.words(n)
+        c_b = z + r_b
+        rb_bytes = np.dtype(rb_dtype).itemsize
+        got = comm.exchange({a_rank: c_b}, {a_rank: ((n,), U64), dealer: ((n * (16 + rb_bytes),), np.uint8)})
+        dealt = got[dealer]
+        c_d = dealt[: 8 * n].view(U64)
+        rc_b = dealt[8 * n : 16 * n].view(U64)
+        rb_b = dealt[16 * n :].view(rb_dtype)
+        c = got[a_rank] + c_b + c_d
+        c_msb = c >> U64(63)
+        e_b = rb_b.astype(U64) * (U64(1) - U64(2) * c_msb)
+        y = (e_b << (U64(63) - d)) - rc_b
+    flat = reshare_from_two(party, dealer, y, (n,))
+    return [AShare(s, t) for s, t in zip(_unflat(flat.first, shapes), _unflat(flat.second, shapes))]
 
 
 def truncate(party: Party, x, bits: int):

@@ -99,28 +99,33 @@ def _share_c_and_reshare(party: Party, c: np.ndarray | None, parts: np.ndarray):
     return c_sh, AShare(z, got[party.next])
 
 
-def _third_bit(party: Party, b2: np.ndarray) -> AShare:
-    """The free arithmetic sharing (0, 0, b_2) of the bit ranks 1 and 2 both know."""
-    zeros = np.zeros_like(b2)
-    return {0: AShare(zeros, zeros), 1: AShare(zeros, b2), 2: AShare(b2, zeros)}[party.rank]
-
-
 def b2a(party: Party, b):
     """Arithmetic share (integer 0/1, not fixed point) of a one-row boolean share; lists batch.
 
-    Idea: b = c ^ b_2 with c = b_0 ^ b_1 known to rank 0 and b_2 known to ranks 1 and 2:
-    rank 0 shares c, b_2 has a free sharing, and b = c + b_2 - 2 c b_2 (one ring mul).
-    Rounds 2; bytes/elem: rank 0 16, ranks 1 and 2 8 (mean 10.7). This repository's
-    construction; SPU uses a 3-party OT (2 rounds, 8K bits).
+    Idea: b = c ^ b_2 = c (1 - 2 b_2) + b_2 with c = b_0 ^ b_1 known to rank 0 and b_2 known
+    to ranks 1 and 2. Rank 0 sends c - R to rank 1 (R from k_0, which rank 2 also holds), so
+    ranks 1 and 2 hold b 2-of-2: (c - R)(1 - 2 b_2) + b_2 and R (1 - 2 b_2); then
+    `arith.reshare_from_two` with rank 0 as the dealer.
+    Rounds 2; bytes/elem 8 on every rank. This repository's construction; SPU uses a
+    3-party OT (2 rounds, 8K bits).
     """
     bs, was_list = _listed(b)
     shapes = [x.shape for x in bs]
+    r = party.rank
     with party.comm.tag("b2a"):
         words = np.concatenate([_bit_words(party, x, x.shape) for x in bs])
-        c_sh = arith.share(party, words if party.rank == 0 else None, 0, words.shape)
-        b2_sh = _third_bit(party, words)
-        prod = arith.mul(party, c_sh, b2_sh)
-        flat = arith.sub(arith.add(c_sh, b2_sh), arith.mul_public(prod, 2))
+        n = words.size
+        if r == 0:
+            party.comm.exchange({1: words - party.prg_prev.words(n)}, {})
+            part = None
+        elif r == 1:
+            masked = party.comm.exchange({}, {0: ((n,), np.uint64)})[0]
+            part = masked * (np.uint64(1) - np.uint64(2) * words) + words
+        else:
+            mask = party.prg_next.words(n)
+            party.comm.exchange({}, {})
+            part = mask * (np.uint64(1) - np.uint64(2) * words)
+        flat = arith.reshare_from_two(party, 0, part, (n,))
     out = flat_split(flat, shapes)
     return out if was_list else out[0]
 

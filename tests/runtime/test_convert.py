@@ -87,7 +87,7 @@ def test_cost_msb(bits):
 def test_cost_b2a_two_rounds():
     c = per_rank_cost(lambda p, a, b: convert.b2a(p, b))
     assert all(k.rounds == 2 for k in c)
-    assert [k.bytes for k in c] == [16 * N, 8 * N, 8 * N]
+    assert [k.bytes for k in c] == [8 * N, 8 * N, 8 * N]
 
 
 def test_cost_mul_bit_two_rounds():

@@ -35,7 +35,7 @@ def _replicated_shares(results):
     return [results[r].first for r in range(3)]
 
 
-@pytest.mark.parametrize("op", ["share", "mul", "mul_fx", "truncate", "mul_bit", "max"])
+@pytest.mark.parametrize("op", ["share", "mul", "mul_fx", "truncate", "b2a", "mul_bit", "max"])
 def test_no_rank_holds_all_three_shares(op):
     x = rng.uniform(-10, 10, 200)
 
@@ -46,6 +46,7 @@ def test_no_rank_holds_all_three_shares(op):
             "mul": lambda: arith.mul(p, a, a),
             "mul_fx": lambda: arith.mul_fx(p, a, a),
             "truncate": lambda: arith.truncate(p, a, 5),
+            "b2a": lambda: convert.b2a(p, compare.ltz(p, a)),
             "mul_bit": lambda: convert.mul_bit(p, compare.ltz(p, a), a),
             "max": lambda: compare.max(p, a.reshape(20, 10)),
         }[op]()
@@ -105,14 +106,18 @@ def _msb(p, a):
     return convert.msb(p, a)
 
 
+def _b2a(p, a):
+    return convert.b2a(p, compare.ltz(p, a))
+
+
 def _mul_bit(p, a):
     return convert.mul_bit(p, compare.ltz(p, a), a)
 
 
 @pytest.mark.parametrize(
     "prog",
-    [_mul, _mul_fx, _truncate, _msb, _equal_zero, _mul_bit],
-    ids=["mul", "mul_fx", "truncate", "msb", "equal", "mul_bit"],
+    [_mul, _mul_fx, _truncate, _msb, _equal_zero, _b2a, _mul_bit],
+    ids=["mul", "mul_fx", "truncate", "msb", "equal", "b2a", "mul_bit"],
 )
 def test_received_words_do_not_depend_on_the_secret(monkeypatch, prog):
     # Two very different secrets: all zeros against all -1000 (every high bit set).
