@@ -1,11 +1,10 @@
-"""Test helpers: run a program on the three thread ranks and read its results in the clear."""
+"""Test helpers: share test data from one rank, open results, measure one operation's cost."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from puma_onnx.runtime import arith
-from puma_onnx.runtime.comm import run_parties
 
 
 def share_fx(party, values: np.ndarray, owner: int = 0):
@@ -19,11 +18,6 @@ def share_ring(party, values: np.ndarray, owner: int = 0):
 
 def open_fx(party, x) -> np.ndarray:
     return party.fxp.decode(arith.reveal(party, x))
-
-
-def on_rank0(fn, *args, **setup):
-    """fn's result on rank 0 (the others must agree for revealed values; callers check what they need)."""
-    return run_parties(fn, *args, **setup)[0]
 
 
 def cost_of(party, fn):
