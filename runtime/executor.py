@@ -20,6 +20,7 @@ from onnx import numpy_helper
 from .kernels import KERNELS, PRIVATE_LOCAL, Context, KernelError, Node, Private, is_secret
 from .party import Party
 from .shares import AShare
+from .weights import WeightShare
 
 LAYER = re.compile(r"(?:^|/|\.)(?:layer|layers|h|block|blocks)\.(\d+)(?:/|\.|_|$)")
 
@@ -42,6 +43,11 @@ def parse_nodes(graph: onnx.GraphProto) -> list[Node]:
         )
         for i, n in enumerate(graph.node)
     ]
+
+
+def _materialize(value):
+    """Weights are kept compact (see weights.py) and become shares only when a node reads them."""
+    return value.materialize() if isinstance(value, WeightShare) else value
 
 
 def unsupported(nodes: list[Node], secret: Callable[[str], bool]) -> list[str]:
@@ -84,7 +90,7 @@ class OpStats:
 
 @dataclass
 class Executor:
-    """Runs a graph skeleton (secret initializers removed) given the secret weights as shares."""
+    """Runs a graph skeleton (secret initializers removed) given the secret weights (WeightShare or AShare)."""
 
     party: Party
     model: onnx.ModelProto
@@ -119,7 +125,7 @@ class Executor:
         for i, node in enumerate(self.nodes):
             if on_node is not None:
                 on_node(node)
-            inputs = [env[name] if name else None for name in node.inputs]
+            inputs = [_materialize(env[name]) if name else None for name in node.inputs]
             before, start = comm.stats.snapshot(), time.perf_counter()
             with comm.tag(node.op_type):
                 outputs = self._run_node(ctx, node, inputs)

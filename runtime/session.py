@@ -36,6 +36,7 @@ from .executor import Executor, parse_nodes, unsupported
 from .kernels import Private
 from .party import Party
 from .shares import AShare
+from .weights import share_weights
 from .wire import broadcast_bytes, broadcast_json, gather_json
 
 OWNER, CLIENT, HELPER = 0, 1, 2
@@ -239,18 +240,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def share_weights(party: Party, manifest: list, initializers: dict | None) -> dict[str, AShare]:
-    """The owner secret-shares each weight in fixed point; 1 round and 8 bytes per weight from the owner."""
-    weights = {}
-    with party.comm.tag("share_weights"):
-        for name, shape in manifest:
-            value = None
-            if party.rank == OWNER:
-                value = party.fxp.encode(numpy_helper.to_array(initializers.pop(name)))
-            weights[name] = arith.share(party, value, OWNER, tuple(shape))
-    return weights
-
-
 def reveal_outputs(party: Party, outputs: dict) -> dict[str, np.ndarray]:
     """The graph outputs, opened to the client only (decoded there)."""
     opened = {}
@@ -313,10 +302,15 @@ def run(comm: Communicator, opts: RunOptions) -> dict | None:
     before_setup = comm.stats.snapshot()
 
     setup_start = time.perf_counter()
-    initializers = {t.name: t for t in model.graph.initializer} if r == OWNER else None
+    initializers = {t.name: t for t in model.graph.initializer} if r == OWNER else {}
     if r == OWNER:
-        del model
-    weights = share_weights(party, manifest, initializers)
+        del model, loaded
+
+    def encoded(name: str) -> np.ndarray:
+        return party.fxp.encode(numpy_helper.to_array(initializers.pop(name)))
+
+    weights = share_weights(party, manifest, encoded)
+    initializers.clear()
     setup_s = time.perf_counter() - setup_start
     after_setup = comm.stats.snapshot()
 
