@@ -67,6 +67,8 @@ class FixedPoint:
 # 16-bit limbs (74 vs 48 ms under load): the signed split costs more elementwise passes.
 _LIMB_BITS = (22, 22, 20)
 _MAX_K = 2**9
+# Column blocks of the right operand keep its float64 limbs below this many elements.
+_MAX_B_ELEMENTS = 2**22
 
 
 def _limbs(x: np.ndarray) -> np.ndarray:
@@ -133,4 +135,12 @@ def ring_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return ring_matmul(a, b[:, None])[..., 0]
     if a.shape[-1] != b.shape[-2]:
         raise ValueError(f"ring_matmul: inner dimensions differ, {a.shape} @ {b.shape}")
-    return _chunked(_matmul_limbs, _MAX_K, a, b)
+    n = b.shape[-1]
+    step = max(1, _MAX_B_ELEMENTS // min(b.shape[-2], _MAX_K))
+    if n <= step:
+        return _chunked(_matmul_limbs, _MAX_K, a, b)
+    # A wide right operand (GPT-2's 768 x 50257 output projection) goes in column blocks,
+    # so the float64 limbs of b never take more than a few tens of MB.
+    return np.concatenate(
+        [_chunked(_matmul_limbs, _MAX_K, a, b[..., lo : lo + step]) for lo in range(0, n, step)], axis=-1
+    )

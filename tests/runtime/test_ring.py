@@ -55,3 +55,11 @@ def test_ring_matmul_splits_inner_dimension_beyond_exact_limit(monkeypatch):
     monkeypatch.setattr(ring, "_MAX_K", 16)
     a, b = rand_u64(5, 50), rand_u64(50, 3)
     assert np.array_equal(ring_matmul(a, b), a @ b)
+
+
+def test_ring_matmul_in_column_blocks_for_a_wide_right_operand(monkeypatch):
+    monkeypatch.setattr(ring, "_MAX_B_ELEMENTS", 64)
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 2**64, size=(5, 40), dtype=np.uint64)
+    b = rng.integers(0, 2**64, size=(40, 23), dtype=np.uint64)
+    assert np.array_equal(ring_matmul(a, b), a @ b)
