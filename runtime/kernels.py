@@ -250,9 +250,21 @@ def _matmul_public(ctx: Context, x: AShare | None, c: np.ndarray, left: bool) ->
     return arith.truncate(ctx.party, out, bits) if bits else out
 
 
+# A secret right operand above this many elements is multiplied in column blocks,
+# batched into one protocol call: same rounds, bounded temporaries (GPT-2's 768 x 50257
+# output projection would otherwise need several GB of scratch per rank).
+MATMUL_BLOCK_ELEMENTS = 2**22
+
+
 def matmul(ctx, node, x, y):
     if is_secret(x) and is_secret(y):
-        return (arith.matmul_fx(ctx.party, ctx.secret(x), ctx.secret(y)),)
+        x, y = ctx.secret(x), ctx.secret(y)
+        n = y.shape[-1]
+        step = max(1, MATMUL_BLOCK_ELEMENTS // max(1, y.size // n))
+        if n <= step:
+            return (arith.matmul_fx(ctx.party, x, y),)
+        blocks = [y[..., lo : lo + step] for lo in range(0, n, step)]
+        return (concat(arith.matmul_fx(ctx.party, [x] * len(blocks), blocks), axis=-1),)
     if is_secret(x):
         return (_matmul_public(ctx, ctx.secret(x), np.asarray(y), left=False),)
     return (_matmul_public(ctx, ctx.secret(y), np.asarray(x), left=True),)

@@ -35,6 +35,7 @@ from .comm import Communicator
 from .executor import Executor, parse_nodes, unsupported
 from .kernels import Private
 from .party import Party
+from .ring import FixedPoint
 from .shares import AShare
 from .weights import share_weights
 from .wire import broadcast_bytes, broadcast_json, gather_json
@@ -97,7 +98,7 @@ def is_rewritten(model: onnx.ModelProto) -> bool:
     return any(f.domain == "puma" for f in model.functions)
 
 
-def load_model(path_str: str) -> tuple[onnx.ModelProto, dict, list[str]]:
+def load_model(path_str: str, frac_bits: int = 18) -> tuple[onnx.ModelProto, dict, list[str]]:
     """The rewritten model, its public info, and the names of the secret initializers (owner only)."""
     from puma_onnx.passes import UnsupportedSecretOps, analyze, rewrite
 
@@ -113,6 +114,7 @@ def load_model(path_str: str) -> tuple[onnx.ModelProto, dict, list[str]]:
             raise UserError(str(e)) from None
     levels = analyze(model)
     secret_weights = [t.name for t in model.graph.initializer if levels.get(t.name) == "secret"]
+    _check_encodable(model, set(secret_weights), FixedPoint(frac_bits))
     missing = unsupported(parse_nodes(model.graph), lambda name: levels.get(name) == "secret")
     if missing:
         raise UserError("no secure kernel for: " + "; ".join(missing))
@@ -129,6 +131,15 @@ def load_model(path_str: str) -> tuple[onnx.ModelProto, dict, list[str]]:
     return model, info, secret_weights
 
 
+def _check_encodable(model: onnx.ModelProto, names: set[str], fxp: FixedPoint) -> None:
+    """Every secret weight fits the fixed-point range, checked before any share moves."""
+    for t in model.graph.initializer:
+        if t.name in names:
+            worst = float(np.abs(numpy_helper.to_array(t)).max(initial=0.0))
+            if not worst < fxp.bound:
+                raise UserError(f"weight {t.name!r} holds {worst:.4g}; fixed point with {fxp.frac_bits} fractional bits holds |x| < {fxp.bound:.4g}")
+
+
 def _vocab_limits(model: onnx.ModelProto) -> dict[str, int]:
     """For each graph input used as embedding ids: the number of rows of its table."""
     dims = {t.name: list(t.dims) for t in model.graph.initializer}
@@ -141,12 +152,18 @@ def _vocab_limits(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def skeleton(model: onnx.ModelProto, secret_weights: list[str]) -> tuple[bytes, list]:
-    """The model without its secret initializers (bytes), and their (name, shape) list."""
+    """The model without its secret initializers (bytes), and their (name, shape) list.
+
+    Built field by field: copying the whole model first would hold every weight twice.
+    """
     secret = set(secret_weights)
-    light = onnx.ModelProto()
-    light.CopyFrom(model)
-    del light.graph.initializer[:]
-    light.graph.initializer.extend(t for t in model.graph.initializer if t.name not in secret)
+    graph = onnx.GraphProto(name=model.graph.name)
+    for field in ("node", "input", "output", "value_info"):
+        getattr(graph, field).extend(getattr(model.graph, field))
+    graph.initializer.extend(t for t in model.graph.initializer if t.name not in secret)
+    light = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name, graph=graph)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
     manifest = [(t.name, list(t.dims)) for t in model.graph.initializer if t.name in secret]
     return light.SerializeToString(), manifest
 
@@ -288,7 +305,7 @@ def run(comm: Communicator, opts: RunOptions) -> dict | None:
     party = Party.setup(comm, frac_bits=opts.frac_bits)
     r = comm.rank
 
-    loaded = agree(comm, OWNER, lambda: load_model(opts.model))
+    loaded = agree(comm, OWNER, lambda: load_model(opts.model, opts.frac_bits))
     light, manifest, info = b"", None, None
     if r == OWNER:
         model, info, secret_weights = loaded
@@ -306,10 +323,10 @@ def run(comm: Communicator, opts: RunOptions) -> dict | None:
     if r == OWNER:
         del model, loaded
 
-    def encoded(name: str) -> np.ndarray:
-        return party.fxp.encode(numpy_helper.to_array(initializers.pop(name)))
+    def weight(name: str) -> np.ndarray:
+        return numpy_helper.to_array(initializers.pop(name))
 
-    weights = share_weights(party, manifest, encoded)
+    weights = share_weights(party, manifest, weight)
     initializers.clear()
     setup_s = time.perf_counter() - setup_start
     after_setup = comm.stats.snapshot()

@@ -4,10 +4,11 @@ Sharing (owner o = 0, like `arith.share`): x_0 comes from a key the owner shares
 with rank 2, x_2 from a key common to all ranks, and the owner sends
 x_1 = W - x_0 - x_2 to rank 1. Unlike `arith.share`, each weight draws its PRG
 words from its own AES-CTR stream (nonce = the weight's index), so x_0 and x_2
-can be drawn again at any time: ranks keep only x_1 (ranks 0 and 1) or nothing
-(rank 2), half the memory of stored shares (8 bytes per weight on two ranks,
-0 on the third), and pay one AES pass per regenerated component when the weight
-is used (GB/s with AES-NI).
+can be drawn again at any time. Rank 1 keeps x_1 (8 bytes per weight), the
+owner keeps its float32 weights (4 bytes) and recomputes x_1 = W - x_0 - x_2,
+rank 2 keeps nothing: 12 bytes per weight over the three ranks instead of 48
+for stored shares. Each use pays one AES pass per regenerated component (GB/s
+with AES-NI) and, on the owner, one encoding.
 
 Security is that of `arith.share`: rank 1 sees x_1, masked by x_0 whose key it
 lacks; rank 2 sees x_0 and x_2, both independent of W.
@@ -24,39 +25,68 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from .comm import PARTIES
 from .party import Party
 from .prg import SEED_BYTES
+from .ring import FixedPoint
 from .shares import AShare
 
 OWNER = 0
 
 
+# The owner rebuilds x_1 in pieces of this many words, so a 50257 x 768 table needs
+# no full-size temporaries beyond the share itself.
+CHUNK = 1 << 20
+
+
+def _encryptor(seed: bytes, index: int):
+    return Cipher(algorithms.AES(seed), modes.CTR(index.to_bytes(8, "big") + b"\0" * 8)).encryptor()
+
+
 def _stream(seed: bytes, index: int, shape: tuple[int, ...]) -> np.ndarray:
     """Words number 0.. of the AES-CTR stream keyed by seed with nonce `index`."""
     count = int(np.prod(shape, dtype=np.int64))
-    enc = Cipher(algorithms.AES(seed), modes.CTR(index.to_bytes(8, "big") + b"\0" * 8)).encryptor()
     out = bytearray(count * 8 + 15)
-    enc.update_into(memoryview(out)[: count * 8], out)
+    _encryptor(seed, index).update_into(memoryview(out)[: count * 8], out)
     return np.frombuffer(out, dtype=np.uint64, count=count).reshape(shape)
+
+
+def _encode_minus_streams(fxp: FixedPoint, plain: np.ndarray, seeds: list[bytes], index: int) -> np.ndarray:
+    """encode(plain) - stream(seed_1) - stream(seed_2) - ..., built CHUNK words at a time."""
+    flat = plain.reshape(-1)
+    out = np.empty(flat.size, dtype=np.uint64)
+    encryptors = [_encryptor(seed, index) for seed in seeds]
+    for lo in range(0, flat.size, CHUNK):
+        piece = out[lo : lo + CHUNK]
+        piece[...] = fxp.encode(flat[lo : lo + CHUNK])
+        for enc in encryptors:
+            words = bytearray(piece.size * 8 + 15)
+            enc.update_into(memoryview(words)[: piece.size * 8], words)
+            piece -= np.frombuffer(words, dtype=np.uint64, count=piece.size)
+    return out.reshape(plain.shape)
 
 
 @dataclass
 class WeightShare:
-    """One rank's share of one weight: the stored component, and seeds for the regenerable ones."""
+    """One rank's share of one weight: what it keeps, and seeds for the regenerable components."""
 
     index: int
     shape: tuple[int, ...]
     rank: int
-    stored: np.ndarray | None  # x_1 on ranks 0 and 1
+    kept: np.ndarray | None  # the float weights on the owner, x_1 on rank 1, None on rank 2
     seed_0: bytes | None  # key of x_0 (ranks 0 and 2)
     seed_2: bytes  # key of x_2 (all ranks)
+    fxp: FixedPoint
+
+    def _x0(self) -> np.ndarray:
+        return _stream(self.seed_0, self.index, self.shape)
+
+    def _x2(self) -> np.ndarray:
+        return _stream(self.seed_2, self.index, self.shape)
 
     def materialize(self) -> AShare:
-        x0 = (lambda: _stream(self.seed_0, self.index, self.shape))
-        x2 = (lambda: _stream(self.seed_2, self.index, self.shape))
-        if self.rank == 0:
-            return AShare(x0(), self.stored)
+        if self.rank == OWNER:
+            return AShare(self._x0(), _encode_minus_streams(self.fxp, self.kept, [self.seed_0, self.seed_2], self.index))
         if self.rank == 1:
-            return AShare(self.stored, x2())
-        return AShare(x2(), x0())
+            return AShare(self.kept, self._x2())
+        return AShare(self._x2(), self._x0())
 
 
 def weight_seeds(party: Party) -> tuple[bytes | None, bytes]:
@@ -70,20 +100,20 @@ def weight_seeds(party: Party) -> tuple[bytes | None, bytes]:
 
 
 def share_weights(party: Party, manifest: list, values) -> dict[str, WeightShare]:
-    """Share each (name, shape) of the manifest; `values(name)` gives the owner its ring array."""
+    """Share each (name, shape) of the manifest; `values(name)` gives the owner its float array."""
     seed_0, seed_2 = weight_seeds(party)
     comm, r = party.comm, party.rank
     out = {}
     with comm.tag("share_weights"):
         for index, (name, shape) in enumerate(manifest):
             shape = tuple(shape)
-            stored = None
+            kept = None
             if r == OWNER:
-                stored = values(name) - _stream(seed_0, index, shape) - _stream(seed_2, index, shape)
-                comm.exchange({1: stored}, {})
+                kept = np.asarray(values(name), dtype=np.float32)
+                comm.exchange({1: _encode_minus_streams(party.fxp, kept, [seed_0, seed_2], index)}, {})
             elif r == 1:
-                stored = comm.exchange({}, {OWNER: (shape, np.uint64)})[OWNER]
+                kept = comm.exchange({}, {OWNER: (shape, np.uint64)})[OWNER]
             else:
                 comm.exchange({}, {})
-            out[name] = WeightShare(index, shape, r, stored, seed_0, seed_2)
+            out[name] = WeightShare(index, shape, r, kept, seed_0, seed_2, party.fxp)
     return out

@@ -125,3 +125,22 @@ def test_op_without_secure_kernel_fails_before_any_share_moves(tmp_path):
     _, errors = run_threads([opts] * 3)
     assert all(isinstance(e, UserError) for e in errors)
     assert all("bad_exp" in str(e) and "Exp" in str(e) for e in errors)
+
+
+def test_a_wide_secret_matmul_in_column_blocks_equals_the_whole(monkeypatch):
+    from puma_onnx.runtime import kernels
+    from puma_onnx.runtime.comm import run_parties
+
+    from .helpers import open_fx, share_fx
+
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(3, 8)), rng.normal(size=(8, 20))
+    monkeypatch.setattr(kernels, "MATMUL_BLOCK_ELEMENTS", 16)
+    node = kernels.Node("mm", "MatMul", "", ["a", "b"], ["c"], {})
+
+    def program(party):
+        ctx = kernels.Context(party)
+        (out,) = kernels.matmul(ctx, node, share_fx(party, a), share_fx(party, b))
+        return open_fx(party, out)
+
+    assert np.abs(run_parties(program)[0] - a @ b).max() <= 1e-4

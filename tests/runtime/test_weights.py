@@ -1,0 +1,61 @@
+"""Weights shared once by the owner and regenerated from PRG keys when used."""
+
+import numpy as np
+
+from puma_onnx.runtime import arith
+from puma_onnx.runtime.comm import run_parties
+from puma_onnx.runtime.weights import share_weights
+
+W = {"a": np.linspace(-3, 3, 12, dtype=np.float32).reshape(3, 4), "b": np.float32([0.5, -0.25])}
+MANIFEST = [("a", [3, 4]), ("b", [2])]
+
+
+def share_and_open(party):
+    before = party.comm.stats.snapshot()
+    weights = share_weights(party, MANIFEST, lambda name: W[name] if party.rank == 0 else None)
+    cost = party.comm.stats.snapshot() - before
+    opened = {n: party.fxp.decode(arith.reveal(party, w.materialize())) for n, w in weights.items()}
+    return weights, cost, opened
+
+
+def test_materialized_shares_open_to_the_weights():
+    for weights, _, opened in run_parties(share_and_open):
+        for name, value in W.items():
+            assert np.abs(opened[name] - value).max() <= 2.0**-19
+
+
+def test_sharing_costs_one_round_and_eight_bytes_per_weight_from_the_owner():
+    results = run_parties(share_and_open)
+    assert results[0][1].bytes == 8 * (12 + 2) and results[0][1].rounds == 2
+    assert results[1][1].bytes == 0 and results[2][1].bytes == 0
+
+
+def test_rank_two_keeps_nothing_and_the_owner_keeps_floats():
+    results = run_parties(share_and_open)
+    assert all(w.kept is None for w in results[2][0].values())
+    assert all(w.kept.dtype == np.float32 for w in results[0][0].values())
+    assert all(w.kept.dtype == np.uint64 for w in results[1][0].values())
+
+
+def test_regenerated_components_match_between_their_holders():
+    r0, r1, r2 = (res[0]["a"].materialize() for res in run_parties(share_and_open))
+    # rank i holds (x_i, x_{i+1}): each component is held by two ranks and must agree.
+    assert np.array_equal(r0.first, r2.second) and np.array_equal(r0.second, r1.first)
+    assert np.array_equal(r1.second, r2.first)
+
+
+def test_two_sharings_of_the_same_weights_give_fresh_words_to_rank_one():
+    first = run_parties(share_and_open)[1][0]["a"].kept
+    second = run_parties(share_and_open)[1][0]["a"].kept
+    assert not np.array_equal(first, second)
+
+
+def test_the_owner_rebuilds_its_component_in_chunks(monkeypatch):
+    from puma_onnx.runtime import weights
+
+    whole = run_parties(share_and_open)
+    monkeypatch.setattr(weights, "CHUNK", 5)
+    chunked = run_parties(share_and_open)
+    for name, value in W.items():
+        assert np.abs(chunked[0][2][name] - value).max() <= 2.0**-19
+    assert whole[0][2].keys() == chunked[0][2].keys()
