@@ -144,3 +144,28 @@ def test_a_wide_secret_matmul_in_column_blocks_equals_the_whole(monkeypatch):
         return open_fx(party, out)
 
     assert np.abs(run_parties(program)[0] - a @ b).max() <= 1e-4
+
+
+def test_ids_of_a_wrong_dtype_fail_on_every_rank(bert, tmp_path):
+    opts = RunOptions(model=str(bert), input_ids=ids_file(tmp_path, np.array([[0.5, 1.0]])), progress=False)
+    _, errors = run_threads([opts] * 3)
+    assert all(isinstance(e, UserError) and "must hold integers" in str(e) for e in errors)
+
+
+def test_only_the_client_receives_output_words():
+    from puma_onnx.runtime.comm import run_parties
+    from puma_onnx.runtime.session import reveal_outputs
+
+    from .helpers import share_fx
+
+    def program(party):
+        out = share_fx(party, np.arange(6.0).reshape(2, 3))
+        before = party.comm.stats.snapshot()
+        opened = reveal_outputs(party, {"y": out})
+        return opened, (party.comm.stats.snapshot() - before).bytes
+
+    (o0, b0), (o1, b1), (o2, b2) = run_parties(program)
+    assert o0 == {} and o2 == {}
+    assert np.array_equal(o1["y"], np.arange(6.0, dtype=np.float32).reshape(2, 3))
+    # Rank 2 sends the client its missing component; the client sends nothing, so ranks 0 and 2 receive nothing.
+    assert b0 == 0 and b1 == 0 and b2 == 6 * 8
