@@ -5,9 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import numpy as np
 import onnx
-from onnx import TensorProto, helper
 
 PUMA = [sys.executable, "-m", "puma_onnx"]
 
@@ -33,22 +31,9 @@ def test_inspect_prints_matches_secret_ops_and_counts(exported):
     assert "puma.Gelu" in table and "values:" in table and "public" in table and "secret" in table
 
 
-def test_inspect_lists_ops_without_a_secure_kernel(tmp_path):
-    table = onnx.numpy_helper.from_array(np.ones((4, 3), dtype=np.float32), "table")
-    graph = helper.make_graph(
-        [
-            helper.make_node("Gather", ["table", "input_ids"], ["emb"], name="embed"),
-            helper.make_node("Exp", ["emb"], ["out"], name="bad_exp"),
-        ],
-        "g",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, 2])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 2, 3])],
-        [table],
-    )
-    path = tmp_path / "bad.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
-    result = cli("inspect", str(path))
+def test_inspect_lists_ops_without_a_secure_kernel(unsupported_model, tmp_path):
+    result = cli("inspect", str(unsupported_model))
     assert result.returncode != 0
     assert "bad_exp" in result.stdout and "Exp" in result.stdout
-    rewrite = cli("rewrite", str(path), "-o", str(tmp_path / "out.onnx"))
+    rewrite = cli("rewrite", str(unsupported_model), "-o", str(tmp_path / "out.onnx"))
     assert rewrite.returncode != 0 and "bad_exp" in rewrite.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,8 +130,6 @@ def test_random_weights_are_announced_on_stderr(tmp_path):
 
 
 def test_local_folder_exports_with_its_weights(tmp_path):
-    import torch
-
     from puma_onnx.export import build_torch_model
 
     model = build_torch_model("bert-base", layers=1)
@@ -143,7 +140,6 @@ def test_local_folder_exports_with_its_weights(tmp_path):
     meta = json.loads((tmp_path / "out" / "puma.json").read_text())
     assert meta["random_weights"] is False and meta["task"] == "feature-extraction"
     assert "RANDOM" not in result.stderr
-    del torch
 
 
 def test_help_describes_every_option():

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 
 import numpy as np
-import onnx
 import pytest
 
 from puma_onnx.runtime.comm import ThreadComm
@@ -105,23 +103,8 @@ def test_missing_model_fails_on_every_rank(tmp_path):
     assert all(isinstance(e, UserError) and "not found" in str(e) for e in errors)
 
 
-def test_op_without_secure_kernel_fails_before_any_share_moves(tmp_path):
-    from onnx import TensorProto, helper
-
-    weight = onnx.numpy_helper.from_array(np.ones((4, 3), dtype=np.float32), "table")
-    graph = helper.make_graph(
-        [
-            helper.make_node("Gather", ["table", "input_ids"], ["emb"], name="embed"),
-            helper.make_node("Exp", ["emb"], ["out"], name="bad_exp"),
-        ],
-        "g",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "S"])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, "S", 3])],
-        [weight],
-    )
-    path = tmp_path / "bad.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
-    opts = RunOptions(model=str(path), seq_len=2, progress=False)
+def test_op_without_secure_kernel_fails_before_any_share_moves(unsupported_model):
+    opts = RunOptions(model=str(unsupported_model), seq_len=2, progress=False)
     _, errors = run_threads([opts] * 3)
     assert all(isinstance(e, UserError) for e in errors)
     assert all("bad_exp" in str(e) and "Exp" in str(e) for e in errors)
