@@ -13,7 +13,12 @@ Layers, each using only those above it (the protocols never import ONNX):
   approx     PUMA's approximations in float64 (the reference)
   nonlinear  exp, reciprocal, rsqrt, gelu, silu, softmax, layer_norm, rms_norm
   embedding  secret-id embedding lookup
-  kernels, executor, ...  ONNX op kernels and the graph walker on top (the only ONNX-aware part)
+  weights    the owner's weights as shares two ranks regenerate from PRG keys
+  kernels    one function per ONNX op on secret values (the first ONNX-aware layer)
+  executor   the graph walker: public nodes in plaintext, secret ones through the kernels
+  wire       setup messages of unknown size (bytes, JSON), never pickled
+  session    one inference: owner / client / helper roles, setup, input, output, report
+  launch     `puma-onnx run` on one MPI rank: checks, errors, abort, the client's files
 Every protocol states its rounds and bytes per element in its docstring and runs under
 comm.tag(<its name>), so costs group by protocol.
 """
