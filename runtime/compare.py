@@ -59,7 +59,7 @@ def max(party: Party, x: AShare, axis: int = -1, keepdims: bool = True) -> AShar
     Each level compares the first half of the remaining entries with the second half
     (msb of the difference), then keeps the larger by mul_bit; an odd one out waits.
     Rounds per level 2 + ceil(log2(L-1)) + 2 (10 at L = 48), ceil(log2 n) levels;
-    bytes per compared pair about 3L/8 + 18.7. PUMA section 4 / SPU's reduce max.
+    bytes per compared pair about 3L/8 + 10.7 (msb and mul_bit). PUMA section 4 / SPU's reduce max.
     """
     with party.comm.tag("max"):
         x = x.moveaxis(axis, -1)

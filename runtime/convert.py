@@ -75,30 +75,6 @@ def _bit_words(party: Party, b: BShare, shape) -> np.ndarray:
     return np.broadcast_to(unpack_row(row, b.size).reshape(b.shape), shape).reshape(-1)
 
 
-def _share_c_and_reshare(party: Party, c: np.ndarray | None, parts: np.ndarray):
-    """One round that shares rank 0's words c arithmetically (as arith.share, owner 0) and
-    reshares this rank's additive parts (as arith._reshare): (AShare of c, AShare of the parts' sum)."""
-    r, n = party.rank, parts.size
-    shape = (n,)
-    if r == 0:
-        c_0, c_2 = party.prg_prev.words(shape), party.prg_all.words(shape)
-        c_1 = c - c_0 - c_2
-    elif r == 1:
-        c_2 = party.prg_all.words(shape)
-    else:
-        c_2, c_0 = party.prg_all.words(shape), party.prg_next.words(shape)
-    z = parts + party.zero_share(shape)
-    sends = {party.prev: z}
-    recvs = {party.next: (shape, np.uint64)}
-    if r == 0:
-        sends[1] = c_1
-    if r == 1:
-        recvs[0] = (shape, np.uint64)
-    got = party.comm.exchange(sends, recvs)
-    c_sh = AShare(c_0, c_1) if r == 0 else AShare(got[0], c_2) if r == 1 else AShare(c_2, c_0)
-    return c_sh, AShare(z, got[party.next])
-
-
 def b2a(party: Party, b):
     """Arithmetic share (integer 0/1, not fixed point) of a one-row boolean share; lists batch.
 
@@ -130,28 +106,98 @@ def b2a(party: Party, b):
     return out if was_list else out[0]
 
 
+def _bit_terms(party: Party, groups: list[list[tuple[BShare, AShare]]]) -> list[np.ndarray | None]:
+    """Per group, this rank's part of sum_k b_k y_k held 2-of-2 additively by ranks 1 and 2 (None on rank 0).
+
+    Idea: b = c ^ t with c = b_0 ^ b_1 known to rank 0 and t = b_2 known to ranks 1 and 2, so
+    b y = c y (1 - 2t) + t y, and t y is already additive between ranks 1 and 2 (y_1 + y_2 and y_0).
+    Rank 0 sends rank 1 a = c - rho once per bit and c (y_0 + y_1) - rho' per term, with rho, rho'
+    from k_0 (which rank 2 also holds): then c y = [c (y_0 + y_1) - rho' + a y_2] + [rho' + rho y_2],
+    the first part on rank 1, the second on rank 2. Rank 1 sees words masked by rho, rho'; rank 2
+    receives nothing. A bit used in several terms (same BShare object and shape) is sent once.
+    Rounds 1; bytes: 8 per bit element and 8 per term element, from rank 0 only. This repository's
+    construction (the c / b_2 split of b2a and mul_bit).
+    """
+    r = party.rank
+    bits: dict = {}
+    for group in groups:
+        for b, y in group:
+            bits.setdefault((id(b), y.shape), (b, y.shape))
+    words = {key: _bit_words(party, b, shape) for key, (b, shape) in bits.items()}
+    n_bits = sum(w.size for w in words.values())
+    n_terms = sum(y.size for group in groups for _, y in group)
+    if r == 0:
+        rho = {key: party.prg_prev.words(w.size) for key, w in words.items()}
+        msg = [words[key] - rho[key] for key in words]
+        for group in groups:
+            for b, y in group:
+                c = words[(id(b), y.shape)]
+                msg.append(c * np.ravel(y.first + y.second) - party.prg_prev.words(y.size))
+        party.comm.exchange({1: np.concatenate(msg)}, {})
+        return [None] * len(groups)
+    if r == 1:
+        got = party.comm.exchange({}, {0: ((n_bits + n_terms,), np.uint64)})[0]
+        at, alpha = 0, {}
+        for key, w in words.items():
+            alpha[key] = got[at : at + w.size]
+            at += w.size
+    else:
+        rho = {key: party.prg_next.words(w.size) for key, w in words.items()}
+        party.comm.exchange({}, {})
+    out = []
+    for group in groups:
+        total = None
+        for b, y in group:
+            key = (id(b), y.shape)
+            t = words[key]
+            if r == 1:
+                y_1, y_2 = np.ravel(y.first), np.ravel(y.second)
+                cy = got[at : at + y.size] + alpha[key] * y_2
+                at += y.size
+                part = cy * (np.uint64(1) - np.uint64(2) * t) + t * (y_1 + y_2)
+            else:
+                y_2, y_0 = np.ravel(y.first), np.ravel(y.second)
+                cy = party.prg_next.words(y.size) + rho[key] * y_2
+                part = cy * (np.uint64(1) - np.uint64(2) * t) + t * y_0
+            total = part if total is None else total + part
+        out.append(total)
+    return out
+
+
 def mul_bit(party: Party, b, x):
     """b * x for a one-row boolean share b (broadcast to x's shape) and an AShare x; lists batch.
 
-    Idea: with c = b_0 ^ b_1 (rank 0) and b_2 (ranks 1, 2), b x = w + c (x - 2 w) where
-    w = b_2 x. Round 1 both shares c and reshares w (b_2 times the shares ranks 1 and 2
-    hold is an additive sharing of w); round 2 is one ring mul. No truncation: b is 0/1.
-    Rounds 2 (b2a then mul would take 3); bytes/elem: rank 0 24, ranks 1 and 2 16 (mean 18.7).
-    This repository's construction (SPU: 3-party OT, 2 rounds, 8K bits per element).
+    Idea: `_bit_terms` makes b x additive between ranks 1 and 2 in one round (rank 0 sends
+    c - rho and c (x_0 + x_1) - rho'), then `arith.reshare_from_two` with rank 0 as the dealer.
+    No truncation: b is 0/1.
+    Rounds 2; bytes/elem: rank 0 16, ranks 1 and 2 8 each (32 over the three ranks; the bit's
+    word counts per element of x). This repository's construction (SPU: 3-party OT, 2 rounds,
+    8K bits per element).
     """
     bs, was_list = _listed(b)
     xs, _ = _listed(x)
-    r = party.rank
     with party.comm.tag("mul_bit"):
-        flat, shapes = flat_concat(xs)
-        words = np.concatenate([_bit_words(party, bb, xx.shape) for bb, xx in zip(bs, xs, strict=True)])
-        if r == 0:
-            parts = np.zeros_like(flat.first)
-        elif r == 1:
-            parts = words * flat.first
-        else:
-            parts = words * (flat.first + flat.second)
-        c_sh, w = _share_c_and_reshare(party, words if r == 0 else None, parts)
-        out = flat_split(arith.add(w, arith.mul(party, c_sh, arith.sub(flat, arith.mul_public(w, 2)))), shapes)
+        parts = _bit_terms(party, [[(bb, xx)] for bb, xx in zip(bs, xs, strict=True)])
+        n = sum(xx.size for xx in xs)
+        flat = None if party.rank == 0 else np.concatenate(parts)
+        out = flat_split(arith.reshare_from_two(party, 0, flat, (n,)), [xx.shape for xx in xs])
     return out if was_list else out[0]
 
+
+def select(party: Party, terms, bits: int, plain=()) -> AShare:
+    """sum_k b_k y_k truncated by `bits`, plus sum_j b_j x_j untruncated: one secret selection-and-rescale.
+
+    terms, plain: lists of (one-row BShare b, AShare y) with b of y's shape and all y of one shape.
+    Idea: `_bit_terms` makes both sums additive between ranks 1 and 2 in one round, then
+    `arith.truncate_from_two` (rank 0 as the dealer) truncates the first and adds the second
+    before its final reshare. The sum (not each term) must satisfy |sum| < 2^62, so out-of-range
+    garbage in a term whose bit is 0, or terms that cancel in the ring, cost nothing.
+    Rounds 3; bytes/elem: 8 per distinct bit and 8 per term (plain ones too) from rank 0, plus
+    the truncation's 44 over the three ranks (48 beyond 31 bits). This repository's construction.
+    """
+    terms, plain = list(terms), list(plain)
+    shape = terms[0][1].shape
+    with party.comm.tag("select"):
+        groups = [terms] + ([plain] if plain else [])
+        parts = _bit_terms(party, groups)
+        return arith.truncate_from_two(party, 0, parts[0], bits, shape, parts[1] if plain else None)

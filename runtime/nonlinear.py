@@ -12,10 +12,13 @@ said. In terms of the layer below, at msb_bits L = 48 (bytes per rank / summed o
     W  fused multiply-truncate by  > 31 bits (8-byte share)     2 rounds  21.3 B (64)
     C  one comparison (`compare.ltz`)                           8 rounds  18.6 B (55.9)
     A  `convert.b2a` of one bit                                 2 rounds  10.7 B (32)
-    S  `convert.mul_bit`                                        2 rounds  18.7 B (56)
+    S  `convert.mul_bit`                                        2 rounds  10.7 B (32)
+    R  ring product (`arith.mul`, no truncation)                1 round    8 B   (24)
+    Z  `convert.select`, one bit and one term, truncation > 31  3 rounds  21.3 B (64),
+       each further bit or term 2.7 B (8)
 Several products of one step always go out in one batch (`mul_fx` on lists), so a batch costs
 the rounds of one. tests/runtime/test_nonlinear.py measures M, W, C, A, S and checks every
-function's rounds and bytes against the formula in its docstring.
+function's rounds and bytes against the formula in its docstring (R and Z too).
 
 Two ideas used throughout, beyond PUMA:
 - Scales. Products truncate by however many bits keeps the next operand exact
@@ -34,7 +37,7 @@ import math
 
 import numpy as np
 
-from . import approx, arith, compare
+from . import approx, arith, compare, convert
 from .convert import b2a, mul_bit
 from .party import Party
 from .shares import AShare, stack
@@ -66,6 +69,8 @@ MEAN_EXTRA_BITS = 12
 CENTER_EXTRA_BITS = 4
 # S = sum of squares carries up to f + 8 bits (fewer when the comparison range needs the room).
 NORM_SUM_EXTRA_BITS = 8
+# Fractional bits of u^2 in the piecewise polynomials (u = x / 2^s, |u| <= 1 where it matters).
+PIECEWISE_SQ_BITS = 22
 # Ring products before a truncation stay below 2^62 (arith's truncation bound) with this margin.
 _HEADROOM = 61
 
@@ -140,7 +145,7 @@ def exp_neg(party: Party, x: AShare) -> AShare:
     Valid for x in [-8000, 0] (the first square stays below 2^62); further down the clip still
     gives 0 (the garbage cancels exactly), as far as the comparison reaches, |x| < 2^(L-1-f).
     Error: 1 ulp against approx.exp_neg; approx.exp_neg is 0.0085 from exp on [-40, 0].
-    Rounds C + 2t + S = 20; bytes C + 4M + W + S = 138.6 per element. PUMA section 4.2.
+    Rounds C + 2t + S = 20; bytes C + 4M + W + S = 130.6 per element. PUMA section 4.2.
     """
     with party.comm.tag("exp_neg"):
         return _exp_neg(party, x, party.fxp.frac_bits)
@@ -250,53 +255,72 @@ def rsqrt(party: Party, x: AShare, lo: float = 2.0**-10, hi: float = 2.0**10) ->
 # ----------------------------------------------------------------------------- GeLU, SiLU
 
 
-def _piecewise(party: Party, x: AShare, breaks, low, mid) -> AShare:
-    """0 below breaks[0], poly `low` (degree <= 3) up to breaks[1], `mid` (degree <= 6) up to breaks[2], x above.
+def _max_abs(poly, lo: float, hi: float) -> float:
+    """max |poly| on [lo, hi] (coefficients from the constant term up), on a fine grid."""
+    return float(np.abs(approx.poly(np.linspace(lo, hi, 4097), tuple(poly))).max())
 
-    Polynomials in u = x / 2^s (s = ceil(log2 max|break|), so |u| <= 1 where they matter): u is x read at
-    scale q = f + s, free. Every product truncates by B = 61 - q and the second operand carries the public
-    coefficients at whatever scale makes the product land where wanted (u^k at q, values at f), so no
-    separate truncation: batch 1 u^2, u (m1 + m2 u); batch 2 u^3, u (l1 + l2 u + l3 u^2); batch 3
-    u^3 (m3 + m4 u + m5 u^2 + m6 u^3). Selection with the three comparisons in one call and one batched
-    mul_bit: x - b0 low - b1 (mid - low) - b2 (x - mid) with b_i = [x < breaks_i]. Out-of-range garbage in
-    low/mid cancels exactly in the ring, so the result is right for every x the comparison can take.
+
+def _piecewise(party: Party, x: AShare, breaks, low, mid) -> AShare:
+    """0 below breaks[0], `low` (degree <= 3) up to breaks[1], `mid` (even degree <= 6 plus a linear term) up to
+    breaks[2], x above.
+
+    Variable u = x / 2^s with 2^s >= |breaks[1]|, |breaks[2]| (x read at scale q = f + s, free), so |u| <= 1
+    on mid's segment; s2 = u^2. Two truncations and two plain ring products:
+      s2 = u u, truncated to PIECEWISE_SQ_BITS;  T = s2 (m4 + m6 s2), truncated so that s2 T lands at K;
+      ring: s2 T and (low only) s2 (l2 + l3 u), both at K (the largest scale that keeps |mid| < 2^62).
+    mid = m0 + m1 u + m2 s2 + s2 T and low = l0 + l1 u + s2 (l2 + l3 u) are then local, at scale K.
+    Selection with the three bits b_i = [x < breaks_i] of one batched comparison, fused with the one
+    rescale to f (`convert.select`): b2 mid + b1 (low - mid) - b0 low, plus x - b2 x untruncated.
+    Values outside their own segment (even wrapped ones) are multiplied by an exact 0 or cancel
+    in the ring, so the result is right for every x the comparison can take; only the segments'
+    own ranges bound the scales.
     """
     f = party.fxp.frac_bits
-    s = math.ceil(math.log2(max(abs(b) for b in breaks)))
+    if len(low) > 4 or len(mid) > 7 or any(c != 0.0 for c in mid[3::2]):
+        raise ValueError("_piecewise takes a cubic and an even sextic plus a linear term")
+    s = math.ceil(math.log2(max(abs(breaks[1]), abs(breaks[2]))))
     q = f + s
-    top = _HEADROOM - q
-    # Coefficients of the polynomials in u, from the constant term up.
     lw = [c * 2.0 ** (s * k) for k, c in enumerate(low)] + [0.0] * (4 - len(low))
     md = [c * 2.0 ** (s * k) for k, c in enumerate(mid)] + [0.0] * (7 - len(mid))
-    val = top - s  # scale of a second operand whose product with u lands at f
-    cbits = val - q  # scale of a coefficient that multiplies a power of u inside such an operand
+    # Bounds on the segments, in u: mid's segment, and T = s2 (m4 + m6 s2) there.
+    u_lo, u_hi = breaks[1] / 2.0**s, breaks[2] / 2.0**s
+    t_max = _max_abs([0.0, 0.0, md[4], 0.0, md[6]], u_lo, u_hi)
+    k_out = math.floor(61.9 - math.log2(max(_max_abs(md, u_lo, u_hi), _max_abs(lw, breaks[0] / 2.0**s, u_lo))))
+    sq = PIECEWISE_SQ_BITS
+    e = math.floor(61.9 - math.log2(t_max) - sq)  # scale of m4 + m6 s2, so that s2 (m4 + m6 s2) < 2^62
     u = x
 
-    # The three comparisons in one batch: x - break for each break on a new leading axis.
-    offsets = _encode(-np.asarray(breaks), f).reshape((-1,) + (1,) * x.ndim)
-    below = compare.ltz(party, arith.add_public(party, x.expand_dims(0).broadcast_to((3,) + x.shape), offsets))
+    # The three comparisons in one batch.
+    b0, b1, b2 = compare.ltz(party, [arith.add_public(party, x, _encode(-b, f)) for b in breaks])
 
-    mid_lin = _lin(party, [(u, md[2], cbits)], md[1], val)
-    u2, a = arith.mul_fx(party, [u, u], [_shift(u, top - q), mid_lin], bits=top)
-    low_poly = _lin(party, [(u, lw[2], cbits), (u2, lw[3], cbits)], lw[1], val)
-    u3, lpart = arith.mul_fx(party, [u, u], [_shift(u2, top - q), low_poly], bits=top)
-    mid_hi = _lin(party, [(u, md[4], cbits), (u2, md[5], cbits), (u3, md[6], cbits)], md[3], val)
-    hpart = arith.mul_fx(party, u3, mid_hi, bits=top)
-
-    low_v = arith.add_public(party, lpart, _encode(lw[0], f))
-    mid_v = arith.add_public(party, arith.add(a, hpart), _encode(md[0], f))
-    terms = stack([low_v, arith.sub(mid_v, low_v), arith.sub(x, mid_v)])
-    picked = mul_bit(party, below, terms)
-    return arith.sub(x, picked.sum(axis=0))
+    s2 = arith.mul_fx(party, u, u, bits=2 * q - sq)
+    t = arith.mul_fx(party, s2, _lin(party, [(s2, md[6], e - sq)], md[4], e), bits=sq + e - (k_out - sq))
+    products = [(s2, t)]
+    if lw[3] != 0.0:
+        products.append((s2, _lin(party, [(u, lw[3], k_out - sq - q)], lw[2], k_out - sq)))
+    ring = arith.mul(party, [a for a, _ in products], [b for _, b in products])
+    mid_v = arith.add(_lin(party, [(u, md[1], k_out - q), (s2, md[2], k_out - sq)], md[0], k_out), ring[0])
+    low_terms = [(u, lw[1], k_out - q)] + ([] if lw[3] != 0.0 else [(s2, lw[2], k_out - sq)])
+    low_v = _lin(party, low_terms, lw[0], k_out)
+    if lw[3] != 0.0:
+        low_v = arith.add(low_v, ring[1])
+    picked = convert.select(
+        party,
+        [(b2, mid_v), (b1, arith.sub(low_v, mid_v)), (b0, arith.neg(low_v))],
+        k_out - f,
+        [(b2, arith.neg(x))],
+    )
+    return arith.add(x, picked)
 
 
 def gelu(party: Party, x: AShare) -> AShare:
     """PUMA's GeLU: 0 | F0 (cubic) | F1 (degree 6, even + x/2) | x, breaks -4, -1.95, 3 (approx.GELU_*).
 
-    See `_piecewise`: 3 comparisons in one batch, 3 batched product steps (5 products), 1 batched mul_bit.
-    Measured error vs approx.gelu 3 ulp on [-6, 6]; approx.gelu is 0.0199 from the exact GeLU
-    (at its jump at x = 3; 0.0140 elsewhere).
-    Rounds C + 6 + S = 16; bytes 3C + 5W + 3S = 218.5 per element. PUMA section 4.3.
+    See `_piecewise`: 3 comparisons in one batch, 2 truncated and 2 plain products, one select (3 bits,
+    4 terms) that also rescales. Measured error vs approx.gelu 1.3 ulp on [-6, 6]; approx.gelu is
+    0.0199 from the exact GeLU (at its jump at x = 3; 0.0140 elsewhere).
+    Rounds C + 2 + 2 + 1 + 3 = 16; bytes 3C + 2M + 2R + Z + 5 * 8 / 3 = 146.5 per element per rank
+    (439.6 over the three; was 655 with 5 truncations and 3 mul_bits). PUMA section 4.3.
     """
     with party.comm.tag("gelu"):
         return _piecewise(party, x, approx.GELU_BREAKS, approx.GELU_F0, approx.GELU_F1)
@@ -305,8 +329,9 @@ def gelu(party: Party, x: AShare) -> AShare:
 def silu(party: Party, x: AShare) -> AShare:
     """PUMA's SiLU: 0 | quadratic | degree 6 | x, breaks -8, -4, 4 (approx.SILU_*); as gelu.
 
-    Measured error vs approx.silu 3 ulp on [-10, 10]; approx.silu jumps 0.072 away from the exact
-    SiLU at x = 4. Rounds C + 6 + S = 16; bytes 3C + 5W + 3S = 218.5 per element. PUMA section 4.3.
+    Measured error vs approx.silu 1.7 ulp on [-10, 10]; approx.silu jumps 0.072 away from the exact
+    SiLU at x = 4. Rounds 16 as gelu; bytes as gelu less one ring product (the quadratic needs none):
+    3C + 2M + R + Z + 5 * 8 / 3 = 138.5 per element per rank. PUMA section 4.3.
     """
     with party.comm.tag("silu"):
         return _piecewise(party, x, approx.SILU_BREAKS, approx.SILU_S0, approx.SILU_S1)

@@ -59,6 +59,24 @@ def test_mul_bit_selects_and_broadcasts():
     assert np.abs(got - want).max() <= 2.0**-19 and np.array_equal(got, got_list)
 
 
+@pytest.mark.parametrize("bits", [20, 42])
+def test_select_truncates_the_selected_sum_and_adds_plain_terms(bits):
+    # Terms at scale f + bits; two wrapped (garbage) terms on one bit cancel exactly in the ring.
+    x, y, c0, c1 = (rng.uniform(-3, 3, 500) for _ in range(4))
+
+    def prog(p):
+        a, b = share_fx(p, x), share_fx(p, y)
+        s0, s1 = convert.msb(p, [share_fx(p, c0), share_fx(p, c1)])
+        junk = arith.mul_public(a, np.uint64(1) << np.uint64(50))
+        terms = [(s0, arith.mul_public(a, np.uint64(1) << np.uint64(bits))), (s1, junk), (s1, arith.neg(junk))]
+        return open_fx(p, convert.select(p, terms, bits, [(s1, b)]))
+
+    got = run_parties(prog)[0]
+    want = (c0 < 0) * x + (c1 < 0) * y
+    # Encoding (half an ulp each) and the truncation's one ulp.
+    assert np.abs(got - want).max() <= 2 * 2.0**-18
+
+
 # ----------------------------------------------------------------------------- costs, as the docstrings state
 
 N = 800  # a multiple of 8: packed rows have no padding byte
@@ -93,4 +111,13 @@ def test_cost_b2a_two_rounds():
 def test_cost_mul_bit_two_rounds():
     c = per_rank_cost(lambda p, a, b: convert.mul_bit(p, b, a))
     assert all(k.rounds == 2 for k in c)
-    assert [k.bytes for k in c] == [24 * N, 16 * N, 16 * N]
+    assert [k.bytes for k in c] == [16 * N, 8 * N, 8 * N]
+
+
+@pytest.mark.parametrize("bits", [20, 42])
+def test_cost_select_three_rounds(bits):
+    # Two terms on one bit, one plain term on it: the bit goes once, every term costs 8 B from rank 0.
+    c = per_rank_cost(lambda p, a, b: convert.select(p, [(b, a), (b, a)], bits, [(b, a)]))
+    assert all(k.rounds == 3 for k in c)
+    dealt = 12 if bits <= 31 else 16
+    assert [k.bytes for k in c] == [(8 + 3 * 8 + dealt) * N, 16 * N, 16 * N]

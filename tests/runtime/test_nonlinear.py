@@ -174,7 +174,8 @@ def test_layer_norm_of_a_constant_row_is_the_bias():
 
 def probe_costs(p, n):
     """Rounds and bytes per element (summed over the ranks) of the layer below, on n elements:
-    M and W fused multiply-truncates by <= 31 and > 31 bits, C ltz, A b2a, S mul_bit."""
+    M and W fused multiply-truncates by <= 31 and > 31 bits, C ltz, A b2a, S mul_bit, R ring mul,
+    Z select of one term by one bit with a truncation by > 31 bits."""
     out = {}
     x = share_fx(p, np.zeros(n))
     for name, fn in [
@@ -183,11 +184,14 @@ def probe_costs(p, n):
         ("C", lambda: compare.ltz(p, x)),
         ("A", lambda: convert.b2a(p, compare.ltz(p, x))),
         ("S", lambda: convert.mul_bit(p, compare.ltz(p, x), x)),
+        ("R", lambda: arith.mul(p, x, x)),
+        ("Z", lambda: convert.select(p, [(compare.ltz(p, x), x)], 40)),
     ]:
         _, cost = cost_of(p, fn)
         out[name] = cost
     out["A"] = out["A"] - out["C"]
     out["S"] = out["S"] - out["C"]
+    out["Z"] = out["Z"] - out["C"]
     return out
 
 
@@ -218,8 +222,10 @@ def test_cost_exp_neg_matches_docstring():
 def test_cost_piecewise_matches_docstring(name):
     n = 256
     rounds, nbytes, u = total_cost(getattr(nonlinear, name), rng.uniform(-6, 6, n))
-    assert rounds == u["C"][0] + 6 + u["S"][0] == 16
-    assert nbytes == n * (3 * u["C"][1] + 5 * u["W"][1] + 3 * u["S"][1])
+    assert rounds == u["C"][0] + 2 * u["M"][0] + u["R"][0] + u["Z"][0] == 16
+    # GeLU's cubic needs one more ring product than SiLU's quadratic; the select takes 3 bits, 4 terms.
+    ring = 2 if name == "gelu" else 1
+    assert nbytes == n * (3 * u["C"][1] + 2 * u["M"][1] + ring * u["R"][1] + u["Z"][1] + 8 * (2 + 3))
 
 
 def test_cost_reciprocal_matches_docstring():

@@ -35,7 +35,7 @@ def _replicated_shares(results):
     return [results[r].first for r in range(3)]
 
 
-@pytest.mark.parametrize("op", ["share", "mul", "mul_fx", "truncate", "b2a", "mul_bit", "max"])
+@pytest.mark.parametrize("op", ["share", "mul", "mul_fx", "truncate", "b2a", "mul_bit", "select", "max"])
 def test_no_rank_holds_all_three_shares(op):
     x = rng.uniform(-10, 10, 200)
 
@@ -48,6 +48,7 @@ def test_no_rank_holds_all_three_shares(op):
             "truncate": lambda: arith.truncate(p, a, 5),
             "b2a": lambda: convert.b2a(p, compare.ltz(p, a)),
             "mul_bit": lambda: convert.mul_bit(p, compare.ltz(p, a), a),
+            "select": lambda: convert.select(p, [(compare.ltz(p, a), a)], 5, [(compare.ltz(p, a), a)]),
             "max": lambda: compare.max(p, a.reshape(20, 10)),
         }[op]()
 
@@ -114,10 +115,15 @@ def _mul_bit(p, a):
     return convert.mul_bit(p, compare.ltz(p, a), a)
 
 
+def _select(p, a):
+    bit = compare.ltz(p, a)
+    return convert.select(p, [(bit, arith.mul_public(a, 1 << 20))], 20, [(bit, a)])
+
+
 @pytest.mark.parametrize(
     "prog",
-    [_mul, _mul_fx, _truncate, _msb, _equal_zero, _b2a, _mul_bit],
-    ids=["mul", "mul_fx", "truncate", "msb", "equal", "b2a", "mul_bit"],
+    [_mul, _mul_fx, _truncate, _msb, _equal_zero, _b2a, _mul_bit, _select],
+    ids=["mul", "mul_fx", "truncate", "msb", "equal", "b2a", "mul_bit", "select"],
 )
 def test_received_words_do_not_depend_on_the_secret(monkeypatch, prog):
     # Two very different secrets: all zeros against all -1000 (every high bit set).
