@@ -67,6 +67,31 @@ def and_(party: Party, x: BShare, y: BShare) -> BShare:
     return BShare(z, got[party.next], x.shape)
 
 
+def reshare_from_two(party: Party, dealer: int, part: np.ndarray | None, rows: tuple[int, int], shape) -> BShare:
+    """Packed rows (array shape `rows`) held 2-of-2 by XOR at A = dealer+1 and B = dealer+2, as a
+    replicated share of elements of `shape`; the dealer passes part=None.
+
+    Idea: arith.reshare_from_two with XOR: x_D = m_B and x_A = m_A are PRG bytes the dealer shares
+    with B and A; A and B swap part ^ mask, so each sees the other's part under a mask it lacks.
+    Rounds 1; bytes/elem rows/8 from A and from B, 0 from the dealer.
+    """
+    comm, r = party.comm, party.rank
+    a_rank, b_rank = (dealer + 1) % PARTIES, (dealer + 2) % PARTIES
+    if r == dealer:
+        m_a, m_b = party.prg_next.words(rows, np.uint8), party.prg_prev.words(rows, np.uint8)
+        comm.exchange({}, {})
+        return BShare(m_b, m_a, shape)
+    if r == a_rank:
+        m_a = party.prg_prev.words(rows, np.uint8)
+        w = part ^ m_a
+        got = comm.exchange({b_rank: w}, {b_rank: (rows, np.uint8)})
+        return BShare(m_a, w ^ got[b_rank], shape)
+    m_b = party.prg_next.words(rows, np.uint8)
+    w = part ^ m_b
+    got = comm.exchange({a_rank: w}, {a_rank: (rows, np.uint8)})
+    return BShare(w ^ got[a_rank], m_b, shape)
+
+
 def carry_out(party: Party, g: BShare, p: BShare) -> BShare:
     """The carry out of bit rows 0..m-1 given generate g and propagate p rows (carry-in 0).
 

@@ -33,7 +33,7 @@ def test_three_comparisons_share_one_batch():
         return [reveal_bits(p, o) for o in out], cost
 
     out, cost = run_parties(prog)[0]
-    assert cost.rounds == 8
+    assert cost.rounds == 6
     for got, t in zip(out, thresholds):
         assert np.array_equal(got, x < t)
 
@@ -76,8 +76,8 @@ def test_cost_max_levels():
         a = share_fx(p, x)
         return cost_of(p, lambda: compare.max(p, a))[1]
 
-    # 16 entries: 4 levels of msb (8 rounds) and mul_bit (2 rounds).
-    assert all(k.rounds == 4 * 10 for k in run_parties(prog))
+    # 16 entries: 4 levels of msb (6 rounds) and mul_bit (2 rounds).
+    assert all(k.rounds == 4 * 8 for k in run_parties(prog))
 
 
 def test_party_level_comparison_width():
@@ -88,5 +88,5 @@ def test_party_level_comparison_width():
         return reveal_bits(p, compare.ltz(p, a)), cost_of(p, lambda: compare.ltz(p, a))[1]
 
     neg, cost = run_parties(prog, msb_bits=32)[0]
-    # |x| * 2^18 < 2^31: 32 bits suffice; 2 + ceil(log2 31) = 7 rounds.
-    assert np.array_equal(neg, x < 0) and cost.rounds == 7
+    # |x| * 2^18 < 2^31: 32 bits suffice; 2 + ceil(log2 ceil(31 / 3)) = 6 rounds.
+    assert np.array_equal(neg, x < 0) and cost.rounds == 6

@@ -31,7 +31,7 @@ def test_msb_accepts_lists_and_any_shape_in_one_batch():
         return [reveal_bits(p, o) for o in out], cost
 
     out, cost = run_parties(prog)[0]
-    assert cost.rounds == 8
+    assert cost.rounds == 6
     for got, v in zip(out, xs):
         assert got.shape == v.shape and np.array_equal(got, v < 0)
 
@@ -96,10 +96,18 @@ def per_rank_cost(fn):
 @pytest.mark.parametrize("bits", [48, 64, 16])
 def test_cost_msb(bits):
     c = per_rank_cost(lambda p, a, b: convert.msb(p, a, bits=bits))
-    levels = int(np.ceil(np.log2(bits - 1)))
-    and_rows = 3 * bits - 5 - levels
+    # 3-bit leaves: rank 0 sends 7 rows per group and the top bit, ranks 1 and 2 reshare G and P
+    # (the lowest group's P is never needed), then the carry tree's AND rows (2 per pair - 1 per level).
+    groups = -(-(bits - 1) // 3)
+    tree, m, levels = 0, groups, 0
+    while m > 1:
+        tree, m, levels = tree + 2 * (m // 2) - 1, -(-m // 2), levels + 1
     assert all(k.rounds == 2 + levels for k in c)
-    assert [k.bytes for k in c] == [(and_rows + bits) * N // 8, and_rows * N // 8, and_rows * N // 8]
+    assert [k.bytes for k in c] == [
+        (7 * groups + 1 + tree) * N // 8,
+        (2 * groups - 1 + tree) * N // 8,
+        (2 * groups - 1 + tree) * N // 8,
+    ]
 
 
 def test_cost_b2a_two_rounds():
