@@ -356,6 +356,16 @@ def truncate_from_two(party: Party, dealer: int, part: np.ndarray | None, bits: 
     return out.reshape(shape)
 
 
+def truncate_parts(party: Party, parts: list[np.ndarray], bits: int) -> list[AShare]:
+    """Replicated shares of floor(z / 2^bits) (+1 at most) from this rank's additive parts of each z.
+
+    For products a rank computes alone (e.g. a matmul with a weight its owner knows; see
+    weights.matmul_part). Same protocol and cost as `truncate`: 2 rounds, 60 B/elem over the ranks.
+    """
+    with party.comm.tag("truncate"):
+        return _trunc_parts(party, parts, bits)
+
+
 def truncate(party: Party, x, bits: int):
     """floor(x / 2^bits) + {0, 1} for |x| < 2^62 (one ulp at most, never more); lists batch.
 
