@@ -19,8 +19,6 @@ from onnx import numpy_helper
 
 from .kernels import KERNELS, PRIVATE_LOCAL, Context, KernelError, Node, Private, is_secret
 from .party import Party
-from .shares import AShare
-from .weights import WeightShare
 
 LAYER = re.compile(r"(?:^|/|\.)(?:layer|layers|h|block|blocks)\.(\d+)(?:/|\.|_|$)")
 
@@ -43,11 +41,6 @@ def parse_nodes(graph: onnx.GraphProto) -> list[Node]:
         )
         for i, n in enumerate(graph.node)
     ]
-
-
-def _materialize(value):
-    """Weights are kept compact (see weights.py) and become shares only when a node reads them."""
-    return value.materialize() if isinstance(value, WeightShare) else value
 
 
 def unsupported(nodes: list[Node], secret: Callable[[str], bool]) -> list[str]:
@@ -85,7 +78,10 @@ class OpStats:
 
 @dataclass
 class Executor:
-    """Runs a graph skeleton (secret initializers removed) given the secret weights (WeightShare or AShare)."""
+    """Runs a graph skeleton (secret initializers removed) given the secret weights.
+
+    Weights stay WeightShares (compact, see weights.py) until a kernel reads them.
+    """
 
     party: Party
     model: onnx.ModelProto
@@ -114,7 +110,7 @@ class Executor:
         for i, node in enumerate(self.nodes):
             if on_node is not None:
                 on_node(node)
-            inputs = [_materialize(env[name]) if name else None for name in node.inputs]
+            inputs = [env[name] if name else None for name in node.inputs]
             before, start = comm.stats.snapshot(), time.perf_counter()
             with comm.tag(node.op_type):
                 outputs = self._run_node(ctx, i, node, inputs)
@@ -133,7 +129,7 @@ class Executor:
     def _run_node(self, ctx: Context, index: int, node: Node, inputs: list) -> list:
         if not any(is_secret(v) for v in inputs):
             return self._public_ops.run(index, inputs)
-        if node.key in PRIVATE_LOCAL and not any(isinstance(v, AShare) for v in inputs):
+        if node.key in PRIVATE_LOCAL and all(isinstance(v, Private) for v in inputs if is_secret(v)):
             return self._run_private(index, inputs)
         kernel = KERNELS.get(node.key)
         if kernel is None:

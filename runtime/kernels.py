@@ -21,6 +21,7 @@ from . import arith, embedding, nonlinear
 from .party import Party
 from .ring import ring_matmul
 from .shares import AShare, concat, split
+from .weights import WeightShare, matmul_part
 
 
 @dataclass
@@ -77,6 +78,8 @@ class Context:
         """Any value as a secret share: public ones trivially, private ones shared by their owner."""
         if isinstance(v, AShare):
             return v
+        if isinstance(v, WeightShare):
+            return v.materialize()
         if isinstance(v, Private):
             key = id(v)
             if key not in self._shared:
@@ -89,7 +92,7 @@ class Context:
 
 
 def is_secret(v) -> bool:
-    return isinstance(v, (AShare, Private))
+    return isinstance(v, (AShare, Private, WeightShare))
 
 
 def integral(c: np.ndarray) -> bool:
@@ -256,7 +259,15 @@ def _matmul_public(ctx: Context, x: AShare | None, c: np.ndarray, left: bool) ->
 MATMUL_BLOCK_ELEMENTS = 2**22
 
 
+def _matmul_weight(ctx: Context, x: AShare, w: WeightShare, transpose: bool = False) -> AShare:
+    """x @ W for a weight: one ring matmul per rank (the owner knows W), then the truncation."""
+    part = matmul_part(x, w, transpose)
+    return arith.truncate_parts(ctx.party, [part], ctx.party.fxp.frac_bits)[0]
+
+
 def matmul(ctx, node, x, y):
+    if isinstance(y, WeightShare):
+        return (_matmul_weight(ctx, ctx.secret(x), y),)
     if is_secret(x) and is_secret(y):
         x, y = ctx.secret(x), ctx.secret(y)
         n = y.shape[-1]
@@ -272,10 +283,13 @@ def matmul(ctx, node, x, y):
 
 def gemm(ctx, node, a, b, c=None):
     if node.attrs.get("transA", 0):
-        a = a.transpose() if isinstance(a, AShare) else np.asarray(a).T
-    if node.attrs.get("transB", 0):
-        b = b.transpose() if isinstance(b, AShare) else np.asarray(b).T
-    (out,) = matmul(ctx, node, a, b)
+        a = ctx.secret(a).transpose() if is_secret(a) else np.asarray(a).T
+    if isinstance(b, WeightShare):
+        out = _matmul_weight(ctx, ctx.secret(a), b, transpose=bool(node.attrs.get("transB", 0)))
+    else:
+        if node.attrs.get("transB", 0):
+            b = ctx.secret(b).transpose() if is_secret(b) else np.asarray(b).T
+        (out,) = matmul(ctx, node, a, b)
     alpha, beta = node.attrs.get("alpha", 1.0), node.attrs.get("beta", 1.0)
     if alpha != 1.0:
         out = scale(ctx, out, np.asarray(alpha))

@@ -37,7 +37,7 @@ from .kernels import Private
 from .party import Party
 from .ring import FixedPoint
 from .shares import AShare
-from .weights import share_weights
+from .weights import WeightShare, share_weights
 from .wire import broadcast_bytes, broadcast_json, gather_json
 
 OWNER, CLIENT, HELPER = 0, 1, 2
@@ -262,6 +262,8 @@ def reveal_outputs(party: Party, outputs: dict) -> dict[str, np.ndarray]:
     opened = {}
     with party.comm.tag("reveal_outputs"):
         for name, value in outputs.items():
+            if isinstance(value, WeightShare):
+                value = value.materialize()
             if isinstance(value, AShare):
                 ring = arith.reveal(party, value, to=CLIENT)
                 if party.rank == CLIENT:

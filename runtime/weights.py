@@ -13,6 +13,12 @@ with AES-NI) and, on the owner, one encoding.
 Security is that of `arith.share`: rank 1 sees x_1, masked by x_0 whose key it
 lacks; rank 2 sees x_0 and x_2, both independent of W.
 Cost: 1 round per weight, 8 bytes per weight from the owner, once.
+
+Products with a weight (`matmul_part`) use that the owner knows W: with x shared
+as (x_0, x_1, x_2), x W = (x_0 + x_1) W + x_2 (W_1 + W_2) + x_2 W_0, one ring
+matmul per rank (rank 0 the first term, rank 1 the second, rank 2 the third)
+instead of the two of a product of two shares: half the work, no extra bytes.
+The three additive parts then go through the truncation, which masks them.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from .comm import PARTIES
 from .party import Party
 from .prg import SEED_BYTES
-from .ring import FixedPoint
+from .ring import FixedPoint, ring_matmul
 from .shares import AShare
 
 OWNER = 0
@@ -87,6 +93,17 @@ class WeightShare:
         if self.rank == 1:
             return AShare(self.kept, self._x2())
         return AShare(self._x2(), self._x0())
+
+
+def matmul_part(x: AShare, w: WeightShare, transpose: bool = False) -> np.ndarray:
+    """This rank's additive part of x @ W (x @ W^T with transpose), in the ring; see the module doc."""
+    if w.rank == OWNER:
+        left, right = x.first + x.second, w.fxp.encode(w.kept)
+    elif w.rank == 1:
+        left, right = x.second, w.kept + w._x2()
+    else:
+        left, right = x.first, w._x0()
+    return ring_matmul(left, right.T if transpose else right)
 
 
 def weight_seeds(party: Party) -> tuple[bytes | None, bytes]:

@@ -59,3 +59,28 @@ def test_the_owner_rebuilds_its_component_in_chunks(monkeypatch):
     for name, value in W.items():
         assert np.abs(chunked[0][2][name] - value).max() <= 2.0**-19
     assert whole[0][2].keys() == chunked[0][2].keys()
+
+
+def test_matmul_with_a_weight_takes_one_ring_product_per_rank():
+    from puma_onnx.runtime import kernels
+
+    from .helpers import open_fx, share_fx
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 3)).astype(np.float32)
+    w = {"w": rng.normal(size=(3, 5)).astype(np.float32), "wt": rng.normal(size=(5, 3)).astype(np.float32)}
+
+    def program(party):
+        shared = share_weights(party, [("w", [3, 5]), ("wt", [5, 3])], lambda n: w[n] if party.rank == 0 else None)
+        ctx = kernels.Context(party)
+        xs = share_fx(party, x)
+        before = party.comm.stats.snapshot()
+        (plain,) = kernels.matmul(ctx, kernels.Node("mm", "MatMul", "", [], [], {}), xs, shared["w"])
+        cost = party.comm.stats.snapshot() - before
+        (gemm,) = kernels.gemm(ctx, kernels.Node("g", "Gemm", "", [], [], {"transB": 1}), xs, shared["wt"])
+        return open_fx(party, plain), open_fx(party, gemm), cost
+
+    for plain, gemm, cost in run_parties(program):
+        assert np.abs(plain - x @ w["w"]).max() <= 1e-4
+        assert np.abs(gemm - x @ w["wt"].T).max() <= 1e-4
+        assert cost.rounds == 2  # the truncation's two rounds, nothing else
