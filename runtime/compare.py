@@ -6,6 +6,8 @@ convert.b2a for an arithmetic 0/1 or convert.mul_bit to select with them.
 
 from __future__ import annotations
 
+import numpy as np
+
 from . import arith
 from .boolean import and_all, not_, split_elements, xor
 from .convert import mul_bit, msb, split_sum
@@ -16,16 +18,28 @@ from .shares import AShare, concat, flat_concat
 def ltz(party: Party, x):
     """[x < 0] for x (any shape, or a list): the sign bit, exact for |x| < 2^(L-1).
 
-    Rounds 2 + ceil(log2(L-1)) (8 at L = 48); bytes/elem about 3L/8 (see convert.msb). ABY3 5.3.
+    Rounds 2 + ceil(log2(ceil((L-1)/3))) (6 at L = 48); bytes/elem 31.6 over the ranks at L = 48
+    (see convert.msb). ABY3 5.3.
     """
     with party.comm.tag("ltz"):
         return msb(party, x)
 
 
+def less_than_public(party: Party, x: AShare, thresholds) -> list:
+    """[x < t] for each public ring threshold t (arrays broadcastable to x): one comparison batch in
+    which rank 0's message serves every threshold (see convert.msb's offsets), exact for |x - t| < 2^(L-1).
+
+    Rounds 2 + ceil(log2 m); bytes/elem 31.6 for the first threshold and 17.5 for each further
+    one, over the three ranks at L = 48 (see convert.msb). ABY3 5.3.
+    """
+    with party.comm.tag("ltz"):
+        return msb(party, x, offsets=[np.uint64(0) - arith._ring(t) for t in thresholds])
+
+
 def less_than(party: Party, x, y):
     """[x < y] elementwise (broadcasting; lists batch), exact for |x - y| < 2^(L-1).
 
-    Rounds 2 + ceil(log2(L-1)); bytes/elem about 3L/8 (msb of x - y). ABY3 5.3.
+    Rounds and bytes of msb (of x - y). ABY3 5.3.
     """
     with party.comm.tag("less_than"):
         if isinstance(x, (list, tuple)):
@@ -58,8 +72,8 @@ def max(party: Party, x: AShare, axis: int = -1, keepdims: bool = True) -> AShar
 
     Each level compares the first half of the remaining entries with the second half
     (msb of the difference), then keeps the larger by mul_bit; an odd one out waits.
-    Rounds per level 2 + ceil(log2(L-1)) + 2 (10 at L = 48), ceil(log2 n) levels;
-    bytes per compared pair about 3L/8 + 10.7 (msb and mul_bit). PUMA section 4 / SPU's reduce max.
+    Rounds per level msb's + 2 (8 at L = 48), ceil(log2 n) levels;
+    bytes per compared pair 31.6 + 32 over the three ranks (msb and mul_bit). PUMA section 4 / SPU's reduce max.
     """
     with party.comm.tag("max"):
         x = x.moveaxis(axis, -1)

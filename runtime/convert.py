@@ -53,44 +53,46 @@ def _one_hot(rows: np.ndarray) -> np.ndarray:
     """Packed one-hot rows of k-bit group values: rows (groups, k, nb) -> (2^k, groups, nb), entry a = [value == a]."""
     k = rows.shape[1]
     out = np.empty((2**k,) + rows.shape[:1] + rows.shape[2:], dtype=np.uint8)
-    for a in range(2**k):
-        acc = None
-        for i in range(k):
-            lit = rows[:, i] if (a >> i) & 1 else ~rows[:, i]
-            acc = lit if acc is None else acc & lit
-        out[a] = acc
+    lits = [(~rows[:, i], rows[:, i]) for i in range(k)]
+    # One-hot of the high bits first, then one AND per entry: 2^k + 2^(k-1) + ... ANDs in all.
+    hot = [lits[k - 1][0], lits[k - 1][1]]
+    for i in range(k - 2, -1, -1):
+        hot = [h & lit for h in hot for lit in lits[i]]
+    out[:] = hot
     return out
 
 
-def _carry_leaves(party: Party, flat: AShare, L: int) -> tuple[BShare, BShare]:
-    """Replicated generate/propagate rows of the 3-bit groups of u + v (u = x_0 + x_1, v = x_2, low L-1 bits),
-    with the top group's generate XOR u_{L-1} ^ v_{L-1}, so that the carry tree ends on the msb itself.
+def _carry_leaves(party: Party, flat: AShare, L: int, offsets: list[np.ndarray]) -> tuple[BShare, BShare]:
+    """Replicated generate/propagate rows of the 3-bit groups of u + v_j (u = x_0 + x_1, v_j = x_2 + offsets[j],
+    low L-1 bits), with the top group's generate XOR u_{L-1} ^ v_{j, L-1}, so that the carry tree ends on
+    the msb of x + offsets[j] itself. The offsets' results sit side by side on the byte axis.
 
-    Idea: rank 0 knows u, ranks 1 and 2 know v. Per group, rank 0 sends rank 1 its one-hot e[a] = [u_grp = a]
-    masked by k_0 bytes M (rank 2 holds M): e is XOR-shared by ranks 1 and 2, and so is any function
-    f(u_grp, v_grp) = XOR_a e[a] f(a, v_grp), computed locally by both since they know v: G = [u + v >= 8],
-    P = [u + v = 7] of the group. `reshare_from_two` (rank 0 dealing) makes G and P replicated.
-    Zero padding bits at the bottom make L-1 a multiple of 3 (they carry nothing).
-    Rounds 2; bytes/elem: rank 0 (7 groups + 1)/8, ranks 1 and 2 (2 groups - 1)/8 each.
+    Idea: rank 0 knows u, ranks 1 and 2 know every v_j. Per group, rank 0 sends rank 1 its one-hot
+    e[a] = [u_grp = a] masked by k_0 bytes M (rank 2 holds M): e is XOR-shared by ranks 1 and 2, and so is
+    any f(u_grp, v_grp) = XOR_a e[a] f(a, v_grp), computed locally by both since they know v: G = [u + v >= 8],
+    P = [u + v = 7] of the group, for every offset from the one message. `reshare_from_two` (rank 0
+    dealing) makes G and P replicated. Zero padding bits at the bottom make L-1 a multiple of 3.
+    Rounds 2; bytes/elem: rank 0 (7 groups + 1)/8 once, ranks 1 and 2 (2 groups - 1)/8 per offset.
     """
     r, n = party.rank, flat.size
     k = LEAF_BITS
     pad = -(L - 1) % k
     groups = (L - 1 + pad) // k
     nb = -(-n // 8)
-    shape = (n,)
-    if r == 0:
-        rows = pack_bits(flat.first + flat.second, L)
-    else:
-        rows = pack_bits(flat.second if r == 1 else flat.first, L)
-    top = rows[L - 1]
-    low = np.concatenate([np.zeros((pad, nb), np.uint8), rows[: L - 1]]).reshape(groups, k, nb)
-    e = _one_hot(low)
+    J = len(offsets)
+    shape = (J * nb * 8,)
+
+    def leaves(word):
+        rows = pack_bits(word, L)
+        low = np.concatenate([np.zeros((pad, nb), np.uint8), rows[: L - 1]]).reshape(groups, k, nb)
+        return _one_hot(low), rows[L - 1]
+
     sent = (2**k - 1) * groups + 1
     if r == 0:
+        e, top = leaves(flat.first + flat.second)
         mask = party.prg_prev.words((sent, nb), np.uint8)
         party.comm.exchange({1: np.concatenate([e[1:].reshape(-1, nb), top[None]]) ^ mask}, {})
-        gp = boolean.reshare_from_two(party, 0, None, (2 * groups - 1, nb), shape)
+        gp = boolean.reshare_from_two(party, 0, None, (2 * groups - 1, J * nb), shape)
     else:
         if r == 1:
             share = party.comm.exchange({}, {0: ((sent, nb), np.uint8)})[0]
@@ -101,34 +103,57 @@ def _carry_leaves(party: Party, flat: AShare, L: int) -> tuple[BShare, BShare]:
         first = np.bitwise_xor.reduce(mine, axis=0)
         # e[0] = 1 ^ XOR of the others: rank 1 holds the complement of its XOR, rank 2 the plain XOR.
         mine = np.concatenate([(~first if r == 1 else first)[None], mine])
-        # T_a = [a + v >= 8] = XOR_{b >= 8 - a} [v = b] (a suffix XOR of v's one-hot); P pairs a with 7 - a.
-        t = np.bitwise_xor.accumulate(e[::-1], axis=0)  # t[j] = [v >= 7 - j]
-        g_part = np.bitwise_xor.reduce(mine[1:] & t[: 2**k - 1], axis=0)
-        p_part = np.bitwise_xor.reduce(mine & e[::-1], axis=0)
-        g_part[-1] ^= share[-1] ^ (top if r == 1 else np.uint8(0))
-        gp = boolean.reshare_from_two(party, 0, np.concatenate([g_part, p_part[1:]]), (2 * groups - 1, nb), shape)
+        third = flat.second if r == 1 else flat.first
+        parts = []
+        for o in offsets:
+            e, top = leaves(third + np.broadcast_to(o, third.shape))
+            # T_a = [a + v >= 8] = XOR_{b >= 8 - a} [v = b], a suffix XOR of v's one-hot (a loop:
+            # ufunc accumulate is 50x slower here); P pairs a with 7 - a.
+            t = e[::-1].copy()
+            for j in range(1, 2**k):
+                t[j] ^= t[j - 1]
+            g_part = np.bitwise_xor.reduce(mine[1:] & t[: 2**k - 1], axis=0)
+            p_part = np.bitwise_xor.reduce(mine & e[::-1], axis=0)
+            g_part[-1] ^= share[-1] ^ (top if r == 1 else np.uint8(0))
+            parts.append(np.concatenate([g_part, p_part[1:]]))
+        gp = boolean.reshare_from_two(party, 0, np.concatenate(parts, axis=1), (2 * groups - 1, J * nb), shape)
     # The lowest group's propagate is never read (the carry into it is 0); zeros keep the layout.
-    zeros = np.zeros((1, nb), np.uint8)
+    zeros = np.zeros((1, J * nb), np.uint8)
     return gp.row(slice(0, groups)), vconcat([BShare(zeros, zeros, shape), gp.row(slice(groups, None))])
 
 
-def msb(party: Party, x, bits: int | None = None):
+def msb(party: Party, x, bits: int | None = None, offsets=None):
     """Boolean share of the sign bit of x (any shape, or a list), exact for |x| < 2^(L-1).
+    With `offsets` (public ring arrays broadcastable to one AShare x): the list of msb(x + o), one per
+    offset, sharing rank 0's message.
 
     Idea: reduce the shares mod 2^L locally (L = bits or party.msb_bits), write x = u + v with
-    u = x_0 + x_1 (rank 0) and v = x_2 (ranks 1, 2), get each 3-bit group's generate and propagate
-    from one message of rank 0 (`_carry_leaves`), then a carry tree over the m = ceil((L-1)/3)
-    groups: msb = u_{L-1} ^ v_{L-1} ^ carry (the XOR rides in the top group's generate).
+    u = x_0 + x_1 (rank 0) and v = x_2 (ranks 1, 2; offsets join v), get each 3-bit group's
+    generate and propagate from one message of rank 0 (`_carry_leaves`), then a carry tree over
+    the m = ceil((L-1)/3) groups: msb = u_{L-1} ^ v_{L-1} ^ carry (the XOR rides in the top
+    group's generate).
     Rounds 2 + ceil(log2 m) (6 for L = 48, 7 for 64). Bytes/elem: rank 0 (7m + 1 + t)/8, ranks 1
-    and 2 (2m - 1 + t)/8, t = the tree's AND rows (26 for m = 16): 16.9, 7.1, 7.1 B at L = 48
-    (31.1 over the ranks; the ABY3 adder with generate ANDs took 55.9, SPU's Kogge-Stone about 108).
+    and 2 (2m - 1 + t)/8, t = the tree's AND rows (26 for m = 16): 17.4, 7.1, 7.1 B at L = 48
+    (31.6 over the ranks; the ABY3 adder with generate ANDs took 55.9, SPU's Kogge-Stone about 108).
+    Each further offset adds (2m - 1 + t)/8 on ranks 1, 2 and t/8 on rank 0 (17.5 B over the ranks).
     ABY3 5.3 with the ring reduction of Escudero et al. 2020, 5; the one-hot leaves are this repository's.
     """
+    L = bits or party.msb_bits
+    if offsets is not None:
+        if isinstance(x, (list, tuple)):
+            raise TypeError("msb: offsets take one AShare, not a list")
+        offs = [np.broadcast_to(np.asarray(o, dtype=np.uint64), x.shape).reshape(-1) for o in offsets]
+        with party.comm.tag("msb"):
+            g, p = _carry_leaves(party, x.reshape(-1), L, offs)
+            out = carry_out(party, g, p)
+        nb = -(-x.size // 8)
+        rows = [BShare(out.first[:, j * nb : (j + 1) * nb], out.second[:, j * nb : (j + 1) * nb], (x.size,))
+                for j in range(len(offs))]
+        return [split_elements(row, [x.shape])[0] for row in rows]
     xs, was_list = _listed(x)
     flat, shapes = flat_concat(xs)
-    L = bits or party.msb_bits
     with party.comm.tag("msb"):
-        g, p = _carry_leaves(party, flat.reshape(-1), L)
+        g, p = _carry_leaves(party, flat.reshape(-1), L, [np.uint64(0)])
         out = carry_out(party, g, p)
     parts = split_elements(out, shapes)
     return parts if was_list else parts[0]

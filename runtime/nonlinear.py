@@ -10,7 +10,8 @@ over the ranks (the truncation's dealer rotates), per element of the input unles
 said. In terms of the layer below, at msb_bits L = 48 (bytes per rank / summed over the 3 ranks):
     M  fused multiply-truncate by <= 31 bits (`arith.mul_fx`)   2 rounds  20 B  (60)
     W  fused multiply-truncate by  > 31 bits (8-byte share)     2 rounds  21.3 B (64)
-    C  one comparison (`compare.ltz`)                           8 rounds  18.6 B (55.9)
+    C  one comparison (`compare.ltz`)                           6 rounds  10.5 B (31.6)
+    X  each further threshold of one `less_than_public` batch   (same)     5.8 B (17.5)
     A  `convert.b2a` of one bit                                 2 rounds  10.7 B (32)
     S  `convert.mul_bit`                                        2 rounds  10.7 B (32)
     R  ring product (`arith.mul`, no truncation)                1 round    8 B   (24)
@@ -108,11 +109,11 @@ def _lin(party: Party, terms: list[tuple[AShare, float, int]], const: float, bit
 def _thermometer(party: Party, x: AShare, thresholds: np.ndarray, bits: int) -> AShare:
     """[x < T_j] for each public threshold (x at scale `bits`), as integer 0/1 AShares on a new trailing axis.
 
-    One batched comparison and one batched b2a: C + A rounds, len(T) (C + A) bytes per element of x.
+    One `less_than_public` batch and one batched b2a: C + A rounds, C + (len(T) - 1) X + len(T) A bytes
+    per element of x.
     """
-    shape = x.shape + (len(thresholds),)
-    diff = arith.add_public(party, x.expand_dims(-1).broadcast_to(shape), _encode(-np.asarray(thresholds), bits))
-    return b2a(party, compare.ltz(party, diff))
+    below = compare.less_than_public(party, x, [_encode(t, bits) for t in thresholds])
+    return stack(b2a(party, below), axis=-1)
 
 
 def _steps(party: Party, below: AShare, values: np.ndarray, bits: int) -> AShare:
@@ -145,7 +146,7 @@ def exp_neg(party: Party, x: AShare) -> AShare:
     Valid for x in [-8000, 0] (the first square stays below 2^62); further down the clip still
     gives 0 (the garbage cancels exactly), as far as the comparison reaches, |x| < 2^(L-1-f).
     Error: 1 ulp against approx.exp_neg; approx.exp_neg is 0.0085 from exp on [-40, 0].
-    Rounds C + 2t + S = 20; bytes C + 4M + W + S = 130.6 per element. PUMA section 4.2.
+    Rounds C + 2t + S = 18; bytes C + 4M + W + S = 122.5 per element. PUMA section 4.2.
     """
     with party.comm.tag("exp_neg"):
         return _exp_neg(party, x, party.fxp.frac_bits)
@@ -175,8 +176,8 @@ def reciprocal(party: Party, x: AShare, lo: float = 1.0, hi: float = 1024.0) -> 
     relative error is r^8 <= 7.5e-7 before fixed-point rounding; measured on [1, 128]: 3.8 ulp
     absolute. Outside [lo, hi] the guess is that of the nearest end and the error grows (it
     diverges beyond 2 hi).
-    Rounds C + A + 8 = 18; bytes per row (k-1)(C + A) + 6M with k = ceil(2 log2(hi/lo)) intervals
-    (softmax over 128: 13 thresholds, 501 B per row).
+    Rounds C + A + 8 = 16; bytes per row C + (k-2)X + (k-1)A + 6M with k = ceil(2 log2(hi/lo)) intervals
+    (softmax over 128: 13 thresholds, 305 B per row).
     Why: SPU normalises by the highest set bit (a bit decomposition) and runs 2 Goldschmidt steps
     from 2.9142 - 2c, |1 - c w0| <= 0.0858, so 5.4e-5 relative; CrypTen's Newton from
     3 exp(0.5 - x) + 0.003 needs an exp and ~10 dependent Newton steps on [1, 128] (> 50 rounds).
@@ -242,8 +243,8 @@ def rsqrt(party: Party, x: AShare, lo: float = 2.0**-10, hi: float = 2.0**10) ->
     (1.2e-6 truncation of the series, 4.4e-7 from coefficients on a 2^-5 grid) plus fixed-point
     rounding. No highest-set-bit normalisation (SPU), no Newton loop.
     Measured on [2^-10, 2^10]: within 2e-6 relative + 2 ulp.
-    Rounds C + A + 8 = 18; bytes per row (k-1)(C + A) + 4M + W with k = ceil(4 log2(hi/lo))
-    intervals (79 thresholds for the default range: 2.4 KB per row).
+    Rounds C + A + 8 = 16; bytes per row C + (k-2)X + (k-1)A + 4M + W with k = ceil(4 log2(hi/lo))
+    intervals (79 thresholds for the default range: 1.2 KB per row).
     """
     f = party.fxp.frac_bits
     if lo < 2.0 ** -(f + 3):
@@ -290,8 +291,8 @@ def _piecewise(party: Party, x: AShare, breaks, low, mid) -> AShare:
     e = math.floor(61.9 - math.log2(t_max) - sq)  # scale of m4 + m6 s2, so that s2 (m4 + m6 s2) < 2^62
     u = x
 
-    # The three comparisons in one batch.
-    b0, b1, b2 = compare.ltz(party, [arith.add_public(party, x, _encode(-b, f)) for b in breaks])
+    # The three comparisons in one batch, rank 0's part of it sent once.
+    b0, b1, b2 = compare.less_than_public(party, x, [_encode(b, f) for b in breaks])
 
     s2 = arith.mul_fx(party, u, u, bits=2 * q - sq)
     t = arith.mul_fx(party, s2, _lin(party, [(s2, md[6], e - sq)], md[4], e), bits=sq + e - (k_out - sq))
@@ -319,8 +320,8 @@ def gelu(party: Party, x: AShare) -> AShare:
     See `_piecewise`: 3 comparisons in one batch, 2 truncated and 2 plain products, one select (3 bits,
     4 terms) that also rescales. Measured error vs approx.gelu 1.3 ulp on [-6, 6]; approx.gelu is
     0.0199 from the exact GeLU (at its jump at x = 3; 0.0140 elsewhere).
-    Rounds C + 2 + 2 + 1 + 3 = 16; bytes 3C + 2M + 2R + Z + 5 * 8 / 3 = 146.5 per element per rank
-    (439.6 over the three; was 655 with 5 truncations and 3 mul_bits). PUMA section 4.3.
+    Rounds C + 2 + 2 + 1 + 3 = 14; bytes C + 2X + 2M + 2R + Z + 5 * 8 / 3 = 112.9 per element per rank
+    (338.6 over the three; was 655 with 5 truncations and 3 mul_bits). PUMA section 4.3.
     """
     with party.comm.tag("gelu"):
         return _piecewise(party, x, approx.GELU_BREAKS, approx.GELU_F0, approx.GELU_F1)
@@ -331,7 +332,7 @@ def silu(party: Party, x: AShare) -> AShare:
 
     Measured error vs approx.silu 1.7 ulp on [-10, 10]; approx.silu jumps 0.072 away from the exact
     SiLU at x = 4. Rounds 16 as gelu; bytes as gelu less one ring product (the quadratic needs none):
-    3C + 2M + R + Z + 5 * 8 / 3 = 138.5 per element per rank. PUMA section 4.3.
+    C + 2X + 2M + R + Z + 5 * 8 / 3 = 104.9 per element per rank. PUMA section 4.3.
     """
     with party.comm.tag("silu"):
         return _piecewise(party, x, approx.SILU_BREAKS, approx.SILU_S0, approx.SILU_S1)
@@ -349,9 +350,10 @@ def softmax(party: Party, x: AShare, mask: np.ndarray | None = None) -> AShare:
     broadcast product.
     A row with no kept position gives 0 (approx.softmax gives NaN there; the ONNX export maps it to 0).
     Measured error vs approx.softmax 1.1 ulp; approx.softmax is up to ~0.035 from the exact softmax.
-    Rounds ceil(log2 n) (C + S) + 20 (exp) + 18 (reciprocal) + 2 = 10 ceil(log2 n) + 40 (110 for
+    Rounds ceil(log2 n) (C + S) + 18 (exp) + 16 (reciprocal) + 2 = 8 ceil(log2 n) + 36 (92 for
     n = 128); bytes per element (n-1)/n (C + S) [max] + C + 4M + W + S [exp] + W [product], plus
-    the reciprocal's 501 B per row at n = 128: 200.8 B per element there. PUMA section 4.2.
+    the reciprocal's 305 B per row at n = 128: 167.4 B per element per rank there (502 over the
+    three). PUMA section 4.2.
     """
     f = party.fxp.frac_bits
     n = x.shape[-1]
@@ -418,8 +420,8 @@ def layer_norm(party: Party, x: AShare, scale: AShare, bias: AShare, eps: float)
     1/sqrt per row (thermometer + binomial series, see rsqrt) and two full-size products.
     Ranges: var + eps in [2^-20, 2^14] (~1e-6 .. 1.6e4), n (var + eps) < 2^26, n |(x - mean) scale|
     < 2^26, |result - bias| < 2^13; the row mean only needs |mean| < 2^(26 - 12).
-    Rounds 2 + 2 + R_C + R_A + 8 + 2 (= 24 at L = 48); bytes/elem 2M, plus per row
-    8M + (k-1)(C + A) with k = 4*34 = 136 thresholds (M, C, A: see the module docstring). PUMA 4.4.
+    Rounds 2 + 2 + R_C + R_A + 8 + 2 (= 22 at L = 48); bytes/elem 2M, plus per row
+    8M + C + (k-2)X + (k-1)A with k = 4*34 = 136 intervals (see the module docstring). PUMA 4.4.
     """
     f = party.fxp.frac_bits
     n = x.shape[-1]
@@ -436,7 +438,7 @@ def rms_norm(party: Party, x: AShare, scale: AShare, eps: float) -> AShare:
     """RMSNorm over the last axis (LLaMA): x / sqrt(mean(x^2) + eps) * scale; scale secret.
 
     `_normalise` without the mean; ranges as layer_norm's with 16 |x scale| < 2^26.
-    Rounds 2 + R_C + R_A + 8 + 2 (= 22 at L = 48); bytes/elem 2M, plus per row 6M + (k-1)(C + A).
+    Rounds 2 + R_C + R_A + 8 + 2 (= 20 at L = 48); bytes/elem 2M, plus per row 6M + C + (k-2)X + (k-1)A.
     """
     with party.comm.tag("rms_norm"):
         return _normalise(party, x, _shift(x, CENTER_EXTRA_BITS), 2**CENTER_EXTRA_BITS, scale, eps)

@@ -90,3 +90,24 @@ def test_party_level_comparison_width():
     neg, cost = run_parties(prog, msb_bits=32)[0]
     # |x| * 2^18 < 2^31: 32 bits suffice; 2 + ceil(log2 ceil(31 / 3)) = 6 rounds.
     assert np.array_equal(neg, x < 0) and cost.rounds == 6
+
+
+def test_less_than_public_shares_rank_0s_message_across_thresholds():
+    x = rng.uniform(-6, 6, 800)
+    thresholds = [-4.0, -1.95, 3.0]
+
+    def prog(p):
+        a = share_fx(p, x)
+        ts = [p.fxp.encode(np.float64(t)) for t in thresholds]
+        one = cost_of(p, lambda: compare.ltz(p, a))[1]
+        out, three = cost_of(p, lambda: compare.less_than_public(p, a, ts))
+        return [reveal_bits(p, o) for o in out], one, three
+
+    res = run_parties(prog)
+    for got, t in zip(res[0][0], thresholds):
+        assert np.array_equal(got, x < t)
+    # Same rounds; rank 0's one-hot message (7 rows per 3-bit group and the top bit) goes once.
+    groups = 16
+    assert all(r[2].rounds == r[1].rounds == 6 for r in res)
+    assert res[0][2].bytes == 3 * res[0][1].bytes - 2 * (7 * groups + 1) * 800 // 8
+    assert [r[2].bytes for r in res[1:]] == [3 * r[1].bytes for r in res[1:]]

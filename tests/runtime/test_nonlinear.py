@@ -174,14 +174,16 @@ def test_layer_norm_of_a_constant_row_is_the_bias():
 
 def probe_costs(p, n):
     """Rounds and bytes per element (summed over the ranks) of the layer below, on n elements:
-    M and W fused multiply-truncates by <= 31 and > 31 bits, C ltz, A b2a, S mul_bit, R ring mul,
-    Z select of one term by one bit with a truncation by > 31 bits."""
+    M and W fused multiply-truncates by <= 31 and > 31 bits, C ltz, X each further threshold of one
+    less_than_public batch, A b2a, S mul_bit, R ring mul, Z select of one term by one bit with a
+    truncation by > 31 bits."""
     out = {}
     x = share_fx(p, np.zeros(n))
     for name, fn in [
         ("M", lambda: arith.mul_fx(p, x, x)),
         ("W", lambda: arith.mul_fx(p, x, x, bits=40)),
         ("C", lambda: compare.ltz(p, x)),
+        ("X", lambda: compare.less_than_public(p, x, [np.uint64(0), np.uint64(1)])),
         ("A", lambda: convert.b2a(p, compare.ltz(p, x))),
         ("S", lambda: convert.mul_bit(p, compare.ltz(p, x), x)),
         ("R", lambda: arith.mul(p, x, x)),
@@ -192,6 +194,7 @@ def probe_costs(p, n):
     out["A"] = out["A"] - out["C"]
     out["S"] = out["S"] - out["C"]
     out["Z"] = out["Z"] - out["C"]
+    out["X"] = out["X"] - out["C"]
     return out
 
 
@@ -223,9 +226,10 @@ def test_cost_piecewise_matches_docstring(name):
     n = 256
     rounds, nbytes, u = total_cost(getattr(nonlinear, name), rng.uniform(-6, 6, n))
     assert rounds == u["C"][0] + 2 * u["M"][0] + u["R"][0] + u["Z"][0] == 14
-    # GeLU's cubic needs one more ring product than SiLU's quadratic; the select takes 3 bits, 4 terms.
+    # Three thresholds in one batch; GeLU's cubic needs one more ring product than SiLU's quadratic;
+    # the select takes 3 bits and 4 terms.
     ring = 2 if name == "gelu" else 1
-    assert nbytes == n * (3 * u["C"][1] + 2 * u["M"][1] + ring * u["R"][1] + u["Z"][1] + 8 * (2 + 3))
+    assert nbytes == n * (u["C"][1] + 2 * u["X"][1] + 2 * u["M"][1] + ring * u["R"][1] + u["Z"][1] + 8 * (2 + 3))
 
 
 def test_cost_reciprocal_matches_docstring():
@@ -235,7 +239,7 @@ def test_cost_reciprocal_matches_docstring():
     )
     k = math.ceil(2 * math.log2(hi / lo))
     assert rounds == u["C"][0] + u["A"][0] + 8 == 16
-    assert nbytes == rows * ((k - 1) * (u["C"][1] + u["A"][1]) + 6 * u["M"][1])
+    assert nbytes == rows * (u["C"][1] + (k - 2) * u["X"][1] + (k - 1) * u["A"][1] + 6 * u["M"][1])
 
 
 def test_cost_rsqrt_matches_docstring():
@@ -243,16 +247,16 @@ def test_cost_rsqrt_matches_docstring():
     rounds, nbytes, u = total_cost(nonlinear.rsqrt, np.exp(rng.uniform(-5, 5, rows)))
     k = 4 * 20
     assert rounds == u["C"][0] + u["A"][0] + 8 == 16
-    assert nbytes == rows * ((k - 1) * (u["C"][1] + u["A"][1]) + 4 * u["M"][1] + u["W"][1])
+    assert nbytes == rows * (u["C"][1] + (k - 2) * u["X"][1] + (k - 1) * u["A"][1] + 4 * u["M"][1] + u["W"][1])
 
 
 def test_cost_softmax_matches_docstring():
     rows, n = 8, 32
     rounds, nbytes, u = total_cost(nonlinear.softmax, rng.normal(0, 3, (rows, n)))
-    (rc, c), (rs, s), (ra, a), m, w = u["C"], u["S"], u["A"], u["M"][1], u["W"][1]
+    (rc, c), (rs, s), (ra, a), x, m, w = u["C"], u["S"], u["A"], u["X"][1], u["M"][1], u["W"][1]
     levels, k = int(math.log2(n)), math.ceil(2 * math.log2(n))
     assert rounds == levels * (rc + rs) + (rc + 10 + rs) + (rc + ra + 8) + 2 == 76
-    per_row = (n - 1) * (c + s) + n * (c + 4 * m + w + s) + (k - 1) * (c + a) + 6 * m + n * w
+    per_row = (n - 1) * (c + s) + n * (c + 4 * m + w + s) + c + (k - 2) * x + (k - 1) * a + 6 * m + n * w
     assert nbytes == rows * per_row
 
 
@@ -270,5 +274,5 @@ def test_cost_norms_match_docstring(name):
     k = 4 * 34
     m, w = u["M"][1], u["W"][1]
     assert rounds == 2 * mean + 2 + u["C"][0] + u["A"][0] + 8 + 2 == 20 + 2 * mean
-    per_row = (5 + mean) * m + w + (k - 1) * (u["C"][1] + u["A"][1])
+    per_row = (5 + mean) * m + w + u["C"][1] + (k - 2) * u["X"][1] + (k - 1) * u["A"][1]
     assert nbytes == rows * (2 * n * m + per_row)
