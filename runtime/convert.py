@@ -62,7 +62,9 @@ def _one_hot(rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def _carry_leaves(party: Party, flat: AShare, L: int, offsets: list[np.ndarray]) -> tuple[BShare, BShare]:
+def _carry_leaves(
+    party: Party, flat: AShare, L: int, offsets: list[np.ndarray], drop: int = 0
+) -> tuple[BShare, BShare]:
     """Replicated generate/propagate rows of the 3-bit groups of u + v_j (u = x_0 + x_1, v_j = x_2 + offsets[j],
     low L-1 bits), with the top group's generate XOR u_{L-1} ^ v_{j, L-1}, so that the carry tree ends on
     the msb of x + offsets[j] itself. The offsets' results sit side by side on the byte axis.
@@ -72,9 +74,11 @@ def _carry_leaves(party: Party, flat: AShare, L: int, offsets: list[np.ndarray])
     any f(u_grp, v_grp) = XOR_a e[a] f(a, v_grp), computed locally by both since they know v: G = [u + v >= 8],
     P = [u + v = 7] of the group, for every offset from the one message. `reshare_from_two` (rank 0
     dealing) makes G and P replicated. Zero padding bits at the bottom make L-1 a multiple of 3.
+    `drop` low bits of u and v are ignored (their carry is lost): bits drop..L-1 only.
     Rounds 2; bytes/elem: rank 0 (7 groups + 1)/8 once, ranks 1 and 2 (2 groups - 1)/8 per offset.
     """
     r, n = party.rank, flat.size
+    L -= drop
     k = LEAF_BITS
     pad = -(L - 1) % k
     groups = (L - 1 + pad) // k
@@ -83,7 +87,7 @@ def _carry_leaves(party: Party, flat: AShare, L: int, offsets: list[np.ndarray])
     shape = (J * nb * 8,)
 
     def leaves(word):
-        rows = pack_bits(word, L)
+        rows = pack_bits(word >> np.uint64(drop), L)
         low = np.concatenate([np.zeros((pad, nb), np.uint8), rows[: L - 1]]).reshape(groups, k, nb)
         return _one_hot(low), rows[L - 1]
 
@@ -122,10 +126,11 @@ def _carry_leaves(party: Party, flat: AShare, L: int, offsets: list[np.ndarray])
     return gp.row(slice(0, groups)), vconcat([BShare(zeros, zeros, shape), gp.row(slice(groups, None))])
 
 
-def msb(party: Party, x, bits: int | None = None, offsets=None):
+def msb(party: Party, x, bits: int | None = None, offsets=None, drop: int = 0):
     """Boolean share of the sign bit of x (any shape, or a list), exact for |x| < 2^(L-1).
     With `offsets` (public ring arrays broadcastable to one AShare x): the list of msb(x + o), one per
-    offset, sharing rank 0's message.
+    offset, sharing rank 0's message. With `drop` = k > 0 the carry out of the low k bits is ignored:
+    the result is [x < 0] or [x < 2^k] (either, per element) at the cost of an L - k bit comparison.
 
     Idea: reduce the shares mod 2^L locally (L = bits or party.msb_bits), write x = u + v with
     u = x_0 + x_1 (rank 0) and v = x_2 (ranks 1, 2; offsets join v), get each 3-bit group's
@@ -144,7 +149,7 @@ def msb(party: Party, x, bits: int | None = None, offsets=None):
             raise TypeError("msb: offsets take one AShare, not a list")
         offs = [np.broadcast_to(np.asarray(o, dtype=np.uint64), x.shape).reshape(-1) for o in offsets]
         with party.comm.tag("msb"):
-            g, p = _carry_leaves(party, x.reshape(-1), L, offs)
+            g, p = _carry_leaves(party, x.reshape(-1), L, offs, drop)
             out = carry_out(party, g, p)
         nb = -(-x.size // 8)
         rows = [BShare(out.first[:, j * nb : (j + 1) * nb], out.second[:, j * nb : (j + 1) * nb], (x.size,))
@@ -153,7 +158,7 @@ def msb(party: Party, x, bits: int | None = None, offsets=None):
     xs, was_list = _listed(x)
     flat, shapes = flat_concat(xs)
     with party.comm.tag("msb"):
-        g, p = _carry_leaves(party, flat.reshape(-1), L, [np.uint64(0)])
+        g, p = _carry_leaves(party, flat.reshape(-1), L, [np.uint64(0)], drop)
         out = carry_out(party, g, p)
     parts = split_elements(out, shapes)
     return parts if was_list else parts[0]

@@ -38,7 +38,7 @@ import math
 
 import numpy as np
 
-from . import approx, arith, compare, convert
+from . import approx, arith, boolean, compare, convert
 from .convert import b2a, mul_bit
 from .party import Party
 from .shares import AShare, stack
@@ -51,6 +51,9 @@ RSQRT_STEPS_PER_OCTAVE = 4
 # Inside softmax, exp's values, their row sum and its reciprocal carry f + 8 bits: the sum of
 # n rounded exps would otherwise cost ~sqrt(n)/2 ulp.
 SOFTMAX_EXTRA_BITS = 8
+# ... while the reciprocal (at most 1, times e <= 1) needs only f + 5: the output product then truncates
+# by 13 + f = 31 bits, the most that ships a 4-byte share.
+SOFTMAX_INV_BITS = 5
 # Taylor coefficients of (1 - r)^(-1/2), k = 0..4, times 2^RSQRT_COEF_BITS (35/128 rounded to 36/128:
 # 4.4e-7 at the largest |r|, and the series keeps 2 more bits of room).
 RSQRT_COEF_BITS = 5
@@ -140,29 +143,45 @@ def _grid(lo: float, hi: float, per_octave: int) -> np.ndarray:
 def exp_neg(party: Party, x: AShare) -> AShare:
     """exp(x) for x <= 0 as PUMA: (1 + x/2^t)^(2^t) on [EXP_CLIP, 0], 0 below EXP_CLIP (t = EXP_SQUARINGS).
 
-    1 + x/2^t is x + 2^(f+t) read at scale f+t (free); the squares (all <= 1) stay at EXP_BITS
-    fractional bits and only the last one truncates back to f: t fused multiply-truncates, no
-    extra round, and the error does not double with every squaring. Then y - mul_bit([x < EXP_CLIP], y).
+    1 + x/2^t is x + 2^(f+t) read at scale f+t (free). The squares (all <= 1) carry as many bits as
+    keep every truncation within 31 bits (4-byte dealt shares; see `_square_scales`); the last
+    square is a plain ring product whose truncation rides in the clip's `convert.select`.
+    The clip: PUMA's value below EXP_CLIP is under 1e-8 (0.003 ulp) and exactly 0 at x = -2^t, so
+    any cut in [-2^t, EXP_CLIP] is as good as EXP_CLIP's; the comparison with -2^t ignores the carry
+    of the low f + 4 bits (convert.msb's drop), which moves the cut by less than 16 (to -16 at most).
     Valid for x in [-8000, 0] (the first square stays below 2^62); further down the clip still
-    gives 0 (the garbage cancels exactly), as far as the comparison reaches, |x| < 2^(L-1-f).
+    gives 0 (the garbage is multiplied by an exact 0), as far as the comparison reaches, |x| < 2^(L-1-f).
     Error: 1 ulp against approx.exp_neg; approx.exp_neg is 0.0085 from exp on [-40, 0].
-    Rounds C + 2t + S = 18; bytes C + 4M + W + S = 122.5 per element. PUMA section 4.2.
+    Rounds C + 2(t-1) + 1 + 3 = 18; bytes C' + 4M + R + Z' per element, C' the comparison on
+    L - f - 4 bits (16.8 B over the ranks at L = 48), Z' = select of one bit and term with a
+    truncation within 31 bits (60 B): 340.8 B over the three ranks (was 415.9). PUMA section 4.2.
     """
     with party.comm.tag("exp_neg"):
         return _exp_neg(party, x, party.fxp.frac_bits)
 
 
+def _square_scales(first: int, out: int, t: int) -> list[int]:
+    """Scales of the t squares ending at `out`, each at most EXP_BITS, every truncation within 31 bits."""
+    scales = [out]
+    for _ in range(t - 1):
+        scales.insert(0, min(EXP_BITS, (31 + scales[0]) // 2))
+    if 2 * first - scales[0] > 31:
+        raise ValueError(f"exp_neg: no 31-bit schedule from scale {first} to {out}")
+    return scales
+
+
 def _exp_neg(party: Party, x: AShare, bits: int) -> AShare:
     """exp_neg with the result at scale `bits`."""
     f, t = party.fxp.frac_bits, approx.EXP_SQUARINGS
-    below = compare.ltz(party, arith.add_public(party, x, _encode(-approx.EXP_CLIP, f)))
+    slack = math.floor(math.log2(2.0**t + approx.EXP_CLIP))
+    below = convert.msb(party, arith.add_public(party, x, _encode(2.0**t, f)), drop=f + slack)
     y = arith.add_public(party, x, _encode(1.0, f + t))
     scale = f + t
-    for i in range(t):
-        out = bits if i == t - 1 else EXP_BITS
+    scales = _square_scales(scale, bits, t)
+    for out in scales[:-1]:
         y = arith.mul_fx(party, y, y, bits=2 * scale - out)
         scale = out
-    return arith.sub(y, mul_bit(party, below, y))
+    return convert.select(party, [(boolean.not_(party, below), arith.mul(party, y, y))], 2 * scale - bits)
 
 
 # ----------------------------------------------------------------------------- reciprocal
@@ -350,10 +369,11 @@ def softmax(party: Party, x: AShare, mask: np.ndarray | None = None) -> AShare:
     broadcast product.
     A row with no kept position gives 0 (approx.softmax gives NaN there; the ONNX export maps it to 0).
     Measured error vs approx.softmax 1.1 ulp; approx.softmax is up to ~0.035 from the exact softmax.
+    The reciprocal carries f + 5 bits (enough against e <= 1), so the output product truncates by 31.
     Rounds ceil(log2 n) (C + S) + 18 (exp) + 16 (reciprocal) + 2 = 8 ceil(log2 n) + 36 (92 for
-    n = 128); bytes per element (n-1)/n (C + S) [max] + C + 4M + W + S [exp] + W [product], plus
-    the reciprocal's 305 B per row at n = 128: 167.4 B per element per rank there (502 over the
-    three). PUMA section 4.2.
+    n = 128); bytes per element (n-1)/n (C + S) [max] + exp's + M [product], plus the reciprocal's
+    305 B per row at n = 128: 157.0 B per element per rank there (471 over the three; was 603).
+    PUMA section 4.2.
     """
     f = party.fxp.frac_bits
     n = x.shape[-1]
@@ -376,8 +396,8 @@ def softmax(party: Party, x: AShare, mask: np.ndarray | None = None) -> AShare:
         else:
             total = e.sum(axis=-1, keepdims=True)
         with party.comm.tag("reciprocal"):
-            inv = _reciprocal(party, total, f + SOFTMAX_EXTRA_BITS, 1.0, float(max(n, 2)), f + SOFTMAX_EXTRA_BITS)
-        return arith.mul_fx(party, e, inv, bits=f + 2 * SOFTMAX_EXTRA_BITS)
+            inv = _reciprocal(party, total, f + SOFTMAX_EXTRA_BITS, 1.0, float(max(n, 2)), f + SOFTMAX_INV_BITS)
+        return arith.mul_fx(party, e, inv, bits=f + SOFTMAX_EXTRA_BITS + SOFTMAX_INV_BITS)
 
 
 # ----------------------------------------------------------------------------- norms

@@ -22,6 +22,17 @@ def test_msb_is_the_sign_within_range(bits):
     assert np.array_equal(run_parties(prog)[0], z < 0)
 
 
+def test_msb_dropping_low_bits_decides_below_zero_or_below_two_to_the_k():
+    k = 22
+    z = rng.integers(-(2**30), 2**30, 5000, dtype=np.int64)
+
+    def prog(p):
+        return reveal_bits(p, convert.msb(p, share_ring(p, z.view(np.uint64)), drop=k))
+
+    got = run_parties(prog)[0]
+    assert np.all(got[z < 0]) and not np.any(got[z >= 2**k])
+
+
 def test_msb_accepts_lists_and_any_shape_in_one_batch():
     xs = [rng.uniform(-5, 5, (3, 4, 5)), rng.uniform(-5, 5, 7)]
 

@@ -175,8 +175,8 @@ def test_layer_norm_of_a_constant_row_is_the_bias():
 def probe_costs(p, n):
     """Rounds and bytes per element (summed over the ranks) of the layer below, on n elements:
     M and W fused multiply-truncates by <= 31 and > 31 bits, C ltz, X each further threshold of one
-    less_than_public batch, A b2a, S mul_bit, R ring mul, Z select of one term by one bit with a
-    truncation by > 31 bits."""
+    less_than_public batch, A b2a, S mul_bit, R ring mul, Z and Y select of one term by one bit
+    with a truncation by > 31 and <= 31 bits, D the comparison that drops f + 4 low bits (exp's clip)."""
     out = {}
     x = share_fx(p, np.zeros(n))
     for name, fn in [
@@ -188,12 +188,15 @@ def probe_costs(p, n):
         ("S", lambda: convert.mul_bit(p, compare.ltz(p, x), x)),
         ("R", lambda: arith.mul(p, x, x)),
         ("Z", lambda: convert.select(p, [(compare.ltz(p, x), x)], 40)),
+        ("Y", lambda: convert.select(p, [(compare.ltz(p, x), x)], 30)),
+        ("D", lambda: convert.msb(p, x, drop=18 + 4)),
     ]:
         _, cost = cost_of(p, fn)
         out[name] = cost
     out["A"] = out["A"] - out["C"]
     out["S"] = out["S"] - out["C"]
     out["Z"] = out["Z"] - out["C"]
+    out["Y"] = out["Y"] - out["C"]
     out["X"] = out["X"] - out["C"]
     return out
 
@@ -217,8 +220,8 @@ def total_cost(fn, *arrays, probe=64):
 def test_cost_exp_neg_matches_docstring():
     n = 256
     rounds, nbytes, u = total_cost(nonlinear.exp_neg, -rng.uniform(0, 20, n))
-    assert rounds == u["C"][0] + 2 * approx.EXP_SQUARINGS + u["S"][0] == 18
-    assert nbytes == n * (u["C"][1] + 4 * u["M"][1] + u["W"][1] + u["S"][1])
+    assert rounds == u["D"][0] + 2 * (approx.EXP_SQUARINGS - 1) + u["R"][0] + u["Y"][0] == 18
+    assert nbytes == n * (u["D"][1] + 4 * u["M"][1] + u["R"][1] + u["Y"][1])
 
 
 @pytest.mark.parametrize("name", ["gelu", "silu"])
@@ -255,8 +258,9 @@ def test_cost_softmax_matches_docstring():
     rounds, nbytes, u = total_cost(nonlinear.softmax, rng.normal(0, 3, (rows, n)))
     (rc, c), (rs, s), (ra, a), x, m, w = u["C"], u["S"], u["A"], u["X"][1], u["M"][1], u["W"][1]
     levels, k = int(math.log2(n)), math.ceil(2 * math.log2(n))
-    assert rounds == levels * (rc + rs) + (rc + 10 + rs) + (rc + ra + 8) + 2 == 76
-    per_row = (n - 1) * (c + s) + n * (c + 4 * m + w + s) + c + (k - 2) * x + (k - 1) * a + 6 * m + n * w
+    exp = u["D"][1] + 4 * m + u["R"][1] + u["Y"][1]
+    assert rounds == levels * (rc + rs) + (u["D"][0] + 8 + 1 + u["Y"][0]) + (rc + ra + 8) + 2 == 76
+    per_row = (n - 1) * (c + s) + n * exp + c + (k - 2) * x + (k - 1) * a + 6 * m + n * m
     assert nbytes == rows * per_row
 
 
