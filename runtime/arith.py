@@ -366,15 +366,28 @@ def truncate_parts(party: Party, parts: list[np.ndarray], bits: int) -> list[ASh
         return _trunc_parts(party, parts, bits)
 
 
+def _two_parts(party: Party, xs: list[AShare]) -> np.ndarray | None:
+    """x held 2-of-2 by ranks 1 and 2, free: x_1 + x_2 on rank 1, x_0 on rank 2 (None on rank 0)."""
+    if party.rank == 0:
+        return None
+    return _flat([a.first + a.second if party.rank == 1 else a.second for a in xs])
+
+
 def truncate(party: Party, x, bits: int):
     """floor(x / 2^bits) + {0, 1} for |x| < 2^62 (one ulp at most, never more); lists batch.
 
-    Idea and proof: see `_trunc_parts`; here the additive parts are the first components.
-    Rounds 2; bytes/elem 20 per rank on average (dealer 28, others 16). Escudero et al. 2020, 4.
+    Idea: ranks 1 and 2 already hold x 2-of-2 (x_1 + x_2 and x_0), so `truncate_from_two` with
+    rank 0 as the dealer applies (the proof is `_trunc_parts`').
+    Rounds 2; bytes/elem: rank 0 12 (16 beyond 31 bits), ranks 1 and 2 16 each (44 over the three
+    ranks; 60 with a dealer part). Escudero et al. 2020, 4.
     """
     xs, was_list = _listed(x)
+    shapes = [a.shape for a in xs]
+    n = sum(int(np.prod(s)) for s in shapes)
     with party.comm.tag("truncate"):
-        return _unlisted(_trunc_parts(party, [a.first for a in xs], bits), was_list)
+        flat = truncate_from_two(party, 0, _two_parts(party, xs), bits, (n,))
+    out = [AShare(s, t) for s, t in zip(_unflat(flat.first, shapes), _unflat(flat.second, shapes))]
+    return _unlisted(out, was_list)
 
 
 def mul_fx(party: Party, x, y, bits: int | None = None):
@@ -408,8 +421,11 @@ def matmul_fx(party: Party, x, y, bits: int | None = None):
 def mul_public_fx(party: Party, x: AShare, c, bits: int | None = None) -> AShare:
     """x * c for a public real array c (broadcasting): encode c, multiply locally, truncate by `bits` (default f).
 
-    Rounds 2; bytes/elem 20 per rank on average (dealer 28, others 16). ABY3 5.1.
+    The product is linear, so it is held 2-of-2 by ranks 1 and 2 for free and truncates as `truncate`.
+    Rounds 2; bytes/elem: rank 0 12 (16 beyond 31 bits), ranks 1 and 2 16 each. ABY3 5.1.
     """
-    c = party.fxp.encode(c)
+    prod = mul_public(x, party.fxp.encode(c))
     with party.comm.tag("mul_public_fx"):
-        return _trunc_parts(party, [x.first * c], party.fxp.frac_bits if bits is None else bits)[0]
+        return truncate_from_two(
+            party, 0, _two_parts(party, [prod]), party.fxp.frac_bits if bits is None else bits, prod.shape
+        )

@@ -440,8 +440,9 @@ def layer_norm(party: Party, x: AShare, scale: AShare, bias: AShare, eps: float)
     1/sqrt per row (thermometer + binomial series, see rsqrt) and two full-size products.
     Ranges: var + eps in [2^-20, 2^14] (~1e-6 .. 1.6e4), n (var + eps) < 2^26, n |(x - mean) scale|
     < 2^26, |result - bias| < 2^13; the row mean only needs |mean| < 2^(26 - 12).
-    Rounds 2 + 2 + R_C + R_A + 8 + 2 (= 22 at L = 48); bytes/elem 2M, plus per row
-    8M + C + (k-2)X + (k-1)A with k = 4*34 = 136 intervals (see the module docstring). PUMA 4.4.
+    Rounds 2 + 2 + R_C + R_A + 8 + 2 (= 22 at L = 48); bytes/elem 2M, plus per row 5M + W + T (the
+    mean's truncation, 44 B over the ranks) + C + (k-2)X + (k-1)A with k = 4*34 = 136 intervals (see
+    the module docstring). PUMA 4.4.
     """
     f = party.fxp.frac_bits
     n = x.shape[-1]
@@ -458,7 +459,7 @@ def rms_norm(party: Party, x: AShare, scale: AShare, eps: float) -> AShare:
     """RMSNorm over the last axis (LLaMA): x / sqrt(mean(x^2) + eps) * scale; scale secret.
 
     `_normalise` without the mean; ranges as layer_norm's with 16 |x scale| < 2^26.
-    Rounds 2 + R_C + R_A + 8 + 2 (= 20 at L = 48); bytes/elem 2M, plus per row 6M + C + (k-2)X + (k-1)A.
+    Rounds 2 + R_C + R_A + 8 + 2 (= 20 at L = 48); bytes/elem 2M, plus per row 5M + W + C + (k-2)X + (k-1)A.
     """
     with party.comm.tag("rms_norm"):
         return _normalise(party, x, _shift(x, CENTER_EXTRA_BITS), 2**CENTER_EXTRA_BITS, scale, eps)

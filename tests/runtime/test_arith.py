@@ -141,13 +141,23 @@ def test_cost_mul_and_matmul_one_round_eight_bytes():
     assert all(k.bytes == 8 * 100 for k in costs(lambda p, a, b: arith.matmul(p, a, b.transpose())))
 
 
-@pytest.mark.parametrize("op", ["truncate", "mul_fx", "matmul_fx", "mul_public_fx"])
-def test_cost_truncating_ops_two_rounds_sixty_bytes_over_three_ranks(op):
+@pytest.mark.parametrize("op", ["truncate", "mul_public_fx"])
+def test_cost_linear_truncations_two_rounds_forty_four_bytes_over_three_ranks(op):
+    # Ranks 1 and 2 hold a linear function of x 2-of-2 already: rank 0 only deals.
     fn = {
         "truncate": lambda p, a, b: arith.truncate(p, a, 18),
+        "mul_public_fx": lambda p, a, b: arith.mul_public_fx(p, a, 0.5),
+    }[op]
+    c = costs(fn)
+    assert all(k.rounds == 2 for k in c)
+    assert [k.bytes for k in c] == [12 * 120, 16 * 120, 16 * 120]
+
+
+@pytest.mark.parametrize("op", ["mul_fx", "matmul_fx"])
+def test_cost_truncating_products_two_rounds_sixty_bytes_over_three_ranks(op):
+    fn = {
         "mul_fx": lambda p, a, b: arith.mul_fx(p, a, b),
         "matmul_fx": lambda p, a, b: arith.matmul_fx(p, a, b.reshape(12, 10)),
-        "mul_public_fx": lambda p, a, b: arith.mul_public_fx(p, a, 0.5),
     }[op]
     c = costs(fn)
     n = 100 if op == "matmul_fx" else 120

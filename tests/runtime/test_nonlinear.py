@@ -176,7 +176,8 @@ def probe_costs(p, n):
     """Rounds and bytes per element (summed over the ranks) of the layer below, on n elements:
     M and W fused multiply-truncates by <= 31 and > 31 bits, C ltz, X each further threshold of one
     less_than_public batch, A b2a, S mul_bit, R ring mul, Z and Y select of one term by one bit
-    with a truncation by > 31 and <= 31 bits, D the comparison that drops f + 4 low bits (exp's clip)."""
+    with a truncation by > 31 and <= 31 bits, D the comparison that drops f + 4 low bits (exp's clip),
+    T a truncation of a linear function (2-of-2 for free, `arith.truncate`)."""
     out = {}
     x = share_fx(p, np.zeros(n))
     for name, fn in [
@@ -187,6 +188,7 @@ def probe_costs(p, n):
         ("A", lambda: convert.b2a(p, compare.ltz(p, x))),
         ("S", lambda: convert.mul_bit(p, compare.ltz(p, x), x)),
         ("R", lambda: arith.mul(p, x, x)),
+        ("T", lambda: arith.truncate(p, x, 30)),
         ("Z", lambda: convert.select(p, [(compare.ltz(p, x), x)], 40)),
         ("Y", lambda: convert.select(p, [(compare.ltz(p, x), x)], 30)),
         ("D", lambda: convert.msb(p, x, drop=18 + 4)),
@@ -278,5 +280,5 @@ def test_cost_norms_match_docstring(name):
     k = 4 * 34
     m, w = u["M"][1], u["W"][1]
     assert rounds == 2 * mean + 2 + u["C"][0] + u["A"][0] + 8 + 2 == 20 + 2 * mean
-    per_row = (5 + mean) * m + w + u["C"][1] + (k - 2) * u["X"][1] + (k - 1) * u["A"][1]
+    per_row = 5 * m + mean * u["T"][1] + w + u["C"][1] + (k - 2) * u["X"][1] + (k - 1) * u["A"][1]
     assert nbytes == rows * (2 * n * m + per_row)
