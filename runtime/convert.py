@@ -88,7 +88,8 @@ def _carry_leaves(
 
     def leaves(word):
         rows = pack_bits(word >> np.uint64(drop), L)
-        low = np.concatenate([np.zeros((pad, nb), np.uint8), rows[: L - 1]]).reshape(groups, k, nb)
+        width = rows.shape[1]
+        low = np.concatenate([np.zeros((pad, width), np.uint8), rows[: L - 1]]).reshape(groups, k, width)
         return _one_hot(low), rows[L - 1]
 
     sent = (2**k - 1) * groups + 1
@@ -106,21 +107,21 @@ def _carry_leaves(
         mine = share[:-1].reshape(2**k - 1, groups, nb)
         first = np.bitwise_xor.reduce(mine, axis=0)
         # e[0] = 1 ^ XOR of the others: rank 1 holds the complement of its XOR, rank 2 the plain XOR.
-        mine = np.concatenate([(~first if r == 1 else first)[None], mine])
+        mine = np.tile(np.concatenate([(~first if r == 1 else first)[None], mine]), (1, 1, J))
+        # All offsets side by side, each padded to whole bytes, so one packing serves them all.
         third = flat.second if r == 1 else flat.first
-        parts = []
-        for o in offsets:
-            e, top = leaves(third + np.broadcast_to(o, third.shape))
-            # T_a = [a + v >= 8] = XOR_{b >= 8 - a} [v = b], a suffix XOR of v's one-hot (a loop:
-            # ufunc accumulate is 50x slower here); P pairs a with 7 - a.
-            t = e[::-1].copy()
-            for j in range(1, 2**k):
-                t[j] ^= t[j - 1]
-            g_part = np.bitwise_xor.reduce(mine[1:] & t[: 2**k - 1], axis=0)
-            p_part = np.bitwise_xor.reduce(mine & e[::-1], axis=0)
-            g_part[-1] ^= share[-1] ^ (top if r == 1 else np.uint8(0))
-            parts.append(np.concatenate([g_part, p_part[1:]]))
-        gp = boolean.reshare_from_two(party, 0, np.concatenate(parts, axis=1), (2 * groups - 1, J * nb), shape)
+        words = np.zeros((J, 8 * nb), np.uint64)
+        words[:, :n] = third[None, :] + np.stack(offsets)
+        e, top = leaves(words.reshape(-1))
+        # T_a = [a + v >= 8] = XOR_{b >= 8 - a} [v = b], a suffix XOR of v's one-hot (a loop:
+        # ufunc accumulate is 50x slower here); P pairs a with 7 - a.
+        t = e[::-1].copy()
+        for j in range(1, 2**k):
+            t[j] ^= t[j - 1]
+        g_part = np.bitwise_xor.reduce(mine[1:] & t[: 2**k - 1], axis=0)
+        p_part = np.bitwise_xor.reduce(mine & e[::-1], axis=0)
+        g_part[-1] ^= np.tile(share[-1], J) ^ (top if r == 1 else np.uint8(0))
+        gp = boolean.reshare_from_two(party, 0, np.concatenate([g_part, p_part[1:]]), (2 * groups - 1, J * nb), shape)
     # The lowest group's propagate is never read (the carry into it is 0); zeros keep the layout.
     zeros = np.zeros((1, J * nb), np.uint8)
     return gp.row(slice(0, groups)), vconcat([BShare(zeros, zeros, shape), gp.row(slice(groups, None))])
