@@ -10,7 +10,7 @@ import numpy as np
 
 from . import arith
 from .boolean import and_all, not_, split_elements, xor
-from .convert import mul_bit, msb, split_sum
+from .convert import msb, mul_bit, split_sum
 from .party import Party
 from .shares import AShare, concat, flat_concat
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import arith
-from . import boolean
+from . import arith, boolean
 from .boolean import carry_out, pack_bits, split_elements, unpack_row
 from .party import Party
 from .shares import AShare, BShare, flat_concat, flat_split, vconcat

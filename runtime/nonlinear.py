@@ -39,7 +39,7 @@ import math
 import numpy as np
 
 from . import approx, arith, boolean, compare, convert
-from .convert import b2a, mul_bit
+from .convert import b2a
 from .party import Party
 from .shares import AShare, stack
 

@@ -258,7 +258,7 @@ def test_cost_rsqrt_matches_docstring():
 def test_cost_softmax_matches_docstring():
     rows, n = 8, 32
     rounds, nbytes, u = total_cost(nonlinear.softmax, rng.normal(0, 3, (rows, n)))
-    (rc, c), (rs, s), (ra, a), x, m, w = u["C"], u["S"], u["A"], u["X"][1], u["M"][1], u["W"][1]
+    (rc, c), (rs, s), (ra, a), x, m = u["C"], u["S"], u["A"], u["X"][1], u["M"][1]
     levels, k = int(math.log2(n)), math.ceil(2 * math.log2(n))
     exp = u["D"][1] + 4 * m + u["R"][1] + u["Y"][1]
     assert rounds == levels * (rc + rs) + (u["D"][0] + 8 + 1 + u["Y"][0]) + (rc + ra + 8) + 2 == 76
