@@ -32,7 +32,7 @@ def less_than_public(party: Party, x: AShare, thresholds) -> list:
     Rounds 2 + ceil(log2 m); bytes/elem 31.6 for the first threshold and 17.5 for each further
     one, over the three ranks at L = 48 (see convert.msb). ABY3 5.3.
     """
-    with party.comm.tag("ltz"):
+    with party.comm.tag("less_than_public"):
         return msb(party, x, offsets=[np.uint64(0) - arith._ring(t) for t in thresholds])
 
 
