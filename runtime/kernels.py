@@ -31,6 +31,7 @@ class Private:
     owner: int
     shape: tuple[int, ...]
     value: np.ndarray | None
+    shared: AShare | None = None  # its secret share, once an op needed one
 
 
 @dataclass
@@ -69,7 +70,6 @@ class Context:
 
     def __init__(self, party: Party):
         self.party = party
-        self._shared: dict[int, AShare] = {}
 
     def encode(self, c: np.ndarray) -> np.ndarray:
         return self.party.fxp.encode(c)
@@ -81,11 +81,10 @@ class Context:
         if isinstance(v, WeightShare):
             return v.materialize()
         if isinstance(v, Private):
-            key = id(v)
-            if key not in self._shared:
+            if v.shared is None:
                 value = self.encode(v.value) if self.party.rank == v.owner else None
-                self._shared[key] = arith.share(self.party, value, v.owner, v.shape)
-            return self._shared[key]
+                v.shared = arith.share(self.party, value, v.owner, v.shape)
+            return v.shared
         c = self.encode(np.asarray(v))
         zero = np.zeros(c.shape, dtype=np.uint64)
         return arith.add_public(self.party, AShare(zero, zero), c)
