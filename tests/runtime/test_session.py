@@ -73,6 +73,16 @@ def test_bert_matches_onnxruntime_on_the_rewritten_model(bert, tmp_path):
     assert np.abs(secure - original).max() <= np.abs(rewritten - original).max() + 1e-2
 
 
+def test_a_model_that_is_not_rewritten_yet_is_rewritten_on_the_fly(bert, tmp_path):
+    ids = np.random.default_rng(3).integers(0, 30522, size=(1, 8))
+    opts = RunOptions(model=str(bert / "model.onnx"), input_ids=ids_file(tmp_path, ids), progress=False)
+    results, errors = run_threads([opts] * 3)
+    assert errors == [None] * 3
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    plain = ort_run(bert / REWRITTEN_FILE, feeds)["last_hidden_state"]
+    assert np.abs(results[CLIENT]["outputs"]["last_hidden_state"] - plain).max() <= 1e-2
+
+
 def test_helper_ranks_never_read_the_model_or_the_input(bert, tmp_path):
     ids = np.random.default_rng(2).integers(0, 30522, size=(1, 8))
     owner = RunOptions(model=str(bert), progress=False)
