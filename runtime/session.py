@@ -33,7 +33,7 @@ from onnx import numpy_helper
 from . import arith
 from .comm import Communicator
 from .executor import Executor, parse_nodes, unsupported
-from .kernels import Private
+from .kernels import Context, Private, Scaled
 from .party import Party
 from .ring import FixedPoint
 from .shares import AShare
@@ -262,8 +262,8 @@ def reveal_outputs(party: Party, outputs: dict) -> dict[str, np.ndarray]:
     opened = {}
     with party.comm.tag("reveal_outputs"):
         for name, value in outputs.items():
-            if isinstance(value, WeightShare):
-                value = value.materialize()
+            if isinstance(value, (WeightShare, Scaled)):
+                value = Context(party).secret(value)
             if isinstance(value, AShare):
                 ring = arith.reveal(party, value, to=CLIENT)
                 if party.rank == CLIENT:

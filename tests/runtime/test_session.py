@@ -162,3 +162,41 @@ def test_only_the_client_receives_output_words():
     assert np.array_equal(o1["y"], np.arange(6.0, dtype=np.float32).reshape(2, 3))
     # Rank 2 sends the client its missing component; the client sends nothing, so ranks 0 and 2 receive nothing.
     assert b0 == 0 and b1 == 0 and b2 == 6 * 8
+
+
+def scaled_attention_program(party, q, k, s, consumer):
+    from puma_onnx.runtime import kernels
+
+    from .helpers import open_fx, share_fx
+
+    ctx = kernels.Context(party)
+    node = kernels.Node("n", "Mul", "", [], [], {})
+    (qs,) = kernels.mul(ctx, node, share_fx(party, q), np.float32(s))
+    (ks,) = kernels.mul(ctx, node, share_fx(party, k), np.float32(s))
+    before = party.comm.stats.snapshot()
+    (out,) = consumer(ctx, node, qs, ks)
+    out = ctx.secret(out)
+    rounds = (party.comm.stats.snapshot() - before).rounds
+    return open_fx(party, out), rounds
+
+
+def test_public_scalings_ride_in_the_matmul_truncation():
+    from puma_onnx.runtime import kernels
+    from puma_onnx.runtime.comm import run_parties
+
+    rng = np.random.default_rng(6)
+    q, k = rng.normal(size=(4, 8)), rng.normal(size=(8, 4))
+    s = np.sqrt(np.float32(0.125))  # 1/sqrt(sqrt(64)), as the exports compute it
+    value, rounds = run_parties(scaled_attention_program, q, k, s, kernels.matmul)[0]
+    assert np.abs(value - (q @ k) / 8).max() <= 1e-4
+    assert rounds == 2  # the matmul's own truncation only
+
+
+def test_a_scaled_value_read_by_another_op_is_multiplied_out():
+    from puma_onnx.runtime import kernels
+    from puma_onnx.runtime.comm import run_parties
+
+    rng = np.random.default_rng(7)
+    q, k = rng.normal(size=(4, 8)), rng.normal(size=(4, 8))
+    value, _ = run_parties(scaled_attention_program, q, k, 0.3, kernels.add)[0]
+    assert np.abs(value - 0.3 * (q + k)).max() <= 1e-4
