@@ -85,7 +85,7 @@ class _Body:
     def piecewise(self, x: str, breaks, low, mid) -> str:
         """0 below breaks[0], low to breaks[1], mid to breaks[2], x above (approx.piecewise)."""
         b0, b1, b2 = breaks
-        upper = self.op("Where", self.op("LessOrEqual", x, self.const(b2)), self.poly(x, mid), x)
+        upper = self.op("Where", self.op("Less", x, self.const(b2)), self.poly(x, mid), x)
         middle = self.op("Where", self.op("Less", x, self.const(b1)), self.poly(x, low), upper)
         return self.op("Where", self.op("Less", x, self.const(b0)), self.const(0.0), middle)
 

@@ -5,8 +5,8 @@ model owner's weights, the client's token ids and everything computed from
 them are secret. Concretely:
 
 - graph inputs named in PUBLIC_INPUTS are public, every other input is secret;
-- float initializers with more than one element are weights (secret); scalar
-  and integer/bool initializers and Constant nodes are graph structure (public);
+- initializers are weights (secret) unless they hold int64 or bool data (shapes,
+  axes, indices); Constant nodes are graph structure (public);
 - Shape and Size give public values whatever their input;
 - every other output is secret as soon as one input is secret.
 
@@ -72,9 +72,15 @@ ENCODABLE_LIMIT = FixedPoint().bound / 2
 
 
 def is_weight(value: ir.Value) -> bool:
-    """A float initializer with more than one element: the model owner's secret."""
+    """An initializer is the model owner's secret unless it holds int64 or bool data.
+
+    int64 and bool tensors are what exporters use for shapes, axes and indices; every
+    other initializer (float of any size, a learned scalar, int8/int32 quantized
+    weights and biases) is a weight. Were a weight classed public it would travel to
+    the other ranks in the clear with the graph.
+    """
     tensor = value.const_value
-    return tensor is not None and tensor.dtype in _FLOATS and tensor.size > 1
+    return tensor is not None and tensor.dtype not in (ir.DataType.INT64, ir.DataType.BOOL)
 
 
 def analyze_graph(graph: ir.Graph) -> dict[ir.Value, str]:

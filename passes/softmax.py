@@ -26,8 +26,9 @@ import onnx_ir as ir
 from puma_onnx.passes._common import PumaRule, is_close, is_last_axis, puma, scalar
 
 # Additive mask values at or below this mean "masked": far below any score
-# (PUMA's exp is already 0 for x - max < -14) and still encodable in fixed point.
-MASK_FLOOR = -(2.0**30)
+# (PUMA's exp is already 0 for x - max < -14), while a finite bias above it stays
+# inside the comparisons' exact range (|x| < 2^29), so the max tree cannot wrap.
+MASK_FLOOR = -(2.0**20)
 
 
 def _is_last_axis(softmax_out: ir.Value) -> bool:

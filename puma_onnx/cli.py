@@ -105,7 +105,7 @@ export.help = (export.help or "") + ", ".join(REGISTRY) + "."
 @click.option("--output", type=click.Path(dir_okay=False), help="Write every graph output to this .npz (client).")
 @click.option("--report", type=click.Path(dir_okay=False), help="Write time, bytes, rounds, memory and per-op costs as JSON.")
 @click.option("--profile", is_flag=True, help="Print the per-op costs summed by op type and by layer.")
-@click.option("--frac-bits", default=18, show_default=True, type=click.IntRange(8, 30), help="Fractional bits of the fixed-point encoding.")
+@click.option("--frac-bits", default=18, show_default=True, type=click.IntRange(16, 20), help="Fractional bits of the fixed-point encoding (the nonlinear kernels are tuned for 16-20).")
 def run(model, text, input_ids, seq_len, output, report, profile, frac_bits) -> None:
     """Secure inference on three MPI ranks: mpirun -n 3 puma-onnx run MODEL.
 

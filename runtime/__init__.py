@@ -8,7 +8,7 @@ Layers, each using only those above it (the protocols never import ONNX):
   shares     AShare / BShare and their local shape operations
   arith      share, reveal, add, mul, matmul, truncate, mul_fx, matmul_fx, ...
   boolean    bit-sliced XOR, AND, AND trees
-  convert    msb, b2a, mul_bit
+  convert    msb, b2a, mul_bit, select
   compare    ltz, less_than, equal, max
   approx     PUMA's approximations in float64 (the reference)
   nonlinear  exp, reciprocal, rsqrt, gelu, silu, softmax, layer_norm, rms_norm

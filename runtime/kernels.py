@@ -75,6 +75,10 @@ class Scaled:
     factor: float
     product: AShare | None = None  # the multiplied-out share, once an op needed it
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.share.shape
+
 
 class KernelError(ValueError):
     """A node whose inputs the secure kernels cannot handle; names the node."""
@@ -172,8 +176,10 @@ def _squeeze(node, a, axes=None):
 
 
 def _flatten(node, a):
-    axis = node.attrs.get("axis", 1) % (a.ndim + 1) if a.ndim else 0
-    return a.reshape(int(np.prod(a.shape[:axis])), -1)
+    axis = node.attrs.get("axis", 1)
+    if axis < 0:
+        axis += a.ndim
+    return a.reshape(int(np.prod(a.shape[:axis])), int(np.prod(a.shape[axis:])))
 
 
 def _expand(node, a, shape):
@@ -251,9 +257,10 @@ def mul(ctx, node, x, y):
     if is_secret(x) and is_secret(y):
         return (arith.mul_fx(ctx.party, ctx.secret(x), ctx.secret(y)),)
     s, c = (x, y) if is_secret(x) else (y, x)
-    if np.size(c) == 1 and not integral(c):
-        return (Scaled(ctx.secret(s), float(np.asarray(c).reshape(()))),)
-    return (scale(ctx, ctx.secret(s), c),)
+    s = ctx.secret(s)
+    if np.size(c) == 1 and np.ndim(c) <= s.ndim and not integral(c):
+        return (Scaled(s, float(np.asarray(c).reshape(()))),)
+    return (scale(ctx, s, c),)
 
 
 def _power_of_two_bits(factor: float) -> int | None:
@@ -353,7 +360,9 @@ def split_kernel(ctx, node, x, sizes=None):
     axis = node.attrs.get("axis", 0)
     sizes = node.attrs.get("split") if sizes is None else [int(s) for s in np.asarray(sizes)]
     if sizes is None:
-        return tuple(split(x, len(node.outputs), axis=axis))
+        # Equal parts, the last one smaller when the axis does not divide (opset 18).
+        step = -(-x.shape[axis] // len(node.outputs))
+        sizes = [min(step, x.shape[axis] - i * step) for i in range(len(node.outputs))]
     return tuple(split(x, np.cumsum(sizes)[:-1], axis=axis))
 
 

@@ -66,9 +66,10 @@ def finish(report: dict, opts: RunOptions) -> None:
         with open(opts.report, "w") as f:
             json.dump(report, f, indent=1)
             f.write("\n")
+    # Only names and shapes: mpirun forwards stdout to wherever it was started.
     for name, value in outputs.items():
-        preview = np.array2string(value.ravel()[:4], precision=4, separator=", ")
-        print(f"{name}: shape {tuple(value.shape)}, first values {preview}")
+        saved = f" (in {opts.output})" if opts.output else " (not saved: use --output)"
+        print(f"{name}: shape {tuple(value.shape)}{saved}")
     gb = report["bytes_sent_total"] / 1e9
     print(
         f"{report['model']}: online {report['online_s']:.2f} s, setup {report['setup_s']:.2f} s, "

@@ -24,10 +24,12 @@ def new_seed() -> bytes:
 class PRG:
     """A keyed AES-CTR stream; `words` returns the next chunk of it as numpy arrays."""
 
-    def __init__(self, seed: bytes):
+    def __init__(self, seed: bytes, stream: int = 0):
+        """`stream` numbers independent streams under one key (the CTR nonce's high 64 bits)."""
         if len(seed) != SEED_BYTES:
             raise ValueError(f"PRG seed must be {SEED_BYTES} bytes, got {len(seed)}")
-        self._enc = Cipher(algorithms.AES(seed), modes.CTR(b"\0" * 16)).encryptor()
+        nonce = stream.to_bytes(8, "big") + b"\0" * 8
+        self._enc = Cipher(algorithms.AES(seed), modes.CTR(nonce)).encryptor()
 
     def _stream(self, nbytes: int) -> np.ndarray:
         # A fresh bytearray is zeros: encrypting it in place (OpenSSL allows in == out)

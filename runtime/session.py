@@ -31,6 +31,8 @@ import onnx
 from onnx import numpy_helper
 
 from . import arith
+from puma_onnx.passes.secrecy import PUBLIC_INPUTS
+
 from .comm import Communicator
 from .executor import Executor, parse_nodes, unsupported
 from .kernels import Context, Private, Scaled
@@ -43,7 +45,6 @@ from .wire import broadcast_bytes, broadcast_json, gather_json
 OWNER, CLIENT, HELPER = 0, 1, 2
 REWRITTEN_FILE = "model.puma.onnx"
 ORIGINAL_FILE = "model.onnx"
-PUBLIC_INPUTS = ("attention_mask", "position_ids")
 
 
 class UserError(Exception):
@@ -63,17 +64,21 @@ class RunOptions:
     progress: bool = True
 
 
-def agree(comm: Communicator, root: int, step):
-    """Run step() on `root`; a UserError there is raised on every rank. Returns step's result on root."""
+def agree(comm: Communicator, root: int, step, others_see: str | None = None):
+    """Run step() on `root`; a UserError there is raised on every rank. Returns step's result on root.
+
+    The other ranks get the same message, or `others_see` when the details are root's own
+    business (the client's token ids are its secret even when they are wrong).
+    """
     result, error = None, None
     if comm.rank == root:
         try:
             result = step()
         except UserError as e:
             error = str(e)
-    error = broadcast_json(comm, {"error": error}, root)["error"]
-    if error:
-        raise UserError(error)
+    said = broadcast_json(comm, {"error": error if others_see is None else bool(error)}, root)["error"]
+    if said:
+        raise UserError(error if comm.rank == root else others_see or said)
     return result
 
 
@@ -137,7 +142,10 @@ def _check_encodable(model: onnx.ModelProto, names: set[str], fxp: FixedPoint) -
         if t.name in names:
             worst = float(np.abs(numpy_helper.to_array(t)).max(initial=0.0))
             if not worst < fxp.bound:
-                raise UserError(f"weight {t.name!r} holds {worst:.4g}; fixed point with {fxp.frac_bits} fractional bits holds |x| < {fxp.bound:.4g}")
+                raise UserError(
+                    f"weight {t.name!r} does not fit fixed point with {fxp.frac_bits} fractional bits "
+                    f"(|x| < {fxp.bound:.4g})"
+                )
 
 
 def _vocab_limits(model: onnx.ModelProto) -> dict[str, int]:
@@ -316,7 +324,7 @@ def run(comm: Communicator, opts: RunOptions) -> dict | None:
     public = broadcast_json(comm, {"info": info, "manifest": manifest} if r == OWNER else None, OWNER)
     info, manifest = public["info"], public["manifest"]
 
-    raw = agree(comm, CLIENT, lambda: client_feeds(opts, info))
+    raw = agree(comm, CLIENT, lambda: client_feeds(opts, info), others_see=f"rank {CLIENT} (the client) rejected its input; it printed why")
     feeds = make_feeds(comm, raw, info)
     before_setup = comm.stats.snapshot()
 

@@ -26,11 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from .comm import PARTIES
 from .party import Party
-from .prg import SEED_BYTES
+from .prg import PRG, SEED_BYTES
 from .ring import FixedPoint, ring_matmul
 from .shares import AShare
 
@@ -42,30 +41,21 @@ OWNER = 0
 CHUNK = 1 << 20
 
 
-def _encryptor(seed: bytes, index: int):
-    return Cipher(algorithms.AES(seed), modes.CTR(index.to_bytes(8, "big") + b"\0" * 8)).encryptor()
-
-
 def _stream(seed: bytes, index: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Words number 0.. of the AES-CTR stream keyed by seed with nonce `index`."""
-    count = int(np.prod(shape, dtype=np.int64))
-    out = bytearray(count * 8 + 15)
-    _encryptor(seed, index).update_into(memoryview(out)[: count * 8], out)
-    return np.frombuffer(out, dtype=np.uint64, count=count).reshape(shape)
+    """The first words of weight `index`'s own stream under `seed`."""
+    return PRG(seed, stream=index).words(shape)
 
 
 def _encode_minus_streams(fxp: FixedPoint, plain: np.ndarray, seeds: list[bytes], index: int) -> np.ndarray:
     """encode(plain) - stream(seed_1) - stream(seed_2) - ..., built CHUNK words at a time."""
     flat = plain.reshape(-1)
     out = np.empty(flat.size, dtype=np.uint64)
-    encryptors = [_encryptor(seed, index) for seed in seeds]
+    streams = [PRG(seed, stream=index) for seed in seeds]
     for lo in range(0, flat.size, CHUNK):
         piece = out[lo : lo + CHUNK]
         piece[...] = fxp.encode(flat[lo : lo + CHUNK])
-        for enc in encryptors:
-            words = bytearray(piece.size * 8 + 15)
-            enc.update_into(memoryview(words)[: piece.size * 8], words)
-            piece -= np.frombuffer(words, dtype=np.uint64, count=piece.size)
+        for prg in streams:
+            piece -= prg.words(piece.size)
     return out.reshape(plain.shape)
 
 

@@ -29,16 +29,17 @@ def test_inputs_weights_and_constants_get_their_levels():
     inits = [
         weight("w", np.ones((2, 2), np.float32)),
         weight("s", np.float32(3.0)),
+        weight("q", np.ones((2, 2), np.int8)),
         weight("i", np.ones(4, np.int64)),
     ]
     levels = analyze(model(nodes, inputs, [("wi", FLOAT, [2, 2])], inits))
     assert PUBLIC_INPUTS == {"attention_mask", "position_ids"}
-    assert {k: levels[k] for k in ("input_ids", "token_type_ids", "w", "wi")} == dict.fromkeys(
-        ("input_ids", "token_type_ids", "w", "wi"), "secret"
-    )
+    # A learned scalar and quantized int8 weights are weights too.
+    secret = ("input_ids", "token_type_ids", "w", "wi", "s", "q")
+    assert {k: levels[k] for k in secret} == dict.fromkeys(secret, "secret")
     assert {
-        k: levels[k] for k in ("attention_mask", "position_ids", "s", "i", "c")
-    } == dict.fromkeys(("attention_mask", "position_ids", "s", "i", "c"), "public")
+        k: levels[k] for k in ("attention_mask", "position_ids", "i", "c")
+    } == dict.fromkeys(("attention_mask", "position_ids", "i", "c"), "public")
 
 
 def test_shape_of_a_secret_is_public_and_so_is_arithmetic_on_it():
