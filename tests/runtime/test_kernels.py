@@ -1,0 +1,95 @@
+"""Every ONNX kernel on a secret input against onnx's reference implementation of the op."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+from onnx.reference import ReferenceEvaluator
+
+from puma_onnx.runtime import kernels
+from puma_onnx.runtime.comm import run_parties
+
+from .helpers import open_fx, share_fx
+
+RNG = np.random.default_rng(11)
+X = RNG.normal(size=(2, 3, 4))
+I64 = np.int64
+
+# (op, attributes, the inputs after the secret x: public arrays, or "secret" for a second secret)
+CASES = [
+    ("Reshape", {}, [np.array([0, -1], I64)]),
+    ("Transpose", {"perm": [2, 0, 1]}, []),
+    ("Unsqueeze", {}, [np.array([-1, 0], I64)]),
+    ("Squeeze", {}, [np.array([0], I64)]),
+    ("Flatten", {"axis": -1}, []),
+    ("Flatten", {"axis": 0}, []),
+    ("Expand", {}, [np.array([2, 2, 3, 4], I64)]),
+    ("Slice", {}, [np.array([0, -1], I64), np.array([2, -4], I64), np.array([1, 2], I64), np.array([1, -1], I64)]),
+    ("Gather", {"axis": 1}, [np.array([[-1, 0]], I64)]),
+    ("CumSum", {"exclusive": 1, "reverse": 1}, [np.array(2, I64)]),
+    ("Concat", {"axis": 1}, [RNG.normal(size=(2, 1, 4))]),
+    ("Split", {"axis": 1, "num_outputs": 2}, []),  # 3 = 2 + 1: the last part is smaller
+    ("Split", {"axis": 1}, [np.array([1, 2], I64)]),
+    ("Where", {}, []),  # condition first: see below
+    ("ReduceSum", {"keepdims": 0}, [np.array([1], I64)]),
+    ("ReduceMean", {"keepdims": 1}, [np.array([0, 2], I64)]),
+    ("Add", {}, [RNG.normal(size=(4,))]),
+    ("Sub", {}, ["secret"]),
+    ("Mul", {}, [RNG.normal(size=(3, 1))]),
+    ("Mul", {}, ["secret"]),
+    ("Div", {}, [np.array([2.5])]),
+    ("Neg", {}, []),
+    ("MatMul", {}, [RNG.normal(size=(4, 5))]),
+    ("MatMul", {}, ["secret_t"]),
+    ("Identity", {}, []),
+    ("Cast", {"to": onnx.TensorProto.FLOAT}, []),
+]
+
+
+def plaintext(op, attrs, inputs, n_out):
+    node = helper.make_node(op, [f"i{k}" for k in range(len(inputs))], [f"o{k}" for k in range(n_out)], **attrs)
+    evaluator = ReferenceEvaluator(node, opsets={"": 18})
+    return evaluator.run(None, {f"i{k}": v for k, v in enumerate(inputs)})
+
+
+def secure(party, op, attrs, inputs, secret_at, n_out):
+    node = kernels.Node(op, op, "", [f"i{k}" for k in range(len(inputs))], [f"o{k}" for k in range(n_out)], attrs)
+    ctx = kernels.Context(party)
+    values = [share_fx(party, v) if k in secret_at else v for k, v in enumerate(inputs)]
+    return [open_fx(party, ctx.secret(o)) for o in kernels.KERNELS[("", op)](ctx, node, *values)]
+
+
+@pytest.mark.parametrize("op, attrs, rest", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_kernel_matches_onnx_reference(op, attrs, rest):
+    secret_at = {0}
+    inputs = [X]
+    if op == "Where":
+        inputs = [X > 0, X, RNG.normal(size=(3, 1))]
+        secret_at = {1}
+    if op == "Squeeze":
+        inputs = [X[:1]]
+    for k, r in enumerate(rest, start=1):
+        if isinstance(r, str):
+            inputs.append(RNG.normal(size=X.shape) if r == "secret" else RNG.normal(size=(2, 4, 3)))
+            secret_at.add(k)
+        else:
+            inputs.append(r)
+    n_out = 2 if op == "Split" else 1
+    want = plaintext(op, attrs, [np.asarray(v, np.float32) if v.dtype.kind == "f" else v for v in inputs], n_out)
+    got = run_parties(secure, op, attrs, inputs, secret_at, n_out)[0]
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert np.abs(g - w).max() <= 1e-4
+
+
+@pytest.mark.parametrize("attrs", [{"alpha": 0.5, "beta": 2.0, "transB": 1}, {"transA": 1}])
+def test_gemm_matches_onnx_reference(attrs):
+    a = RNG.normal(size=(4, 3)) if attrs.get("transA") else RNG.normal(size=(3, 4))
+    b = RNG.normal(size=(5, 4)) if attrs.get("transB") else RNG.normal(size=(4, 5))
+    c = RNG.normal(size=(5,))
+    want = plaintext("Gemm", attrs, [a.astype(np.float32), b.astype(np.float32), c.astype(np.float32)], 1)[0]
+    got = run_parties(secure, "Gemm", attrs, [a, b, c], {0, 1}, 1)[0][0]
+    assert np.abs(got - want).max() <= 1e-4
