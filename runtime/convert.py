@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import arith, boolean
+from .arith import _listed
 from .boolean import carry_out, pack_bits, split_elements, unpack_row
 from .party import Party
 from .shares import AShare, BShare, flat_concat, flat_split, vconcat
@@ -38,10 +39,6 @@ def split_sum(party: Party, x: AShare, bits: int, negate_third: bool = False) ->
     mask = party.prg_next.words(zeros.shape, np.uint8)
     party.comm.exchange({}, {})
     return BShare(zeros, mask, (n,)), BShare(v, zeros, (n,))
-
-
-def _listed(x):
-    return (list(x), True) if isinstance(x, (list, tuple)) else ([x], False)
 
 
 # Bits per leaf of msb's carry tree: rank 0 sends a one-hot of its 3 bits (7 rows, the 8th is implied).
