@@ -2,9 +2,12 @@
 
 A kernel runs when at least one input of a node is secret; nodes on public
 values only run in plaintext (see `executor.PublicOps`). Inputs arrive as:
-  np.ndarray  public (every rank holds the same array),
-  AShare      secret, fixed point with `party.fxp.frac_bits` fractional bits,
-  Private     a client input only its owner rank knows (token ids).
+  np.ndarray   public (every rank holds the same array),
+  AShare       secret, fixed point with `party.fxp.frac_bits` fractional bits,
+  WeightShare  a secret weight, kept compact until read (weights.py),
+  Scaled       a secret times a public scalar, not yet multiplied out,
+  Private      a client input only its owner rank knows (token ids).
+`Context.secret` turns any secret kind into an AShare.
 Shape-only ops (Shape, Size) give public outputs. Every other kernel returns
 secret outputs. The costs are those of the protocols each kernel calls; shape
 kernels are local and free.
@@ -279,7 +282,7 @@ def div(ctx, node, x, y):
     return mul(ctx, node, x, 1.0 / np.asarray(y, dtype=np.float64))
 
 
-def _matmul_public(ctx: Context, x: AShare | None, c: np.ndarray, left: bool) -> AShare:
+def _matmul_public(ctx: Context, x: AShare, c: np.ndarray, left: bool) -> AShare:
     """x @ c (or c @ x when left) for public c: local ring products, then one truncation."""
     if integral(c):
         enc, bits = np.asarray(c).astype(np.int64).view(np.uint64), 0
@@ -307,8 +310,8 @@ def matmul(ctx, node, x, y):
         return (_matmul_weight(ctx, ctx.secret(x), y),)
     if is_secret(x) and is_secret(y):
         factor = (x.factor if isinstance(x, Scaled) else 1.0) * (y.factor if isinstance(y, Scaled) else 1.0)
-        extra = _power_of_two_bits(factor) if factor != 1.0 else None
-        if extra is not None:
+        extra = _power_of_two_bits(factor)
+        if extra is not None:  # the factors ride in the truncation; otherwise ctx.secret multiplies them out
             x, y = (v.share if isinstance(v, Scaled) else v for v in (x, y))
         x, y = ctx.secret(x), ctx.secret(y)
         bits = ctx.party.fxp.frac_bits + (extra or 0)

@@ -30,11 +30,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from . import arith
 from puma_onnx.passes.secrecy import PUBLIC_INPUTS
 
+from . import arith
 from .comm import Communicator
-from .executor import Executor, parse_nodes, unsupported
+from .executor import Executor, layer_of, parse_nodes, unsupported
 from .kernels import Context, Private, Scaled
 from .party import Party
 from .ring import FixedPoint
@@ -295,8 +295,6 @@ class Progress:
             self.bar = tqdm(total=len(executor.layers), unit="layer", delay=2.0, file=sys.stderr, leave=False)
 
     def __call__(self, node) -> None:
-        from .executor import layer_of
-
         layer = layer_of(node.name)
         if self.bar is not None and layer is not None and layer not in self.seen:
             if self.seen:
@@ -316,11 +314,11 @@ def run(comm: Communicator, opts: RunOptions) -> dict | None:
     r = comm.rank
 
     loaded = agree(comm, OWNER, lambda: load_model(opts.model, opts.frac_bits))
-    light, manifest, info = b"", None, None
+    light = manifest = info = None
     if r == OWNER:
         model, info, secret_weights = loaded
         light, manifest = skeleton(model, secret_weights)
-    light = broadcast_bytes(comm, light if r == OWNER else None, OWNER)
+    light = broadcast_bytes(comm, light, OWNER)
     public = broadcast_json(comm, {"info": info, "manifest": manifest} if r == OWNER else None, OWNER)
     info, manifest = public["info"], public["manifest"]
 
