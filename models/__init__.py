@@ -2,7 +2,8 @@
 
 Each recipe is a JSON file in `configs/`: either a Hugging Face config (exported
 with random weights, since nothing may be downloaded) or a pointer to a PyPI
-package that ships a real model folder (all-MiniLM-L6-v2).
+package that ships a real model: a model folder (all-MiniLM-L6-v2) or a GGUF
+file (SmolLM2-135M-Instruct). `texts/` holds the shipped calibration texts.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ class ModelSpec:
     library: str = "transformers"
     package: str | None = None
     package_dir: str | None = None
+    # A GGUF file in the package, read by transformers (needs the `gguf` package), and the fixes its
+    # converted tokenizer needs (the end-of-sequence token; no beginning-of-sequence token added).
+    gguf_file: str | None = None
+    eos_token: str | None = None
+    add_bos_token: bool | None = None
 
     @property
     def has_weights(self) -> bool:
@@ -39,7 +45,7 @@ class ModelSpec:
         if spec is None or spec.origin is None:
             raise FileNotFoundError(
                 f"model {self.name!r} needs the Python package {self.package!r}; "
-                "install the export extra: pip install -e '.[export]'"
+                "install it as the README's setup command does"
             )
         return Path(spec.origin).parent / (self.package_dir or "")
 

@@ -23,6 +23,7 @@ from puma_onnx.passes import (
     softmax,
 )
 from puma_onnx.passes._common import Levels
+from puma_onnx.runtime import approx
 
 # Position ids first, so that the lookups they feed are seen with public
 # indices; the embedding rule then takes only lookups on secret ids.
@@ -90,15 +91,17 @@ def survey(model: ir.Model, matches: dict[str, int]) -> RewriteReport:
     )
 
 
-def _attach_functions(model: ir.Model) -> None:
-    """One shared function per puma op used, built for the model's default opset."""
+def _attach_functions(model: ir.Model, fits: approx.ApproxSet) -> None:
+    """One shared function per puma op used, built for the model's default opset from `fits`,
+    whose name the model's metadata records."""
     opset = model.opset_imports.get("", model.graph.opset_imports.get(""))
     used = sorted({n.op_type for n in model.graph if n.domain == functions.DOMAIN})
     for op_type in used:
-        function = ir.serde.deserialize_function(functions.function(op_type, opset))
+        function = ir.serde.deserialize_function(functions.function(op_type, opset, fits))
         model.functions[function.identifier()] = function
     if used:
         model.graph.opset_imports[functions.DOMAIN] = functions.VERSION
+        model.metadata_props[functions.APPROX_KEY] = fits.name
 
 
 def _name_puma_nodes(graph: ir.Graph) -> None:
@@ -121,8 +124,10 @@ def _name_puma_nodes(graph: ir.Graph) -> None:
         node.name = name
 
 
-def rewrite_ir(model: ir.Model) -> RewriteReport:
-    """Rewrite `model` in place; raise UnsupportedSecretOps if secret ops lack a kernel."""
+def rewrite_ir(model: ir.Model, approx_set: str = approx.DEFAULT) -> RewriteReport:
+    """Rewrite `model` in place with the approximation set `approx_set` (runtime.approx.SETS);
+    raise UnsupportedSecretOps if secret ops lack a kernel."""
+    fits = approx.lookup(approx_set)
     ShapeInferencePass(check_type=False, strict_mode=False)(model)
     levels = Levels()
     matches = {}
@@ -132,21 +137,22 @@ def rewrite_ir(model: ir.Model) -> RewriteReport:
             matches[rule.name] = pattern.RewriteRuleSet([rule], commute=True).apply_to_model(model)
     RemoveUnusedNodesPass()(model)
     _name_puma_nodes(model.graph)
-    _attach_functions(model)
+    _attach_functions(model, fits)
     report = survey(model, matches)
     if report.problems:
         raise UnsupportedSecretOps(report)
     return report
 
 
-def rewrite(model: onnx.ModelProto) -> tuple[onnx.ModelProto, RewriteReport]:
-    """The model with every secret nonlinearity replaced by a puma op, and the report.
+def rewrite(model: onnx.ModelProto, approx_set: str = approx.DEFAULT) -> tuple[onnx.ModelProto, RewriteReport]:
+    """The model with every secret nonlinearity replaced by a puma op (approximations `approx_set`),
+    and the report.
 
     Raises UnsupportedSecretOps (a ValueError) naming the node and op type of every
     op left on secret data without a secure kernel, before anything runs.
     """
     ir_model = ir.serde.deserialize_model(model)
-    report = rewrite_ir(ir_model)
+    report = rewrite_ir(ir_model, approx_set)
     return ir.serde.serialize_model(ir_model), report
 
 
@@ -156,10 +162,12 @@ def analyze(model: onnx.ModelProto) -> dict[str, str]:
     return {value.name: level for value, level in levels.items()}
 
 
-def rewrite_file(in_path: str | os.PathLike, out_path: str | os.PathLike) -> RewriteReport:
+def rewrite_file(
+    in_path: str | os.PathLike, out_path: str | os.PathLike, approx_set: str = approx.DEFAULT
+) -> RewriteReport:
     """Rewrite the ONNX file at in_path into out_path (external data beside it when large)."""
     model = ir.load(in_path)
-    report = rewrite_ir(model)
+    report = rewrite_ir(model, approx_set)
     size = sum(t.const_value.nbytes for t in model.graph.initializers.values() if t.const_value)
     external = os.path.basename(out_path) + ".data" if size > _EXTERNAL_DATA_BYTES else None
     ir.save(model, out_path, external_data=external)

@@ -3,9 +3,11 @@
 Every rewritten model carries one function per `puma` op it uses (attributes
 by reference, never one copy per call site), so onnxruntime runs the rewritten
 model as it is, and the difference between the original and the rewritten
-model is exactly PUMA's approximation error. The numbers come from
-`puma_onnx.runtime.approx`, which the secure kernels read too; each function
-computes what the float64 reference of the same name there computes.
+model is exactly the approximation error. The numbers come from one set of
+`puma_onnx.runtime.approx` (refit or PUMA's), which the secure kernels read
+too; each function computes what the float64 reference of the same name there
+computes, and the model records the set's name in its metadata
+(`APPROX_KEY`), so that the executor evaluates the same set.
 
 The bodies use the model's own default-domain opset (onnxruntime resolves a
 function's ops against the model's opset), so they stay within ops that exist
@@ -24,6 +26,8 @@ from puma_onnx.runtime import approx
 
 DOMAIN = "puma"
 VERSION = 1
+# The model metadata key that names the approximation set of the functions.
+APPROX_KEY = "puma_onnx.approx"
 
 # Attribute each op takes, in the order of the function's declaration.
 ATTRIBUTES = {
@@ -82,41 +86,42 @@ class _Body:
             out = self.op("Add", self.op("Mul", out, x), self.const(c))
         return out
 
-    def piecewise(self, x: str, breaks, low, mid) -> str:
-        """0 below breaks[0], low to breaks[1], mid to breaks[2], x above (approx.piecewise)."""
-        b0, b1, b2 = breaks
-        upper = self.op("Where", self.op("Less", x, self.const(b2)), self.poly(x, mid), x)
-        middle = self.op("Where", self.op("Less", x, self.const(b1)), self.poly(x, low), upper)
+    def piecewise(self, x: str, fit: approx.Piecewise) -> str:
+        """0 below breaks[0], low to breaks[1], mid to breaks[2], x above (approx.Piecewise)."""
+        b0, b1, b2 = fit.breaks
+        upper = self.op("Where", self.op("Less", x, self.const(b2)), self.poly(x, fit.mid), x)
+        middle = self.op("Where", self.op("Less", x, self.const(b1)), self.poly(x, fit.low), upper)
         return self.op("Where", self.op("Less", x, self.const(b0)), self.const(0.0), middle)
 
 
-def _gelu(b: _Body) -> tuple[list[str], str]:
-    return ["x"], b.piecewise("x", approx.GELU_BREAKS, approx.GELU_F0, approx.GELU_F1)
+def _gelu(b: _Body, fits: approx.ApproxSet) -> tuple[list[str], str]:
+    return ["x"], b.piecewise("x", fits.gelu)
 
 
-def _silu(b: _Body) -> tuple[list[str], str]:
-    return ["x"], b.piecewise("x", approx.SILU_BREAKS, approx.SILU_S0, approx.SILU_S1)
+def _silu(b: _Body, fits: approx.ApproxSet) -> tuple[list[str], str]:
+    return ["x"], b.piecewise("x", fits.silu)
 
 
-def _softmax(b: _Body) -> tuple[list[str], str]:
+def _softmax(b: _Body, fits: approx.ApproxSet) -> tuple[list[str], str]:
     """approx.softmax: masked-out positions (mask False) weigh 0; no infinity is needed.
 
     The row maximum is taken over kept positions only: masked positions are
     replaced by the row minimum, which never exceeds a kept value.
     """
+    exp = fits.exp
     floor = b.op("Where", "mask", "x", b.reduce_last("ReduceMin", "x"))
     top = b.reduce_last("ReduceMax", floor)
     d = b.op("Where", "mask", b.op("Sub", "x", top), b.const(0.0))
-    y = b.op("Add", b.const(1.0), b.op("Div", d, b.const(2.0**approx.EXP_SQUARINGS)))
-    for _ in range(approx.EXP_SQUARINGS):
+    y = b.poly(b.op("Div", d, b.const(2.0**exp.squarings)), exp.base)
+    for _ in range(exp.squarings):
         y = b.op("Mul", y, y)
-    e = b.op("Where", b.op("Less", d, b.const(approx.EXP_CLIP)), b.const(0.0), y)
+    e = b.op("Where", b.op("Less", d, b.const(-exp.cut)), b.const(0.0), y)
     e = b.op("Where", "mask", e, b.const(0.0))
     total = b.op("ReduceSum", e, b.const([-1], np.int64), keepdims=1)
     return ["x", "mask"], b.op("Div", e, total)
 
 
-def _layer_norm(b: _Body) -> tuple[list[str], str]:
+def _layer_norm(b: _Body, fits: approx.ApproxSet) -> tuple[list[str], str]:
     """approx.layer_norm over `axis`: (x - mean) / sqrt(var + epsilon) * scale + bias."""
     axis = b.attr("axis", "value_int", AttributeProto.INT)
     eps = b.attr("epsilon", "value_float", AttributeProto.FLOAT)
@@ -126,7 +131,7 @@ def _layer_norm(b: _Body) -> tuple[list[str], str]:
     return ["x", "scale", "bias"], b.op("Add", b.op("Mul", normed, "scale"), "bias")
 
 
-def _rms_norm(b: _Body) -> tuple[list[str], str]:
+def _rms_norm(b: _Body, fits: approx.ApproxSet) -> tuple[list[str], str]:
     """approx.rms_norm over the last axis: x / sqrt(mean(x^2) + epsilon) * scale."""
     eps = b.attr("epsilon", "value_float", AttributeProto.FLOAT)
     ms = b.mean(b.op("Mul", "x", "x"), b.const(-1, np.int64))
@@ -134,7 +139,7 @@ def _rms_norm(b: _Body) -> tuple[list[str], str]:
     return ["x", "scale"], b.op("Mul", normed, "scale")
 
 
-def _embedding(b: _Body) -> tuple[list[str], str]:
+def _embedding(b: _Body, fits: approx.ApproxSet) -> tuple[list[str], str]:
     """Row lookup: the secure kernel multiplies a one-hot of the ids by the table."""
     return ["table", "ids"], b.op("Gather", "table", "ids", axis=0)
 
@@ -149,10 +154,11 @@ _BODIES = {
 }
 
 
-def function(op_type: str, opset: int) -> onnx.FunctionProto:
-    """The ONNX function defining `puma.<op_type>` for a model whose default opset is `opset`."""
+def function(op_type: str, opset: int, fits: approx.ApproxSet = approx.REFIT) -> onnx.FunctionProto:
+    """The ONNX function defining `puma.<op_type>` with the approximations `fits`, for a model whose
+    default opset is `opset`."""
     body = _Body(opset)
-    inputs, out = _BODIES[op_type](body)
+    inputs, out = _BODIES[op_type](body, fits)
     body.nodes.append(helper.make_node("Identity", [out], ["y"]))
     return helper.make_function(
         DOMAIN,

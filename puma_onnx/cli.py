@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
@@ -27,22 +26,47 @@ def main() -> None:
     """
 
 
+APPROX_OPTION = click.option(
+    "--approx",
+    "approx_set",
+    type=click.Choice(["refit", "puma"]),
+    default="refit",
+    show_default=True,
+    help="Approximations of GeLU, SiLU and exp: refits of PUMA's structures (more accurate, the same cost), "
+    "or PUMA's own (the paper's numbers).",
+)
+
+
 @main.command()
 @click.argument("name_or_dir")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder to write model.onnx, tokenizer files and puma.json into.")
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(14, 21), help="ONNX opset of the export.")
 @click.option("--layers", type=click.IntRange(min=1), help="Override the number of layers (fast tests); the rest of the config stays.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights of config-only models.")
-def export(name_or_dir: str, out_dir: str, opset: int, layers: int | None, seed: int) -> None:
-    """Export NAME_OR_DIR to ONNX with Optimum, offline.
+@APPROX_OPTION
+@click.option(
+    "--calibration",
+    type=click.Path(dir_okay=False),
+    help="Texts, one per line, to record activation ranges on (default: the shipped texts).",
+)
+def export(
+    name_or_dir: str, out_dir: str, opset: int, layers: int | None, seed: int, approx_set: str, calibration: str | None
+) -> None:
+    """Export NAME_OR_DIR to ONNX with Optimum, offline; rewrite it and record its activation ranges.
 
     NAME_OR_DIR is a registry name or a local Hugging Face model folder.
     Registry: """  # noqa: D301 - the list of names is appended below
-    from puma_onnx.export import ExportError
+    from puma_onnx.export import ExportError, prepare
     from puma_onnx.export import export as do_export
 
-    from puma_onnx.passes import UnsupportedSecretOps, rewrite_file
+    from puma_onnx.calibrate import read_texts
+    from puma_onnx.passes import UnsupportedSecretOps
 
+    if calibration:  # before the export's minute of work
+        try:
+            read_texts(calibration)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            fail(f"cannot read --calibration {calibration!r}: {e}")
     try:
         meta = do_export(name_or_dir, out_dir, opset=opset, layers=layers, seed=seed)
     except ExportError as e:
@@ -53,10 +77,13 @@ def export(name_or_dir: str, out_dir: str, opset: int, layers: int | None, seed:
         f"to {out_dir}/model.onnx in {meta['export_s']:.1f} s"
     )
     try:
-        report = rewrite_file(Path(out_dir) / "model.onnx", Path(out_dir) / "model.puma.onnx")
+        report, inputs = prepare(out_dir, approx_set, calibration)
+    except ExportError as e:
+        fail(str(e))
     except UnsupportedSecretOps as e:
         fail(f"the export cannot run securely: {e.report.problems[0]} (and {len(e.report.problems) - 1} more; see puma-onnx inspect)")
-    click.echo(f"rewrote it to {out_dir}/model.puma.onnx: {_matches(report)}")
+    click.echo(f"rewrote it to {out_dir}/model.puma.onnx ({approx_set} approximations): {_matches(report)}")
+    click.echo(f"recorded its activation ranges on {inputs} calibration inputs in {out_dir}/puma.json")
 
 
 def _matches(report) -> str:
@@ -66,12 +93,13 @@ def _matches(report) -> str:
 @main.command()
 @click.argument("in_path", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--output", "out_path", required=True, type=click.Path(dir_okay=False), help="Where to write the rewritten model.")
-def rewrite(in_path: str, out_path: str) -> None:
+@APPROX_OPTION
+def rewrite(in_path: str, out_path: str, approx_set: str) -> None:
     """Rewrite any ONNX file into the graph the secure executor runs (puma.* ops)."""
     from puma_onnx.passes import UnsupportedSecretOps, rewrite_file
 
     try:
-        report = rewrite_file(in_path, out_path)
+        report = rewrite_file(in_path, out_path, approx_set)
     except UnsupportedSecretOps as e:
         fail(str(e).replace("\n", ";"))
     click.echo(f"wrote {out_path}: {_matches(report)}")

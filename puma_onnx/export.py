@@ -2,7 +2,9 @@
 
 Offline only. A registry name without weights is built from its shipped config
 with random weights (said on stderr and in the metadata); a local model folder
-or the packaged all-MiniLM-L6-v2 is exported with its real weights.
+or a packaged real model (all-MiniLM-L6-v2, SmolLM2-135M-Instruct) is exported
+with its real weights. `prepare` then rewrites the export for the secure
+executor and records its activation ranges (`puma_onnx.calibrate`).
 
 torch, transformers and optimum are imported inside the functions: the computing
 ranks import this package without them.
@@ -14,6 +16,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +26,7 @@ from puma_onnx.models import REGISTRY, ModelSpec, lookup
 
 DEFAULT_OPSET = 18
 METADATA_FILE = "puma.json"
+REWRITTEN_FILE = "model.puma.onnx"
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 DECODER_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
@@ -96,6 +100,10 @@ def _build_model(source: Source, layers: int | None, seed: int):
         config = transformers.AutoConfig.for_model(**{**spec.config, **overrides})
         torch.manual_seed(seed)
         return auto.from_config(config).eval()
+    if spec.gguf_file:
+        return auto.from_pretrained(
+            str(source.folder), gguf_file=spec.gguf_file, torch_dtype=torch.float32, **overrides
+        ).eval()
     if spec.library == "sentence_transformers":
         from sentence_transformers import SentenceTransformer
 
@@ -115,6 +123,9 @@ def build_torch_model(name_or_dir: str, layers: int | None = None, seed: int = 0
 
 def _copy_tokenizer(source: Source, out_dir: Path) -> bool:
     """Copy tokenizer files when they exist offline; True if any were written."""
+    if source.spec.gguf_file:
+        _save_gguf_tokenizer(source, out_dir)
+        return True
     if source.folder is not None:
         folder = source.folder
     elif source.spec.tokenizer == "bert-base-uncased":
@@ -128,6 +139,20 @@ def _copy_tokenizer(source: Source, out_dir: Path) -> bool:
             shutil.copyfile(folder / name, out_dir / name)
             copied = True
     return copied
+
+
+def _save_gguf_tokenizer(source: Source, out_dir: Path) -> None:
+    """The tokenizer transformers converts from the GGUF file, with the recipe's fixes (SmolLM2's
+    conversion adds a BOS token the model never saw and names <|im_start|> as end of sequence)."""
+    from transformers import AutoTokenizer
+
+    spec = source.spec
+    tokenizer = AutoTokenizer.from_pretrained(str(source.folder), gguf_file=spec.gguf_file)
+    if spec.add_bos_token is not None:
+        tokenizer.add_bos_token = spec.add_bos_token
+    if spec.eos_token is not None:
+        tokenizer.eos_token = spec.eos_token
+    tokenizer.save_pretrained(str(out_dir))
 
 
 def _io_table(model_path: Path) -> tuple[list[dict], list[dict]]:
@@ -215,3 +240,83 @@ def export(
     }
     (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return metadata
+
+
+def prepare(
+    out_dir: str | Path,
+    approx_set: str | None = None,
+    calibration: str | Path | None = None,
+    warn: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
+):
+    """Rewrite OUT_DIR/model.onnx into model.puma.onnx with the approximation set `approx_set`, run it
+    in onnxruntime on the calibration inputs and record the activation ranges in puma.json.
+
+    Returns (the rewrite report, the number of calibration inputs). Raises ExportError for a
+    calibration file that cannot be read; the rewrite's UnsupportedSecretOps passes through.
+    """
+    from puma_onnx.calibrate import calibration_ids, read_texts, record_ranges, shipped_texts
+    from puma_onnx.passes import rewrite_file
+    from puma_onnx.runtime import approx
+
+    out_dir = Path(out_dir)
+    approx_set = approx_set or approx.DEFAULT
+    try:
+        approx.lookup(approx_set)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    meta_file = out_dir / METADATA_FILE
+    meta = json.loads(meta_file.read_text())
+    report = rewrite_file(out_dir / "model.onnx", out_dir / REWRITTEN_FILE, approx_set)
+    source = str(calibration) if calibration else "shipped texts"
+    try:
+        texts = read_texts(calibration or shipped_texts())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ExportError(f"cannot read --calibration {str(calibration)!r}: {e}") from None
+    tokenizer = out_dir / "tokenizer.json"
+    if not tokenizer.exists():
+        source = "random token ids (no tokenizer)"
+        if calibration:
+            warn(f"puma-onnx: {meta['model']} has no tokenizer: calibrating on random token ids, not on {calibration}")
+    inputs = calibration_ids(
+        texts, tokenizer.read_text() if tokenizer.exists() else None, meta["vocab_size"], meta.get("max_positions")
+    )
+    nodes = record_ranges(out_dir / REWRITTEN_FILE, inputs)
+    meta["approx"] = approx_set
+    meta["ranges"] = {"source": source, "inputs": len(inputs), "nodes": nodes}
+    meta_file.write_text(json.dumps(meta, indent=2) + "\n")
+    return report, len(inputs)
+
+
+CACHE_ENV = "PUMA_ONNX_CACHE"
+
+
+def cache_root() -> Path:
+    """Where `run NAME` keeps registry exports: $PUMA_ONNX_CACHE, else ~/.cache/puma-onnx."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "puma-onnx")
+
+
+def cached_export(name: str, warn: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr)) -> Path:
+    """The export folder of registry model `name`, exported (rewritten, calibrated) on first use.
+
+    The export is written to a temporary folder beside the cache entry and renamed into place, so an
+    interrupted or concurrent export never leaves a half-written entry.
+    """
+    folder = cache_root() / name
+    if (folder / REWRITTEN_FILE).exists() and (folder / METADATA_FILE).exists():
+        warn(f"puma-onnx: using the export of {name} cached in {folder}")
+        return folder
+    warn(f"puma-onnx: exporting {name} into {folder} (once: later runs reuse it)")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
+    try:
+        export(name, staging, warn=warn)
+        prepare(staging, warn=warn)
+        try:
+            staging.rename(folder)
+        except OSError:  # another run finished first, or a stale entry without a model: keep one
+            if not (folder / REWRITTEN_FILE).exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder

@@ -10,11 +10,12 @@ Layers, each using only those above it (the protocols never import ONNX):
   boolean    bit-sliced XOR, AND, AND trees
   convert    msb, b2a, mul_bit, select
   compare    ltz, less_than, equal, max
-  approx     PUMA's approximations in float64 (the reference)
-  nonlinear  exp, reciprocal, rsqrt, gelu, silu, softmax, layer_norm, rms_norm
+  approx     the approximation sets (refit, PUMA's) in float64: the reference
+  nonlinear  exp, reciprocal, rsqrt, gelu, silu, softmax, layer_norm, rms_norm; each states its domain
   embedding  secret-id embedding lookup
   weights    the owner's weights as shares two ranks regenerate from PRG keys
   kernels    one function per ONNX op on secret values (the first ONNX-aware layer)
+  ranges     each kernel's domain against the recorded activation ranges: its variant, or a refusal
   executor   the graph walker: public nodes in plaintext, secret ones through the kernels
   wire       setup messages of unknown size (bytes, JSON), never pickled
   session    one inference: owner / client / helper roles, setup, input, output, report

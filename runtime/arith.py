@@ -235,8 +235,22 @@ def reshare_from_two(party: Party, dealer: int, part: np.ndarray | None, shape) 
     return AShare(w + got[a_rank], m_b)
 
 
-def _trunc_parts(party: Party, parts: list[np.ndarray], bits: int) -> list[AShare]:
+def _part_bits(bits, sizes: list[int]):
+    """(shift, widest): the truncation amount as one U64, or per element when `bits` lists one per part."""
+    per_part = list(bits) if isinstance(bits, (list, tuple)) else [bits] * len(sizes)
+    if len(per_part) != len(sizes):
+        raise ValueError(f"truncation: {len(per_part)} bit counts for {len(sizes)} operands")
+    for b in per_part:
+        if not 0 < b <= 62:
+            raise ValueError(f"truncation by {b} bits: allowed 1..62")
+    if len(set(per_part)) == 1:
+        return U64(per_part[0]), per_part[0]
+    return np.repeat(np.array(per_part, dtype=U64), sizes), max(per_part)
+
+
+def _trunc_parts(party: Party, parts: list[np.ndarray], bits) -> list[AShare]:
     """Additive parts z_i of z (|z| < 2^62) to a replicated share of floor(z / 2^bits) + {0, 1}.
+    `bits` is one int, or one per part (a batch of truncations by different amounts).
 
     Dealer D and two ranks A = D+1, B = D+2 (D rotates per call). With r = r_A + r_B + r_D
     uniform, A and B open c = z + 2^62 + r; D deals 2-of-2 shares of rc = (r mod 2^63) >> d
@@ -253,14 +267,12 @@ def _trunc_parts(party: Party, parts: list[np.ndarray], bits: int) -> list[AShar
     Cost: 2 rounds; bytes/elem: dealer 28, A and B 16 each (60 over the three ranks,
     20 per rank on average as the dealer rotates). Escudero et al. 2020, section 4 (TruncPr with the MSB trick).
     """
-    if not 0 < bits <= 62:
-        raise ValueError(f"truncation by {bits} bits: allowed 1..62")
     comm, r = party.comm, party.rank
     shapes = [p.shape for p in parts]
+    d, widest = _part_bits(bits, [p.size for p in parts])
     z = _flat(parts)
     n = z.size
-    d = U64(bits)
-    rb_dtype = np.uint32 if bits <= 31 else np.uint64
+    rb_dtype = np.uint32 if widest <= 31 else np.uint64
     dealer = party.next_dealer()
     a_rank, b_rank = (dealer + 1) % PARTIES, (dealer + 2) % PARTIES
 
@@ -311,16 +323,15 @@ def truncate_from_two(party: Party, dealer: int, part: np.ndarray | None, bits: 
     z + r parts and finish as there. `addend` (another 2-of-2 value at A and B) joins y before
     the reshare, free. Security as `_trunc_parts`: A sees z_B masked by r_B, B sees z_A masked
     by r_A and the dealt shares masked by A's PRG words; the dealer receives nothing.
+    `bits` may also be a (shift, widest) pair from `_part_bits`: a per-element amount.
     Rounds 2; bytes/elem: dealer 12 (16 beyond 31 bits), A and B 16 each (44 over the three
     ranks). Escudero et al. 2020, section 4, with the dealer of this repository's `_trunc_parts`.
     """
-    if not 0 < bits <= 62:
-        raise ValueError(f"truncation by {bits} bits: allowed 1..62")
+    d, widest = bits if isinstance(bits, tuple) else _part_bits(bits, [1])
     comm, r = party.comm, party.rank
     shape = tuple(shape)
     n = int(np.prod(shape))
-    d = U64(bits)
-    rb_dtype = np.uint32 if bits <= 31 else np.uint64
+    rb_dtype = np.uint32 if widest <= 31 else np.uint64
     a_rank, b_rank = (dealer + 1) % PARTIES, (dealer + 2) % PARTIES
     with comm.tag("truncate_from_two"):
         if r == dealer:
@@ -374,8 +385,9 @@ def _two_parts(party: Party, xs: list[AShare]) -> np.ndarray | None:
     return _flat([a.first + a.second if party.rank == 1 else a.second for a in xs])
 
 
-def truncate(party: Party, x, bits: int):
-    """floor(x / 2^bits) + {0, 1} for |x| < 2^62 (one ulp at most, never more); lists batch.
+def truncate(party: Party, x, bits):
+    """floor(x / 2^bits) + {0, 1} for |x| < 2^62 (one ulp at most, never more); lists batch, with one
+    `bits` for all or one per operand.
 
     Idea: ranks 1 and 2 already hold x 2-of-2 (x_1 + x_2 and x_0), so `truncate_from_two` with
     rank 0 as the dealer applies (the proof is `_trunc_parts`').
@@ -386,7 +398,7 @@ def truncate(party: Party, x, bits: int):
     shapes = [a.shape for a in xs]
     n = sum(int(np.prod(s)) for s in shapes)
     with party.comm.tag("truncate"):
-        flat = truncate_from_two(party, 0, _two_parts(party, xs), bits, (n,))
+        flat = truncate_from_two(party, 0, _two_parts(party, xs), _part_bits(bits, [a.size for a in xs]), (n,))
     out = [AShare(s, t) for s, t in zip(_unflat(flat.first, shapes), _unflat(flat.second, shapes))]
     return _unlisted(out, was_list)
 
@@ -397,7 +409,8 @@ def mul_fx(party: Party, x, y, bits: int | None = None):
     Idea: the three-term parts are masked by the truncation's r, so they need no zero-sharing
     and no reshare round of their own. Rounds 2; bytes/elem 20 per rank on average (dealer 28,
     others 16); needs |x y| < 2^(62 - 2f) in real terms. `bits` (default f) truncates by another
-    amount, for intermediates kept at a higher scale. ABY3 5.1 with Escudero et al. 2020, 4.
+    amount, for intermediates kept at a higher scale (one per operand pair in a batch, or one
+    for all). ABY3 5.1 with Escudero et al. 2020, 4.
     """
     xs, was_list = _listed(x)
     ys, _ = _listed(y)
@@ -410,7 +423,7 @@ def matmul_fx(party: Party, x, y, bits: int | None = None):
     """Fixed-point matrix product, fused with the truncation as in `mul_fx`.
 
     Rounds 2; bytes per output elem 20 per rank on average (dealer 28, others 16); `bits` as in
-    `mul_fx`. ABY3 5.1 with Escudero et al. 2020, 4.
+    `mul_fx` (an int, or one per pair). ABY3 5.1 with Escudero et al. 2020, 4.
     """
     xs, was_list = _listed(x)
     ys, _ = _listed(y)

@@ -15,25 +15,26 @@ from .party import Party
 from .shares import AShare, concat, flat_concat
 
 
-def ltz(party: Party, x):
-    """[x < 0] for x (any shape, or a list): the sign bit, exact for |x| < 2^(L-1).
+def ltz(party: Party, x, bits: int | None = None):
+    """[x < 0] for x (any shape, or a list): the sign bit, exact for |x| < 2^(L-1), L = bits or party.msb_bits.
 
-    Rounds 2 + ceil(log2(ceil((L-1)/3))) (6 at L = 48); bytes/elem 31.6 over the ranks at L = 48
+    Rounds 2 + ceil(log2(ceil((L-1)/3))) (6 at L = 48, 7 at 64); bytes/elem 31.6 over the ranks at L = 48
     (see convert.msb). ABY3 5.3.
     """
     with party.comm.tag("ltz"):
-        return msb(party, x)
+        return msb(party, x, bits=bits)
 
 
-def less_than_public(party: Party, x: AShare, thresholds) -> list:
+def less_than_public(party: Party, x: AShare, thresholds, bits: int | None = None) -> list:
     """[x < t] for each public ring threshold t (arrays broadcastable to x): one comparison batch in
-    which rank 0's message serves every threshold (see convert.msb's offsets), exact for |x - t| < 2^(L-1).
+    which rank 0's message serves every threshold (see convert.msb's offsets), exact for |x - t| < 2^(L-1),
+    L = bits or party.msb_bits.
 
     Rounds 2 + ceil(log2 m); bytes/elem 31.6 for the first threshold and 17.5 for each further
     one, over the three ranks at L = 48 (see convert.msb). ABY3 5.3.
     """
     with party.comm.tag("less_than_public"):
-        return msb(party, x, offsets=[np.uint64(0) - arith._ring(t) for t in thresholds])
+        return msb(party, x, bits=bits, offsets=[np.uint64(0) - arith._ring(t) for t in thresholds])
 
 
 def less_than(party: Party, x, y):
@@ -67,8 +68,9 @@ def equal(party: Party, x, y, bits: int = 64):
     return parts if was_list else parts[0]
 
 
-def max(party: Party, x: AShare, axis: int = -1, keepdims: bool = True) -> AShare:  # noqa: A001 - the field's name
-    """Maximum along an axis by a tree of comparisons; one level is one batch.
+def max(party: Party, x: AShare, axis: int = -1, keepdims: bool = True, bits: int | None = None) -> AShare:  # noqa: A001
+    """Maximum along an axis by a tree of comparisons; one level is one batch. Exact while any two
+    entries differ by less than 2^(L-1), L = bits or party.msb_bits.
 
     Each level compares the first half of the remaining entries with the second half
     (msb of the difference), then keeps the larger by mul_bit; an odd one out waits.
@@ -81,7 +83,7 @@ def max(party: Party, x: AShare, axis: int = -1, keepdims: bool = True) -> AShar
             h = x.shape[-1] // 2
             a, b = x[..., :h], x[..., h : 2 * h]
             diff = arith.sub(b, a)
-            larger = arith.add(a, mul_bit(party, msb(party, arith.neg(diff)), diff))
+            larger = arith.add(a, mul_bit(party, msb(party, arith.neg(diff), bits=bits), diff))
             x = concat([larger, x[..., 2 * h :]], axis=-1)
         x = x.moveaxis(-1, axis) if keepdims else x.squeeze(-1)
     return x

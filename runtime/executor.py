@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import approx
 from .kernels import KERNELS, PRIVATE_LOCAL, Context, KernelError, Node, Private, is_secret
 from .party import Party
 
@@ -86,6 +87,8 @@ class Executor:
     party: Party
     model: onnx.ModelProto
     weights: dict
+    fits: approx.ApproxSet = approx.REFIT
+    plan: dict = field(default_factory=dict)  # per node, its planned variant (ranges.plan_kernels)
     stats: list[OpStats] = field(default_factory=list)
 
     def __post_init__(self):
@@ -103,7 +106,7 @@ class Executor:
     def run(self, feeds: dict, on_node: Callable[[Node], None] | None = None) -> dict:
         """Walk the graph; returns the graph outputs (shares, private or public values)."""
         env = {**self.public, **self.weights, **feeds}
-        ctx = Context(self.party)
+        ctx = Context(self.party, self.fits, self.plan)
         keep = set(self.output_names)
         comm = self.party.comm
         self.stats = []

@@ -20,7 +20,8 @@ from typing import Callable
 
 import numpy as np
 
-from . import arith, embedding, nonlinear
+from . import approx, arith, embedding, nonlinear
+from .nonlinear import NormDomain
 from .party import Party
 from .ring import ring_matmul
 from .shares import AShare, concat, split
@@ -88,10 +89,21 @@ class KernelError(ValueError):
 
 
 class Context:
-    """What kernels need besides their inputs: the party and conversions between value kinds."""
+    """What kernels need besides their inputs: the party, the approximation set, each node's planned
+    variant (`ranges.plan_kernels`: comparison widths, norm domains), and conversions between value kinds."""
 
-    def __init__(self, party: Party):
+    def __init__(self, party: Party, fits: approx.ApproxSet = approx.REFIT, plan: dict | None = None):
         self.party = party
+        self.fits = fits
+        self.plan = plan or {}
+
+    def params(self, node: Node) -> dict:
+        """The planned variant of `node` ({} for the defaults)."""
+        return self.plan.get(node.name, {})
+
+    def norm_domain(self, node: Node) -> NormDomain:
+        given = self.params(node).get("domain")
+        return NormDomain() if given is None else NormDomain(*given)
 
     def encode(self, c: np.ndarray) -> np.ndarray:
         return self.party.fxp.encode(c)
@@ -266,7 +278,7 @@ def mul(ctx, node, x, y):
     return (scale(ctx, s, c),)
 
 
-def _power_of_two_bits(factor: float) -> int | None:
+def power_of_two_bits(factor: float) -> int | None:
     """k if factor is 2^-k for a whole k in [0, 24], else None.
 
     "Is" within a relative 2^-20: sqrt(1/sqrt(64))^2 computed in float32 misses 1/8 by 3e-8,
@@ -310,7 +322,7 @@ def matmul(ctx, node, x, y):
         return (_matmul_weight(ctx, ctx.secret(x), y),)
     if is_secret(x) and is_secret(y):
         factor = (x.factor if isinstance(x, Scaled) else 1.0) * (y.factor if isinstance(y, Scaled) else 1.0)
-        extra = _power_of_two_bits(factor)
+        extra = power_of_two_bits(factor)
         if extra is not None:  # the factors ride in the truncation; otherwise ctx.secret multiplies them out
             x, y = (v.share if isinstance(v, Scaled) else v for v in (x, y))
         x, y = ctx.secret(x), ctx.secret(y)
@@ -386,11 +398,11 @@ def reduce_mean(ctx, node, x, axes=None):
 
 
 def gelu(ctx, node, x):
-    return (nonlinear.gelu(ctx.party, ctx.secret(x)),)
+    return (nonlinear.gelu(ctx.party, ctx.secret(x), ctx.fits.gelu, ctx.params(node).get("cmp_bits")),)
 
 
 def silu(ctx, node, x):
-    return (nonlinear.silu(ctx.party, ctx.secret(x)),)
+    return (nonlinear.silu(ctx.party, ctx.secret(x), ctx.fits.silu, ctx.params(node).get("cmp_bits")),)
 
 
 def softmax(ctx, node, x, mask=None):
@@ -400,7 +412,8 @@ def softmax(ctx, node, x, mask=None):
         raise KernelError(f"{node.describe()} takes softmax over axis {axis}; only the last axis is supported")
     if is_secret(mask):
         raise KernelError(f"{node.describe()} has a secret mask; the attention mask must be public")
-    return (nonlinear.softmax(ctx.party, x, None if mask is None else np.asarray(mask).astype(bool)),)
+    mask = None if mask is None else np.asarray(mask).astype(bool)
+    return (nonlinear.softmax(ctx.party, x, mask, ctx.fits.exp, ctx.params(node).get("cmp_bits")),)
 
 
 def layer_norm(ctx, node, x, scale_, bias=None):
@@ -410,12 +423,12 @@ def layer_norm(ctx, node, x, scale_, bias=None):
     if bias is None:
         bias = np.zeros(x.shape[-1])
     eps = float(node.attrs.get("epsilon", 1e-5))
-    return (nonlinear.layer_norm(ctx.party, x, ctx.secret(scale_), ctx.secret(bias), eps),)
+    return (nonlinear.layer_norm(ctx.party, x, ctx.secret(scale_), ctx.secret(bias), eps, ctx.norm_domain(node)),)
 
 
 def rms_norm(ctx, node, x, scale_):
     eps = float(node.attrs.get("epsilon", 1e-6))
-    return (nonlinear.rms_norm(ctx.party, ctx.secret(x), ctx.secret(scale_), eps),)
+    return (nonlinear.rms_norm(ctx.party, ctx.secret(x), ctx.secret(scale_), eps, ctx.norm_domain(node)),)
 
 
 def embedding_kernel(ctx, node, table, ids):

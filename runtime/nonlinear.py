@@ -1,9 +1,10 @@
-"""Secure nonlinear functions on fixed-point AShares: PUMA's approximations, three parties.
+"""Secure nonlinear functions on fixed-point AShares, three parties, after PUMA's designs.
 
 Every input and output is an AShare with f = party.fxp.frac_bits fractional bits unless a
 docstring says otherwise. The approximations and their constants are those of `approx`
-(PUMA, Dong et al. 2023, arXiv 2307.12533, section 4); the tests compare each kernel with
-the float64 definition there.
+(either set: refits of PUMA's structures, or PUMA's, Dong et al. 2023, arXiv 2307.12533, section 4, at
+the same cost); the tests compare each kernel with the float64 definition there.
+Each function's docstring states its domain: the inputs where its error bound holds.
 
 Costs. Each function runs under `comm.tag(<its name>)`. Bytes are sent bytes per rank, averaged
 over the ranks (the truncation's dealer rotates), per element of the input unless "per row" is
@@ -35,6 +36,7 @@ Two ideas used throughout, beyond PUMA:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -45,6 +47,9 @@ from .shares import AShare, stack
 
 # exp_neg's intermediate squares (values in [0, 1]) carry this many fractional bits.
 EXP_BITS = 30
+# A polynomial exp base: y^2 (<= 4) carries EXP_SQ_BITS bits, the bracket times it 2^61 in all
+# (the best split measured: 1-2 ulp against the float64 definition at f = 16..20).
+EXP_SQ_BITS = 24
 # Thresholds per octave of the input range, and the series after the guess (see reciprocal, rsqrt).
 RECIP_STEPS_PER_OCTAVE = 2
 RSQRT_STEPS_PER_OCTAVE = 4
@@ -60,9 +65,16 @@ RSQRT_COEF_BITS = 5
 RSQRT_SERIES = (32, 16, 12, 10, 9)
 # r = 1 - x y0^2 and its powers keep up to f + 8 bits when the output's range leaves room.
 RSQRT_R_EXTRA_BITS = 8
-# LayerNorm / RMSNorm accept var + eps in [NORM_VAR_LO, NORM_VAR_HI].
+# rsqrt normalises x by its octave when g^2 would otherwise keep fewer than RSQRT_MIN_BITS bits; the
+# normalised x and g^2 then carry RSQRT_NORM_BITS bits each.
+RSQRT_MIN_BITS = 20
+RSQRT_NORM_BITS = 30
+# LayerNorm / RMSNorm: var + eps below NORM_VAR_LO is read as NORM_VAR_LO.
 NORM_VAR_LO = 2.0**-20
-NORM_VAR_HI = 2.0**14
+# A norm's domain must leave its output about this many significant bits at the domain's ends.
+NORM_MIN_PRECISION_BITS = 8
+# Below this many bits at the ends of its range, a norm's rsqrt normalises S by its octave (+2 rounds per norm).
+NORM_SINGLE_BITS = 16
 # Fractional bits of the norms' 1/sqrt (scaled by 2^p/m ~ 1/16..1/32, see _normalise): its
 # smallest value 2^-12 keeps 2^19 steps, its largest 2^6 (x 2.5 below range) times 2^(31 + f + 5) < 2^61,
 # and the output product truncates by 31 bits, the most that still ships a 4-byte share (M, not W).
@@ -109,14 +121,25 @@ def _lin(party: Party, terms: list[tuple[AShare, float, int]], const: float, bit
 # ----------------------------------------------------------------------------- thermometer
 
 
-def _thermometer(party: Party, x: AShare, thresholds: np.ndarray, bits: int) -> AShare:
+def _thermometer(party: Party, x: AShare, thresholds: np.ndarray, bits: int, cmp_bits: int | None = None) -> AShare:
     """[x < T_j] for each public threshold (x at scale `bits`), as integer 0/1 AShares on a new trailing axis.
 
-    One `less_than_public` batch and one batched b2a: C + A rounds, C + (len(T) - 1) X + len(T) A bytes
-    per element of x.
+    One `less_than_public` batch (on cmp_bits-bit words, default party.msb_bits) and one batched b2a:
+    C + A rounds, C + (len(T) - 1) X + len(T) A bytes per element of x.
     """
-    below = compare.less_than_public(party, x, [_encode(t, bits) for t in thresholds])
+    below = compare.less_than_public(party, x, [_encode(t, bits) for t in thresholds], bits=cmp_bits)
     return stack(b2a(party, below), axis=-1)
+
+
+def thermometer_bits(party: Party, top: float, bits: int) -> int:
+    """The comparison width for values up to `top` at scale `bits`: party.msb_bits when it holds them
+    with a bit to spare, else 64 (one more round, ~1.3x the bytes per threshold)."""
+    need = math.log2(top) + bits + 2
+    if need <= party.msb_bits:
+        return party.msb_bits
+    if need <= 64:
+        return 64
+    raise ValueError(f"values up to {top:.4g} at 2^{bits} exceed the ring")
 
 
 def _steps(party: Party, below: AShare, values: np.ndarray, bits: int) -> AShare:
@@ -140,44 +163,66 @@ def _grid(lo: float, hi: float, per_octave: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- exp
 
 
-def exp_neg(party: Party, x: AShare) -> AShare:
-    """exp(x) for x <= 0 as PUMA: (1 + x/2^t)^(2^t) on [EXP_CLIP, 0], 0 below EXP_CLIP (t = EXP_SQUARINGS).
+def exp_neg(party: Party, x: AShare, fit: approx.ExpNeg = approx.REFIT.exp, cmp_bits: int | None = None) -> AShare:
+    """exp(x) for x <= 0: p(x/2^t)^(2^t) on [-fit.cut, 0], 0 below (`approx.ExpNeg`; PUMA's p is 1 + y).
 
-    1 + x/2^t is x + 2^(f+t) read at scale f+t (free). The squares (all <= 1) carry as many bits as
-    keep every truncation within 31 bits (4-byte dealt shares; see `_square_scales`); the last
-    square is a plain ring product whose truncation rides in the clip's `convert.select`.
-    The clip: PUMA's value below EXP_CLIP is under 1e-8 (0.003 ulp) and exactly 0 at x = -2^t, so
-    any cut in [-2^t, EXP_CLIP] is as good as EXP_CLIP's; the comparison with -2^t ignores the carry
-    of the low f + 4 bits (convert.msb's drop), which moves the cut by less than 16 (to -16 at most).
-    Valid for x in [-8000, 0] (the first square stays below 2^62); further down the clip still
-    gives 0 (the garbage is multiplied by an exact 0), as far as the comparison reaches, |x| < 2^(L-1-f).
-    Error: 1 ulp against approx.exp_neg; approx.exp_neg is 0.0085 from exp on [-40, 0].
-    Rounds C + 2(t-1) + 1 + 3 = 18; bytes C' + 4M + R + Z' per element, C' the comparison on
-    L - f - 4 bits (16.8 B over the ranks at L = 48), Z' = select of one bit and term with a
-    truncation within 31 bits (60 B): 340.8 B over the three ranks (was 415.9). PUMA section 4.2.
+    Domain: x <= 0 as far as the comparison reaches, |x| < 2^(L-1-f) (L = cmp_bits or party.msb_bits:
+    2^29 at f = 18). Error against the float64 definition: 1-2 ulp, plus up to the value at -fit.cut
+    (refit: 9.2e-6, PUMA: 1e-8) between the two cuts; `approx` states each set's error against exp.
+    The base: PUMA's 1 + y is x + 2^(f+t) read at scale f+t (free). A degree 2-4 base
+    1 + y + y^2 (c2 + c3 y + c4 y^2) takes two products, y^2 and y^2 times that bracket, with the
+    coefficients riding in them (a coefficient times a share at a low scale would lose its bits), and
+    needs two squarings fewer for the same accuracy: the same product count.
+    The squares (all <= 1) carry as many bits as keep every truncation within 31 bits (4-byte dealt
+    shares; see `_square_scales`); the last square is a plain ring product whose truncation rides in
+    the clip's `convert.select`.
+    The clip compares x with -fit.cut_far ignoring the carry of the low f + log2(cut_far - cut) bits
+    (convert.msb's drop), so the cut falls in [-cut_far, -cut], where the value is negligible.
+    Garbage below the cut (even wrapped values) is multiplied by an exact 0.
+    Rounds C' + 2 (t' - 1) + 1 + 3 = 18 for both sets (t' = 5 products in sequence); bytes C' + 4M + R + Z'
+    per element, C' the comparison on L - f - log2(cut_far - cut) bits (16.8 B over the ranks at L = 48,
+    9 leaf groups for both sets), Z' = select of one bit and term with a truncation within 31 bits (60 B):
+    340.8 B over the three ranks (was 415.9 before the fused select). PUMA section 4.2.
     """
     with party.comm.tag("exp_neg"):
-        return _exp_neg(party, x, party.fxp.frac_bits)
+        return _exp_neg(party, x, party.fxp.frac_bits, fit, cmp_bits)
 
 
-def _square_scales(first: int, out: int, t: int) -> list[int]:
-    """Scales of the t squares ending at `out`, each at most EXP_BITS, every truncation within 31 bits."""
+def _square_scales(out: int, t: int) -> list[int]:
+    """Scales of the t squares ending at `out`, each at most EXP_BITS, every truncation within 31 bits;
+    the input of the first square may carry up to min(EXP_BITS, (31 + scales[0]) // 2) bits."""
     scales = [out]
     for _ in range(t - 1):
         scales.insert(0, min(EXP_BITS, (31 + scales[0]) // 2))
-    if 2 * first - scales[0] > 31:
-        raise ValueError(f"exp_neg: no 31-bit schedule from scale {first} to {out}")
     return scales
 
 
-def _exp_neg(party: Party, x: AShare, bits: int) -> AShare:
+def _exp_base(party: Party, x: AShare, fit: approx.ExpNeg, first: int) -> tuple[AShare, int]:
+    """(p(x / 2^t), its scale): 1 + y for free at f + t, or 1 + y + y^2 (c2 + c3 y + c4 y^2) at `first`."""
+    f, t = party.fxp.frac_bits, fit.squarings
+    q = f + t  # x read at this scale is y = x / 2^t, exactly
+    c = tuple(fit.base) + (0.0,) * (5 - len(fit.base))
+    if c[0] != 1.0 or c[1] != 1.0 or len(fit.base) > 5:
+        raise ValueError(f"exp base must be 1 + y + c2 y^2 + c3 y^3 + c4 y^4, got {fit.base}")
+    if len(fit.base) == 2:
+        return arith.add_public(party, x, _encode(1.0, q)), q
+    # y^2 <= 4 at EXP_SQ_BITS; the bracket (<= 1) at k, so that their product stays below 2^61.
+    a, k = EXP_SQ_BITS, _HEADROOM - 1 - EXP_SQ_BITS
+    s2 = arith.mul_fx(party, x, x, bits=2 * q - a)
+    bracket = _lin(party, [(x, c[3], k - q), (s2, c[4], k - a)], c[2], k)
+    tail = arith.mul_fx(party, s2, bracket, bits=a + k - first)
+    return arith.add(_lin(party, [(x, 1.0, first - q)], 1.0, first), tail), first
+
+
+def _exp_neg(party: Party, x: AShare, bits: int, fit: approx.ExpNeg, cmp_bits: int | None = None) -> AShare:
     """exp_neg with the result at scale `bits`."""
-    f, t = party.fxp.frac_bits, approx.EXP_SQUARINGS
-    slack = math.floor(math.log2(2.0**t + approx.EXP_CLIP))
-    below = convert.msb(party, arith.add_public(party, x, _encode(2.0**t, f)), drop=f + slack)
-    y = arith.add_public(party, x, _encode(1.0, f + t))
-    scale = f + t
-    scales = _square_scales(scale, bits, t)
+    f, t = party.fxp.frac_bits, fit.squarings
+    slack = math.floor(math.log2(fit.cut_far - fit.cut))
+    below = convert.msb(party, arith.add_public(party, x, _encode(fit.cut_far, f)), bits=cmp_bits, drop=f + slack)
+    scales = _square_scales(bits, t)
+    y, scale = _exp_base(party, x, fit, min(EXP_BITS, (31 + scales[0]) // 2))
+    if 2 * scale - scales[0] > 31:
+        raise ValueError(f"exp_neg: no 31-bit schedule from scale {scale} to {bits}")
     for out in scales[:-1]:
         y = arith.mul_fx(party, y, y, bits=2 * scale - out)
         scale = out
@@ -188,7 +233,13 @@ def _exp_neg(party: Party, x: AShare, bits: int) -> AShare:
 
 
 def reciprocal(party: Party, x: AShare, lo: float = 1.0, hi: float = 1024.0) -> AShare:
-    """1/x for x in [lo, hi] (public bounds; softmax passes [1, row length]).
+    """1/x for x in [lo, hi]: any public bounds with 2^-(60-2f) <= lo < hi < 2^(62-f), the whole useful
+    fixed-point range (softmax passes [1, row length]); comparisons on 64 bits when hi 2^(f+2) >=
+    2^party.msb_bits (`thermometer_bits`).
+
+    Domain: [lo, hi], where the error is within r^8 + 2^-(f-1) <= 8.4e-6 relative (y and r carry f bits)
+    plus 4 ulp: 3.8 ulp measured on [1, 128]; asserted at both ends of [2^-16, 2^40]. The result carries
+    f fractional bits, so 1/x keeps few significant bits where it is far below 1.
 
     Guess y0 = 2/(a+b) on each half-octave [a, b) of [lo, hi] from a thermometer (free linear
     combination), then Goldschmidt: r = 1 - x y0, y = y0 (1+r)(1+r^2)(1+r^4): |r| <= 0.1716, so the
@@ -202,14 +253,17 @@ def reciprocal(party: Party, x: AShare, lo: float = 1.0, hi: float = 1024.0) -> 
     3 exp(0.5 - x) + 0.003 needs an exp and ~10 dependent Newton steps on [1, 128] (> 50 rounds).
     Here the rounds are one comparison, one b2a and 4 products, and the comparisons are per row.
     """
+    f = party.fxp.frac_bits
+    if lo < 2.0 ** -(60 - 2 * f):
+        raise ValueError(f"reciprocal: lo = {lo} is below 2^-{60 - 2 * f}: y r at 2^{2 * f} would overflow")
     with party.comm.tag("reciprocal"):
-        return _reciprocal(party, x, party.fxp.frac_bits, lo, hi, party.fxp.frac_bits)
+        return _reciprocal(party, x, f, lo, hi, f)
 
 
 def _reciprocal(party: Party, x: AShare, in_bits: int, lo: float, hi: float, bits: int) -> AShare:
     """1/x at scale `bits` for x at scale in_bits: y, r and their products all carry `bits` bits."""
     edges = _grid(lo, hi, RECIP_STEPS_PER_OCTAVE)
-    below = _thermometer(party, x, edges[1:-1], in_bits)
+    below = _thermometer(party, x, edges[1:-1], in_bits, thermometer_bits(party, hi, in_bits))
     y = _steps(party, below, 2.0 / (edges[:-1] + edges[1:]), bits)
     r = _one_minus(party, arith.mul_fx(party, x, y, bits=in_bits), bits)
     yr, r2 = arith.mul_fx(party, [y, r], [r, r], bits=bits)
@@ -222,31 +276,49 @@ def _reciprocal(party: Party, x: AShare, in_bits: int, lo: float, hi: float, bit
 # ----------------------------------------------------------------------------- rsqrt
 
 
-def _rsqrt(party: Party, x: AShare, in_bits: int, lo: float, hi: float, gain: float, out_bits: int, ride=None):
+def _rsqrt(
+    party: Party, x: AShare, in_bits: int, lo: float, hi: float, gain: float, out_bits: int, ride=None,
+    cmp_bits: int | None = None, normalise: bool = False,
+):
     """gain / sqrt(x) for x (at scale in_bits) in [lo, hi], at 2^out_bits; see rsqrt.
 
     Guess on quarter-octaves [a, b): g with g^2 = 2/(a+b), so r = 1 - x g^2 lies in +-0.0864.
     g^2 is a linear combination of the bits like g, at scale 60 - in_bits so that x g^2 ~ 1 fills
-    the ring. (1 - r)^(-1/2) = sum_k C(2k,k)/4^k r^k to degree 4 (error <= 0.246 r^5 = 1.2e-6, and
+    the ring; g^2's relative precision is then x 2^in_bits / 2^60, poor where x 2^in_bits nears 2^60.
+    `normalise` (wide ranges) first takes x 2^-e for the interval's octave e, a product with an exact
+    power of two (a linear combination of the bits, like g), so that x g^2 = (x 2^-e)(g^2 2^e) multiplies
+    two numbers near 1, each at 30 bits: one more batch, any range.
+    (1 - r)^(-1/2) = sum_k C(2k,k)/4^k r^k to degree 4 (error <= 0.246 r^5 = 1.2e-6, and
     4.4e-7 from rounding 35/128 to 9/32).
-    Batches: x g^2; r^2; r^3 and r^4; g * series.
+    Batches: [x 2^-e;] x g^2; r^2; r^3 and r^4; g * series.
     `ride` = (a, b, p): the caller's a * b / 2^p (a, b at f, result at f) goes out in the r^2 batch.
     Returns (result, ride product or None).
     """
     f = party.fxp.frac_bits
     edges = _grid(lo, hi, RSQRT_STEPS_PER_OCTAVE)
     g2 = 2.0 / (edges[:-1] + edges[1:])
-    below = _thermometer(party, x, edges[1:-1], in_bits)
-    sq_bits = _HEADROOM - 1 - in_bits
+    below = _thermometer(party, x, edges[1:-1], in_bits, cmp_bits)
     # r and its powers carry rb bits, as many as the last product (result times series <= 2.5) allows.
     top = math.log2(2.5 * gain / math.sqrt(lo))
     rb = f + max(0, min(RSQRT_R_EXTRA_BITS, math.floor(_HEADROOM - out_bits - f - RSQRT_COEF_BITS - top)))
-    r = _one_minus(party, arith.mul_fx(party, x, _steps(party, below, g2, sq_bits), bits=sq_bits + in_bits - rb), rb)
+    if normalise:
+        octave = np.floor(np.log2(edges[:-1]))
+        top_octave = int(octave.max())  # 2^(top_octave - e) >= 1: every power of two is exact
+        if in_bits + top_octave > _HEADROOM - 2:
+            raise ValueError(f"rsqrt: x up to 2^{top_octave + 1} at 2^{in_bits} leaves no room to normalise")
+        z = min(RSQRT_NORM_BITS, in_bits + top_octave - 1)
+        scaled = arith.mul_fx(party, x, _steps(party, below, 2.0**-octave, top_octave), bits=in_bits + top_octave - z)
+        mantissa = _steps(party, below, g2 * 2.0**octave, _HEADROOM - 1 - z)
+        xg2 = arith.mul_fx(party, scaled, mantissa, bits=_HEADROOM - 1 - rb)
+    else:
+        sq_bits = _HEADROOM - 1 - in_bits
+        xg2 = arith.mul_fx(party, x, _steps(party, below, g2, sq_bits), bits=sq_bits + in_bits - rb)
+    r = _one_minus(party, xg2, rb)
     if ride is None:
         r2, ridden = arith.mul_fx(party, r, r, bits=rb), None
     else:
         a, b, p = ride
-        r2, ridden = arith.mul_fx(party, [r, a], [_shift(r, p), _shift(b, rb - f)], bits=rb + p)
+        r2, ridden = arith.mul_fx(party, [r, a], [r, b], bits=[rb, f + p])
     r3, r4 = arith.mul_fx(party, [r, r2], [r2, r2], bits=rb)
     c = RSQRT_SERIES
     series = _lin(party, [(r, c[1], 0), (r2, c[2], 0), (r3, c[3], 0), (r4, c[4], 0)], 1.0, rb + RSQRT_COEF_BITS)
@@ -254,22 +326,32 @@ def _rsqrt(party: Party, x: AShare, in_bits: int, lo: float, hi: float, gain: fl
     return arith.mul_fx(party, guess, series, bits=rb + RSQRT_COEF_BITS), ridden
 
 
-def rsqrt(party: Party, x: AShare, lo: float = 2.0**-10, hi: float = 2.0**10) -> AShare:
-    """1/sqrt(x) for x in [lo, hi] (public bounds, lo >= 2^-(f+3)); the norms use the same kernel.
+def single_product_bits(lo: float, hi: float, in_bits: int) -> float:
+    """Significant bits left to x g^2 by `_rsqrt` without normalising, at its worse end: x at lo, or g^2 at hi."""
+    return min(math.log2(lo) + in_bits, _HEADROOM - 1 - in_bits - math.log2(hi))
 
-    Idea: a piecewise-constant guess from a quarter-octave thermometer, then the binomial series
-    of (1 - r)^(-1/2) to degree 4, r = 1 - x y0^2 (|r| <= 0.0864): relative error <= 1.7e-6
-    (1.2e-6 truncation of the series, 4.4e-7 from coefficients on a 2^-5 grid) plus fixed-point
-    rounding. No highest-set-bit normalisation (SPU), no Newton loop.
-    Measured on [2^-10, 2^10]: within 2e-6 relative + 2 ulp.
-    Rounds C + A + 8 = 16; bytes per row C + (k-2)X + (k-1)A + 4M + W with k = ceil(4 log2(hi/lo))
-    intervals (79 thresholds for the default range: 1.2 KB per row).
+
+def rsqrt(party: Party, x: AShare, lo: float = 2.0**-10, hi: float = 2.0**10) -> AShare:
+    """1/sqrt(x) for x in [lo, hi]: any public bounds with 2^-(f+3) <= lo < hi < 2^(62-f), i.e. the whole
+    positive fixed-point range; the norms use the same kernel.
+
+    Domain: [lo, hi]; there the error is <= 2e-6 relative + 2 ulp (measured on [2^-10, 2^10] and at both
+    ends of [2^-16, 2^40]). Below lo the guess of the lowest interval gives up to 2.5x the value at lo;
+    above hi the series diverges.
+    Idea: a piecewise-constant guess from a quarter-octave thermometer (the highest set bit of x to a
+    quarter octave, without normalising x), then the binomial series of (1 - r)^(-1/2) to degree 4,
+    r = 1 - x y0^2 (|r| <= 0.0864): relative error <= 1.7e-6 (1.2e-6 truncation of the series, 4.4e-7
+    from coefficients on a 2^-5 grid) plus fixed-point rounding. No Newton loop.
+    Comparisons on L = party.msb_bits bits when hi 2^(f+2) < 2^L, else on 64 bits (`thermometer_bits`).
+    Rounds C + A + 8 = 16; bytes per element C + (k-2)X + (k-1)A + 4M + W with k = ceil(4 log2(hi/lo))
+    intervals (79 thresholds for the default range: 1.2 KB).
     """
     f = party.fxp.frac_bits
     if lo < 2.0 ** -(f + 3):
         raise ValueError(f"rsqrt: lo = {lo} is below 2^-{f + 3}, the smallest input range this fixed point supports")
+    normalise = _HEADROOM - 1 - f - math.log2(hi) < RSQRT_MIN_BITS
     with party.comm.tag("rsqrt"):
-        return _rsqrt(party, x, f, lo, hi, 1.0, f)[0]
+        return _rsqrt(party, x, f, lo, hi, 1.0, f, cmp_bits=thermometer_bits(party, hi, f), normalise=normalise)[0]
 
 
 # ----------------------------------------------------------------------------- GeLU, SiLU
@@ -280,9 +362,9 @@ def _max_abs(poly, lo: float, hi: float) -> float:
     return float(np.abs(approx.poly(np.linspace(lo, hi, 4097), tuple(poly))).max())
 
 
-def _piecewise(party: Party, x: AShare, breaks, low, mid) -> AShare:
+def _piecewise(party: Party, x: AShare, fit: approx.Piecewise, cmp_bits: int | None) -> AShare:
     """0 below breaks[0], `low` (degree <= 3) up to breaks[1], `mid` (even degree <= 6 plus a linear term) up to
-    breaks[2], x above.
+    breaks[2], x above (`approx.Piecewise`).
 
     Variable u = x / 2^s with 2^s >= |breaks[1]|, |breaks[2]| (x read at scale q = f + s, free), so |u| <= 1
     on mid's segment; s2 = u^2. Two truncations and two plain ring products:
@@ -296,6 +378,7 @@ def _piecewise(party: Party, x: AShare, breaks, low, mid) -> AShare:
     own ranges bound the scales.
     """
     f = party.fxp.frac_bits
+    breaks, low, mid = fit.breaks, fit.low, fit.mid
     if len(low) > 4 or len(mid) > 7 or any(c != 0.0 for c in mid[3::2]):
         raise ValueError("_piecewise takes a cubic and an even sextic plus a linear term")
     s = math.ceil(math.log2(max(abs(breaks[1]), abs(breaks[2]))))
@@ -311,7 +394,7 @@ def _piecewise(party: Party, x: AShare, breaks, low, mid) -> AShare:
     u = x
 
     # The three comparisons in one batch, rank 0's part of it sent once.
-    b0, b1, b2 = compare.less_than_public(party, x, [_encode(b, f) for b in breaks])
+    b0, b1, b2 = compare.less_than_public(party, x, [_encode(b, f) for b in breaks], bits=cmp_bits)
 
     s2 = arith.mul_fx(party, u, u, bits=2 * q - sq)
     t = arith.mul_fx(party, s2, _lin(party, [(s2, md[6], e - sq)], md[4], e), bits=sq + e - (k_out - sq))
@@ -333,42 +416,54 @@ def _piecewise(party: Party, x: AShare, breaks, low, mid) -> AShare:
     return arith.add(x, picked)
 
 
-def gelu(party: Party, x: AShare) -> AShare:
-    """PUMA's GeLU: 0 | F0 (cubic) | F1 (degree 6, even + x/2) | x, breaks -4, -1.95, 3 (approx.GELU_*).
+def gelu(party: Party, x: AShare, fit: approx.Piecewise = approx.REFIT.gelu, cmp_bits: int | None = None) -> AShare:
+    """GeLU as 0 | cubic | degree 6 (even + linear) | x (`approx.Piecewise`: refit or PUMA's constants).
 
+    Domain: every x the comparison takes, |x| < 2^(L-1-f) (L = cmp_bits or party.msb_bits: 2^29 at f = 18);
+    values outside a piece's segment are multiplied by an exact 0. Error against the float64 definition:
+    1.3 ulp measured on [-6, 6]; the definitions are 0.0120 (refit; 0.0019 on [-1, 1]) and 0.0199 (PUMA)
+    from the exact GeLU.
     See `_piecewise`: 3 comparisons in one batch, 2 truncated and 2 plain products, one select (3 bits,
-    4 terms) that also rescales. Measured error vs approx.gelu 1.3 ulp on [-6, 6]; approx.gelu is
-    0.0199 from the exact GeLU (at its jump at x = 3; 0.0140 elsewhere).
+    4 terms) that also rescales.
     Rounds C + 2 + 2 + 1 + 3 = 14; bytes C + 2X + 2M + 2R + Z + 5 * 8 / 3 = 112.9 per element per rank
-    (338.6 over the three; was 655 with 5 truncations and 3 mul_bits). PUMA section 4.3.
+    (338.6 over the three; was 655 with 5 truncations and 3 mul_bits), the same for both sets. PUMA section 4.3.
     """
     with party.comm.tag("gelu"):
-        return _piecewise(party, x, approx.GELU_BREAKS, approx.GELU_F0, approx.GELU_F1)
+        return _piecewise(party, x, fit, cmp_bits)
 
 
-def silu(party: Party, x: AShare) -> AShare:
-    """PUMA's SiLU: 0 | quadratic | degree 6 | x, breaks -8, -4, 4 (approx.SILU_*); as gelu.
+def silu(party: Party, x: AShare, fit: approx.Piecewise = approx.REFIT.silu, cmp_bits: int | None = None) -> AShare:
+    """SiLU as 0 | quadratic | degree 6 | x (`approx.Piecewise`); domain and method as gelu's.
 
-    Measured error vs approx.silu 1.7 ulp on [-10, 10]; approx.silu jumps 0.072 away from the exact
-    SiLU at x = 4. Rounds 14 as gelu; bytes as gelu less one ring product (the quadratic needs none):
-    C + 2X + 2M + R + Z + 5 * 8 / 3 = 104.9 per element per rank. PUMA section 4.3.
+    Error against the float64 definition: 1.7 ulp measured on [-10, 10]; the definitions are 0.045 (refit)
+    and 0.072 (PUMA, its jump at x = 4) from the exact SiLU. Rounds 14 as gelu; bytes as gelu less one
+    ring product (the quadratic needs none): C + 2X + 2M + R + Z + 5 * 8 / 3 = 104.9 per element per rank.
+    PUMA section 4.3.
     """
     with party.comm.tag("silu"):
-        return _piecewise(party, x, approx.SILU_BREAKS, approx.SILU_S0, approx.SILU_S1)
+        return _piecewise(party, x, fit, cmp_bits)
 
 
 # ----------------------------------------------------------------------------- softmax
 
 
-def softmax(party: Party, x: AShare, mask: np.ndarray | None = None) -> AShare:
-    """Softmax over the last axis with PUMA's exp; mask (public bool, broadcastable, False = weight 0).
+def softmax(
+    party: Party, x: AShare, mask: np.ndarray | None = None, fit: approx.ExpNeg = approx.REFIT.exp,
+    cmp_bits: int | None = None,
+) -> AShare:
+    """Softmax over the last axis with an approximate exp (`fit`); mask (public bool, broadcastable,
+    False = weight 0).
+
+    Domain: kept entries of a row within 2^(L-2-f) of each other (L = cmp_bits or party.msb_bits: 2^28
+    at f = 18), for the max tree's comparisons and exp's clip; masked entries may hold anything.
 
     max over kept positions (masked ones are first overwritten, locally, with the row's first kept
     element, so no sentinel value has to fit the ring), e = exp_neg(x - max) * mask, ONE reciprocal
     per row of the sum (in [1, n]: the max contributes exp(0) = 1; kept at f + 8 bits), then a
     broadcast product.
     A row with no kept position gives 0 (approx.softmax gives NaN there; the ONNX export maps it to 0).
-    Measured error vs approx.softmax 1.1 ulp; approx.softmax is up to ~0.035 from the exact softmax.
+    Measured error vs approx.softmax 1.1 ulp (plus what the cut zone of exp keeps); approx.softmax is up to
+    0.07 from the exact softmax with PUMA's exp, 4e-4 with the refit one (rows of 128 scores).
     The reciprocal carries f + 5 bits (enough against e <= 1), so the output product truncates by 31.
     Rounds ceil(log2 n) (C + S) + 18 (exp) + 16 (reciprocal) + 2 = 8 ceil(log2 n) + 36 (92 for
     n = 128); bytes per element (n-1)/n (C + S) [max] + exp's + M [product], plus the reciprocal's
@@ -384,9 +479,9 @@ def softmax(party: Party, x: AShare, mask: np.ndarray | None = None) -> AShare:
             first = np.argmax(keep, axis=-1)[..., None]
             filler = AShare(np.take_along_axis(x.first, first, -1), np.take_along_axis(x.second, first, -1))
             x = arith.add(arith.mul_public(arith.sub(x, filler), keep.astype(np.int64)), filler)
-        top = compare.max(party, x, axis=-1, keepdims=True)
+        top = compare.max(party, x, axis=-1, keepdims=True, bits=cmp_bits)
         with party.comm.tag("exp_neg"):
-            e = _exp_neg(party, arith.sub(x, top), f + SOFTMAX_EXTRA_BITS)
+            e = _exp_neg(party, arith.sub(x, top), f + SOFTMAX_EXTRA_BITS, fit, cmp_bits)
         if keep is not None:
             e = arith.mul_public(e, keep.astype(np.int64))
             empty = ~keep.any(axis=-1, keepdims=True)
@@ -403,63 +498,196 @@ def softmax(party: Party, x: AShare, mask: np.ndarray | None = None) -> AShare:
 # ----------------------------------------------------------------------------- norms
 
 
-def _sum_squares_bits(party: Party, n: int) -> int:
-    """Extra fractional bits for S = sum d^2: as many as the comparison's range leaves at S = n * NORM_VAR_HI."""
-    room = party.msb_bits - 2 - party.fxp.frac_bits - math.ceil(math.log2(n * NORM_VAR_HI))
-    return max(0, min(NORM_SUM_EXTRA_BITS, room))
+class DomainError(ValueError):
+    """A kernel's input range that no variant of it covers; the message says which bound fails."""
 
 
-def _normalise(party: Party, d: AShare, fine: AShare, mult: int, scale: AShare, eps: float) -> AShare:
+@dataclass(frozen=True)
+class NormDomain:
+    """The public input range a norm is planned for: |x| <= x_max, the row's variance (LayerNorm) or
+    mean square (RMSNorm) in [var_lo, var_hi] before eps, and |scale| <= scale_max.
+
+    The defaults are what real models produce (LLaMA-family outliers: |x| up to 2^15, mean squares up
+    to 2^30; rows flatter than var 2^-16 = 1.5e-5 lose precision, eps aside); calibration narrows them.
+    """
+
+    x_max: float = 2.0**15
+    var_lo: float = 2.0**-16
+    var_hi: float = 2.0**30
+    scale_max: float = 16.0
+
+
+@dataclass(frozen=True)
+class NormPlan:
+    """How one norm runs for a row length, fixed point and domain (`norm_plan`); every field is public."""
+
+    n: int
+    eps: float
+    base: int  # the numerator before its shift: n d (LayerNorm: n x - sum x, exact) or d (RMSNorm)
+    shift: int  # numerator = base * 2^shift: a free shift when >= 0, a truncation (T per element) when < 0
+    mean_bits: int  # LayerNorm: 1/n carried at f + mean_bits
+    prescale: int  # k > 0: S from d / 2^k and its remainder (n |d|^2 at 2^2f would pass 2^61)
+    sum_bits: int  # S = sum d^2 (+ n eps) at this scale
+    normalise: bool  # the rsqrt normalises S by its octave (wide ranges)
+    cmp_bits: int  # comparison width of the thermometer
+    lo: float  # S's range, eps included
+    hi: float
+    inv_bits: int  # scale of 2^p sqrt(n) / (mult sqrt(S))
+
+    @property
+    def mult(self) -> float:
+        return self.base * 2.0**self.shift
+
+    @property
+    def p(self) -> int:
+        return max(0, math.floor(math.log2(self.mult)) - CENTER_EXTRA_BITS)
+
+    @property
+    def precision_bits(self) -> float:
+        """The output's relative precision at the domain's worst point is about 2^-precision_bits: the
+        fewest significant bits among S at its smallest, the rsqrt guess's g^2 at S's largest (x g^2 ~ 2^60),
+        and 1/sqrt at its smallest."""
+        inv_min = 2.0**self.p * math.sqrt(self.n) / (self.mult * math.sqrt(self.hi))
+        bits = [math.log2(self.lo) + self.sum_bits, self.inv_bits + math.log2(inv_min)]
+        if not self.normalise:
+            bits.append(single_product_bits(self.lo, self.hi, self.sum_bits))
+        return min(bits)
+
+
+def norm_plan(f: int, n: int, eps: float, domain: NormDomain, centred: bool, msb_bits: int = 48) -> NormPlan:
+    """The variant of LayerNorm (centred) or RMSNorm that covers `domain` at f fractional bits.
+
+    Raises DomainError when none does. Every bound is a true value that must stay below 2^61 in the
+    ring (the truncation's 2^62 with a bit to spare), or below 2^(L-2) where it is compared.
+    """
+    d_max = (2.0 if centred else 1.0) * domain.x_max
+    room = _HEADROOM - 2 * f  # a product of two values at f bits is exact below 2^room in real terms
+    mean_bits = 0
+    if centred:
+        mean_bits = min(MEAN_EXTRA_BITS, math.floor(room - math.log2(domain.x_max)))
+        if mean_bits < 0:
+            raise DomainError(f"|x| up to {domain.x_max:.4g} leaves the row mean no room at 2^{f}")
+    # The numerator times the scale (the ride's product) stays below 2^room: a shift up to CENTER_EXTRA_BITS
+    # (RMSNorm), or down by a truncation when |base scale| could pass it.
+    base = n if centred else 1
+    top = math.log2(base * d_max * max(domain.scale_max, 2.0**-f))
+    shift = min(0 if centred else CENTER_EXTRA_BITS, math.floor(room - top))
+    var_lo = max(domain.var_lo + eps, NORM_VAR_LO)
+    var_hi = max(min(domain.var_hi, d_max**2) + eps, 2 * var_lo)
+    lo, hi = n * var_lo, n * var_hi
+    prescale = max(0, math.ceil(math.log2(hi) + 2 * f - _HEADROOM))
+    # S's scale: as many bits as the ring allows. Where one product x g^2 cannot keep NORM_SINGLE_BITS at
+    # both ends of [lo, hi] (at the scale that balances them), the rsqrt normalises S by its octave first.
+    widest = min(f + NORM_SUM_EXTRA_BITS, 2 * f - prescale - 1)
+    balanced = min(widest, math.floor((_HEADROOM - 1 - math.log2(hi) - math.log2(lo)) / 2))
+    normalise = single_product_bits(lo, hi, balanced) < NORM_SINGLE_BITS
+    sum_bits = min(widest, _HEADROOM - 2 - math.ceil(math.log2(hi))) if normalise else balanced
+    cmp_bits = msb_bits if math.log2(hi) + sum_bits + 2 <= msb_bits else 64
+    # inv = 2^p / (mult sqrt(var)) at 2^inv_bits: its largest value times the series (at f + 5 bits, <= 2.5)
+    # and the result (<= sqrt(n) scale_max, at f + inv_bits) stay below 2^61; at most 31 bits, so that the
+    # last product ships 4-byte shares.
+    mult = base * 2.0**shift
+    p = max(0, math.floor(math.log2(mult)) - CENTER_EXTRA_BITS)
+    inv_max = 2.0**p / (mult * math.sqrt(var_lo))
+    inv_bits = min(
+        NORM_INV_BITS,
+        math.floor(_HEADROOM - f - RSQRT_COEF_BITS - math.log2(2.5 * inv_max)),
+        math.floor(_HEADROOM - f - math.log2(math.sqrt(n) * max(domain.scale_max, 1.0))),
+    )
+    plan = NormPlan(n, eps, base, shift, mean_bits, prescale, sum_bits, normalise, cmp_bits, lo, hi, inv_bits)
+    if plan.precision_bits < NORM_MIN_PRECISION_BITS:
+        raise DomainError(
+            f"variance range [{var_lo:.3g}, {var_hi:.3g}] is too wide for one fixed-point scale "
+            f"(about {plan.precision_bits:.0f} significant bits left, {NORM_MIN_PRECISION_BITS} needed)"
+        )
+    return plan
+
+
+def _sum_squares(party: Party, d: AShare, coarse: AShare | None, plan: NormPlan) -> AShare:
+    """S = sum d^2 + n eps over the last axis at 2^plan.sum_bits, one value per row.
+
+    Direct: one dot product per row and one truncation (bytes per row). Pre-scaled (plan.prescale = k > 0,
+    when n |d|^2 at 2^2f would pass 2^61): `coarse` = truncate(d, k), the remainder l = d - 2^k coarse
+    is local and small, and d.d = 2^k (coarse.d) + l.d exactly, so the two dot products truncate by bits
+    that differ by k in one batch: S keeps its full precision. Rounds 2; bytes per row M (2M pre-scaled).
+    """
+    f, k = party.fxp.frac_bits, plan.prescale
+    col = d.expand_dims(-1)
+    if k == 0:
+        ss = arith.matmul_fx(party, d.expand_dims(-2), col, bits=2 * f - plan.sum_bits)
+    else:
+        rest = arith.sub(d, _shift(coarse, k))
+        high, low = arith.matmul_fx(
+            party, [coarse.expand_dims(-2), rest.expand_dims(-2)], [col, col],
+            bits=[2 * f - k - plan.sum_bits, 2 * f - plan.sum_bits],
+        )
+        ss = arith.add(high, low)
+    return arith.add_public(party, ss[..., 0], _encode(plan.n * plan.eps, plan.sum_bits))
+
+
+def _normalise(party: Party, d: AShare, base: AShare, scale: AShare, plan: NormPlan) -> AShare:
     """scale * d / sqrt(mean(d^2) + eps) over the last axis (the shared tail of layer_norm and rms_norm).
 
-    `fine` = mult * d exactly (LayerNorm: n x - sum x, no rounded 1/n; RMSNorm: 16 x), so the
-    output keeps the centring exact and log2(mult) extra bits. S = sum d^2 is one fixed-point
-    matmul per row (one truncation; bytes per row, not per element) with a few extra bits.
-    The rsqrt returns 2^p sqrt(n) / (mult sqrt(S + n eps)) at NORM_INV_BITS, while
-    fine * scale / 2^p (p = log2(mult) - 4, so the factor is 16..32) rides in its r^2 batch:
-    one more full-size product gives the result. Needs mult |d scale| < 2^26 and |result| < 2^13.
-    Rounds 2 + R_C + R_A + 8 + 2; bytes/elem 2M, plus per row M + rsqrt's.
+    `base` = plan.base * d exactly (LayerNorm: n x - sum x, no rounded 1/n; RMSNorm: x); the numerator
+    is base * 2^shift (16 x for RMSNorm), so the output keeps the centring exact and a few extra bits.
+    When the domain is wide, the pre-scaling of d (`_sum_squares`) and a down-shift of the numerator
+    are truncations of one batch. S = sum d^2 (`_sum_squares`).
+    The rsqrt returns 2^p sqrt(n) / (mult sqrt(S + n eps)) at plan.inv_bits, while
+    numerator * scale / 2^p (p = log2(mult) - 4, so the factor is 16..32) rides in its r^2 batch:
+    one more full-size product gives the result.
+    Rounds 2 (4 with truncations) + R_C + R_A + 8 + 2; bytes/elem 2M (+ T per truncated value), plus
+    per row M (2M pre-scaled) + rsqrt's.
     """
-    f = party.fxp.frac_bits
-    n = d.shape[-1]
-    e = _sum_squares_bits(party, n)
-    ss = arith.matmul_fx(party, d.expand_dims(-2), d.expand_dims(-1), bits=f - e)[..., 0]
-    ss = arith.add_public(party, ss, _encode(n * eps, f + e))
-    p = max(0, int(math.floor(math.log2(mult))) - CENTER_EXTRA_BITS)
-    gain = math.sqrt(n) * 2.0**p / mult
-    lo, hi = n * NORM_VAR_LO, n * NORM_VAR_HI
-    inv, ds = _rsqrt(party, ss, f + e, lo, hi, gain, NORM_INV_BITS, (fine, scale, p))
-    return arith.mul_fx(party, ds, inv, bits=NORM_INV_BITS)
+    cuts = ([(d, plan.prescale)] if plan.prescale else []) + ([(base, -plan.shift)] if plan.shift < 0 else [])
+    cut = arith.truncate(party, [v for v, _ in cuts], [b for _, b in cuts]) if cuts else []
+    coarse = cut[0] if plan.prescale else None
+    numerator = cut[-1] if plan.shift < 0 else _shift(base, plan.shift)
+    ss = _sum_squares(party, d, coarse, plan)
+    gain = math.sqrt(plan.n) * 2.0**plan.p / plan.mult
+    inv, ds = _rsqrt(
+        party, ss, plan.sum_bits, plan.lo, plan.hi, gain, plan.inv_bits, (numerator, scale, plan.p), plan.cmp_bits,
+        plan.normalise,
+    )
+    return arith.mul_fx(party, ds, inv, bits=plan.inv_bits)
 
 
-def layer_norm(party: Party, x: AShare, scale: AShare, bias: AShare, eps: float) -> AShare:
+def layer_norm(
+    party: Party, x: AShare, scale: AShare, bias: AShare, eps: float, domain: NormDomain = NormDomain()
+) -> AShare:
     """LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * scale + bias; scale, bias secret.
 
-    The variance's mean: local row sum times 1/n at f + 12 bits, one truncation per row; the
-    output's centring is exact (n x - sum x, see `_normalise`). Then var via one matmul per row,
+    Domain (`domain`, public): |x| <= x_max, var in [var_lo, var_hi], |scale| <= scale_max; the default
+    covers |x| <= 2^15 and var + eps in [2^-16, 2^30]. Within it the relative error is about
+    2^-plan.precision_bits at the domain's ends plus a few ulp (`norm_plan`; the tests assert it at both
+    ends), e.g. 5 ulp for var >= 1e-3 on [1e-6, 1e4]; `norm_plan` picks the variant or raises DomainError.
+    The variance's mean: local row sum times 1/n at f + 12 bits (fewer for |x| near 2^15), one
+    truncation per row; the output's centring is exact (n x - sum x, truncated by a few bits when
+    n |x scale| could pass 2^(61-2f)). Then var via one matmul per row (pre-scaled for large |x|),
     1/sqrt per row (thermometer + binomial series, see rsqrt) and two full-size products.
-    Ranges: var + eps in [2^-20, 2^14] (~1e-6 .. 1.6e4), n (var + eps) < 2^26, n |(x - mean) scale|
-    < 2^26, |result - bias| < 2^13; the row mean only needs |mean| < 2^(26 - 12).
-    Rounds 2 + 2 + R_C + R_A + 8 + 2 (= 22 at L = 48); bytes/elem 2M, plus per row 5M + W + T (the
-    mean's truncation, 44 B over the ranks) + C + (k-2)X + (k-1)A with k = 4*34 = 136 intervals (see
-    the module docstring). PUMA 4.4.
+    Rounds 2 + 2 (+2 with truncations) + R_C + R_A + 8 + 2 (= 22 at L = 48); bytes/elem 2M (+T per
+    truncation), plus per row 5M + W + T (the mean's truncation, 44 B over the ranks) + C + (k-2)X + (k-1)A
+    with k = ceil(4 log2(hi/lo)) intervals (136 for var in [2^-20, 2^14], 184 for the default domain). PUMA 4.4.
     """
     f = party.fxp.frac_bits
     n = x.shape[-1]
+    plan = norm_plan(f, n, eps, domain, centred=True, msb_bits=party.msb_bits)
     with party.comm.tag("layer_norm"):
         total = x.sum(axis=-1, keepdims=True)
-        cut = f + MEAN_EXTRA_BITS
+        cut = f + plan.mean_bits
         mean = arith.truncate(party, arith.mul_public(total, _encode(1.0 / n, cut)), cut)
-        d = arith.sub(x, mean)
         centred = arith.sub(arith.mul_public(x, n), total)
-        return arith.add(_normalise(party, d, centred, n, scale, eps), bias)
+        return arith.add(_normalise(party, arith.sub(x, mean), centred, scale, plan), bias)
 
 
-def rms_norm(party: Party, x: AShare, scale: AShare, eps: float) -> AShare:
+def rms_norm(party: Party, x: AShare, scale: AShare, eps: float, domain: NormDomain = NormDomain()) -> AShare:
     """RMSNorm over the last axis (LLaMA): x / sqrt(mean(x^2) + eps) * scale; scale secret.
 
-    `_normalise` without the mean; ranges as layer_norm's with 16 |x scale| < 2^26.
-    Rounds 2 + R_C + R_A + 8 + 2 (= 20 at L = 48); bytes/elem 2M, plus per row 5M + W + C + (k-2)X + (k-1)A.
+    Domain as layer_norm's, var = mean(x^2): by default |x| <= 2^15 and mean(x^2) + eps in [2^-16, 2^30],
+    which covers SmolLM2's |x| = 24,926 and mean squares of 1.09e6; the numerator is 16 x while
+    16 x_max scale_max < 2^(61-2f).
+    Rounds 2 (4 with truncations) + R_C + R_A + 8 + 2 (= 20 at L = 48); bytes/elem 2M (+T per truncation),
+    plus per row 5M + W + C + (k-2)X + (k-1)A.
     """
+    plan = norm_plan(party.fxp.frac_bits, x.shape[-1], eps, domain, centred=False, msb_bits=party.msb_bits)
     with party.comm.tag("rms_norm"):
-        return _normalise(party, x, _shift(x, CENTER_EXTRA_BITS), 2**CENTER_EXTRA_BITS, scale, eps)
+        return _normalise(party, x, x, scale, plan)

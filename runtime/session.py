@@ -25,18 +25,21 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from puma_onnx.models import REGISTRY
 from puma_onnx.passes.secrecy import PUBLIC_INPUTS
 
-from . import arith
+from . import approx, arith
 from .comm import Communicator
 from .executor import Executor, layer_of, parse_nodes, unsupported
-from .kernels import Context, Private, Scaled
-from .party import Party
+from .kernels import Context, Private, Scaled, power_of_two_bits
+from .party import DEFAULT_MSB_BITS, Party
+from .ranges import RangeError, plan_kernels
 from .ring import FixedPoint
 from .shares import AShare
 from .weights import WeightShare, share_weights
@@ -96,35 +99,72 @@ def _model_paths(path: Path) -> tuple[Path, Path]:
         raise UserError(f"model folder {str(path)!r} has neither {REWRITTEN_FILE} nor {ORIGINAL_FILE}")
     if path.is_file():
         return path, path.parent
-    raise UserError(f"model {str(path)!r} not found")
+    if str(path) in REGISTRY:
+        return _model_paths(_registry_export(str(path)))
+    known = ", ".join(REGISTRY)
+    raise UserError(f"model {str(path)!r} not found (neither a file, a folder nor a registry name: {known})")
+
+
+def _registry_export(name: str) -> Path:
+    """The cached export of a registry model, made on first use (`puma_onnx.export.cached_export`)."""
+    from puma_onnx.export import ExportError, cached_export
+
+    try:
+        return cached_export(name)
+    except ImportError as e:
+        raise UserError(
+            f"{name} is not exported yet and this rank cannot export it ({e.name} is not installed): "
+            f"run puma-onnx export {name} -o DIR where the export extra is installed, then pass DIR"
+        ) from None
+    except ExportError as e:
+        raise UserError(str(e)) from None
 
 
 def is_rewritten(model: onnx.ModelProto) -> bool:
     return any(f.domain == "puma" for f in model.functions)
 
 
-def load_model(path_str: str, frac_bits: int = 18) -> tuple[onnx.ModelProto, dict, list[str]]:
-    """The rewritten model, its public info, and the names of the secret initializers (owner only)."""
+def load_model(
+    path_str: str, frac_bits: int = 18, msb_bits: int = DEFAULT_MSB_BITS
+) -> tuple[onnx.ModelProto, dict, list[str]]:
+    """The rewritten model, its public info, and the names of the secret initializers (owner only).
+
+    The info holds the approximation set and every secure kernel's planned variant (`ranges`),
+    checked against the activation ranges puma.json records, so a range no kernel covers stops
+    here, before any share moves.
+    """
     from puma_onnx.passes import UnsupportedSecretOps, analyze, rewrite
+    from puma_onnx.passes.functions import APPROX_KEY
 
     path, folder = _model_paths(Path(path_str))
+    meta = _read_metadata(folder / "puma.json")
     try:
         model = onnx.load(str(path))
     except Exception as e:  # protobuf raises several kinds on a corrupt file
         raise UserError(f"cannot read ONNX model {str(path)!r}: {e}") from None
     if not is_rewritten(model):
         try:
-            model, _ = rewrite(model)
+            model, _ = rewrite(model, meta.get("approx", approx.DEFAULT))
         except UnsupportedSecretOps as e:
             raise UserError(str(e)) from None
     levels = analyze(model)
     secret_weights = [t.name for t in model.graph.initializer if levels.get(t.name) == "secret"]
     _check_encodable(model, set(secret_weights), FixedPoint(frac_bits))
-    missing = unsupported(parse_nodes(model.graph), lambda name: levels.get(name) == "secret")
+    nodes = parse_nodes(model.graph)
+    missing = unsupported(nodes, lambda name: levels.get(name) == "secret")
     if missing:
         raise UserError("no secure kernel for: " + "; ".join(missing))
-    meta_file = folder / "puma.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    # Models rewritten before the set was recorded carry PUMA's functions.
+    fits = {p.key: p.value for p in model.metadata_props}.get(APPROX_KEY, approx.PUMA.name)
+    recorded = (meta.get("ranges") or {}).get("nodes")
+    constants = _constants(model)
+    try:
+        plan = plan_kernels(
+            nodes, lambda name: levels.get(name) == "secret", recorded, frac_bits, msb_bits,
+            weights=constants, scalings=_pending_scalings(nodes, constants),
+        )
+    except RangeError as e:
+        raise UserError(str(e)) from None
     tokenizer_file = folder / "tokenizer.json"
     info = {
         "name": meta.get("model", path.stem),
@@ -132,8 +172,67 @@ def load_model(path_str: str, frac_bits: int = 18) -> tuple[onnx.ModelProto, dic
         "tokenizer": tokenizer_file.read_text() if tokenizer_file.exists() else None,
         "inputs": [i.name for i in model.graph.input],
         "vocab": _vocab_limits(model),
+        "approx": fits,
+        "ranges": "recorded" if recorded else "defaults",
+        "plan": plan,
     }
     return model, info, secret_weights
+
+
+def _read_metadata(meta_file: Path) -> dict:
+    if not meta_file.exists():
+        return {}
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {str(meta_file)!r}: {e}") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{str(meta_file)!r} is not a JSON object")
+    return meta
+
+
+def _constants(model: onnx.ModelProto) -> Callable[[str], np.ndarray]:
+    """name -> array for initializers and Constant outputs, through Identity nodes (exporters alias
+    equal weights that way); read on demand, the owner plans with them. KeyError for anything else."""
+    tensors = {t.name: t for t in model.graph.initializer}
+    tensors.update(
+        {n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"}
+    )
+    alias = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity"}
+
+    def value(name: str) -> np.ndarray:
+        while name not in tensors and name in alias:
+            name = alias[name]
+        return numpy_helper.to_array(tensors[name])
+
+    return value
+
+
+def _pending_scalings(nodes: list, constant) -> Callable:
+    """For a MatMul, the product of the public scalars its operands were multiplied by (or divided by)
+    when that product is a power of two the matmul's truncation absorbs (kernels.Scaled); else 1."""
+    producer = {out: n for n in nodes for out in n.outputs}
+
+    def scalar(name: str) -> float:
+        node = producer.get(name)
+        if node is None or node.op_type not in ("Mul", "Div"):
+            return 1.0
+        for i, operand in enumerate(node.inputs[:2]):
+            try:
+                c = np.asarray(constant(operand), dtype=np.float64)
+            except KeyError:
+                continue
+            if c.size == 1 and c.item() != 0.0 and (node.op_type == "Mul" or i == 1):
+                return c.item() if node.op_type == "Mul" else 1.0 / c.item()
+        return 1.0
+
+    def scalings(node) -> float:
+        if node.op_type != "MatMul":
+            return 1.0
+        factor = scalar(node.inputs[0]) * scalar(node.inputs[1])
+        return factor if power_of_two_bits(factor) is not None else 1.0
+
+    return scalings
 
 
 def _check_encodable(model: onnx.ModelProto, names: set[str], fxp: FixedPoint) -> None:
@@ -223,9 +322,9 @@ def read_ids(opts: RunOptions, info: dict) -> tuple[np.ndarray, np.ndarray | Non
     return ids, mask, types
 
 
-def client_feeds(opts: RunOptions, info: dict) -> dict:
-    """Public inputs in the clear, and the shapes of the private ones (client only)."""
-    ids, mask, types = read_ids(opts, info)
+def model_feeds(names: list[str], ids: np.ndarray, mask: np.ndarray | None = None, types=None) -> dict:
+    """The graph inputs `names` for token ids (B, S): the mask (ones by default), token types (zeros)
+    and position ids (counting kept tokens) that Hugging Face exports take."""
     if mask is None:
         mask = np.ones_like(ids)
     values = {
@@ -234,10 +333,16 @@ def client_feeds(opts: RunOptions, info: dict) -> dict:
         "token_type_ids": np.zeros_like(ids) if types is None else types,
         "position_ids": np.clip(np.cumsum(mask, axis=1) - 1, 0, None),
     }
-    unknown = [name for name in info["inputs"] if name not in values]
+    unknown = [name for name in names if name not in values]
     if unknown:
         raise UserError(f"the model wants inputs puma-onnx cannot make: {', '.join(unknown)}")
-    return {name: values[name] for name in info["inputs"]}
+    return {name: values[name] for name in names}
+
+
+def client_feeds(opts: RunOptions, info: dict) -> dict:
+    """Public inputs in the clear, and the shapes of the private ones (client only)."""
+    ids, mask, types = read_ids(opts, info)
+    return model_feeds(info["inputs"], ids, mask, types)
 
 
 def make_feeds(comm: Communicator, raw: dict | None, info: dict) -> dict:
@@ -313,11 +418,17 @@ def run(comm: Communicator, opts: RunOptions) -> dict | None:
     party = Party.setup(comm, frac_bits=opts.frac_bits)
     r = comm.rank
 
-    loaded = agree(comm, OWNER, lambda: load_model(opts.model, opts.frac_bits))
+    loaded = agree(comm, OWNER, lambda: load_model(opts.model, opts.frac_bits, party.msb_bits))
     light = manifest = info = None
     if r == OWNER:
         model, info, secret_weights = loaded
         light, manifest = skeleton(model, secret_weights)
+        if info["ranges"] == "defaults":
+            print(
+                f"puma-onnx: {info['name']} has no recorded activation ranges (puma-onnx export records them): "
+                "the norms assume |x| <= 2^15 and var in [2^-16, 2^30], other kernels |x| < 2^29",
+                file=sys.stderr,
+            )
     light = broadcast_bytes(comm, light, OWNER)
     public = broadcast_json(comm, {"info": info, "manifest": manifest} if r == OWNER else None, OWNER)
     info, manifest = public["info"], public["manifest"]
@@ -339,7 +450,7 @@ def run(comm: Communicator, opts: RunOptions) -> dict | None:
     setup_s = time.perf_counter() - setup_start
     after_setup = comm.stats.snapshot()
 
-    executor = Executor(party, onnx.load_from_string(light), weights)
+    executor = Executor(party, onnx.load_from_string(light), weights, approx.lookup(info["approx"]), info["plan"])
     progress = Progress(executor, opts.progress and r == CLIENT)
     online_start = time.perf_counter()
     outputs = executor.run(feeds, on_node=progress)
@@ -374,6 +485,9 @@ def run(comm: Communicator, opts: RunOptions) -> dict | None:
         "setup_bytes_sent": [e["bytes_setup"] for e in everyone],
         "peak_rss_mb": [e["peak_rss_mb"] for e in everyone],
         "frac_bits": opts.frac_bits,
+        "approx": info["approx"],
+        "ranges": info["ranges"],
+        "plan": info["plan"],
         "per_op": [
             {
                 "name": s.name,

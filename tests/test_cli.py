@@ -37,3 +37,28 @@ def test_inspect_lists_ops_without_a_secure_kernel(unsupported_model, tmp_path):
     assert "bad_exp" in result.stdout and "Exp" in result.stdout
     rewrite = cli("rewrite", str(unsupported_model), "-o", str(tmp_path / "out.onnx"))
     assert rewrite.returncode != 0 and "bad_exp" in rewrite.stderr
+
+
+def test_rewrite_with_pumas_approximations_records_the_set(exported, tmp_path):
+    import numpy as np
+
+    from puma_onnx.passes.functions import APPROX_KEY
+    from puma_onnx.runtime import approx
+
+    from .passes.graphs import run
+
+    out = tmp_path / "llama.puma.onnx"
+    result = cli("rewrite", str(exported("llama-tiny") / "model.onnx"), "-o", str(out), "--approx", "puma")
+    assert result.returncode == 0, result.stderr
+    model = onnx.load(str(out), load_external_data=False)
+    assert {p.key: p.value for p in model.metadata_props}[APPROX_KEY] == "puma"
+    # The SiLU function is PUMA's: evaluate it alone.
+    silu = next(f for f in model.functions if f.name == "SiLU")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("SiLU", ["x"], ["y"], domain="puma")], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None])],
+    )
+    one = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), functions=[silu], ir_version=10)
+    x = np.linspace(-9, 9, 721).astype(np.float32) + np.float32(0.0013)
+    assert np.abs(run(one, x=x)[0] - approx.PUMA.silu(x)).max() < 1e-5

@@ -31,7 +31,8 @@ def feeds_for(session, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
     return {i.name: values[i.name] for i in session.get_inputs()}
 
 
-@pytest.mark.parametrize("name", sorted(set(REGISTRY) - {"minilm"}))
+# The real models are checked against their own reference in their tests (minilm below, smollm2 in test_smollm2).
+@pytest.mark.parametrize("name", sorted(set(REGISTRY) - {"minilm", "smollm2"}))
 def test_registry_model_matches_pytorch(exported, name):
     import onnxruntime as ort
     import torch
@@ -127,6 +128,9 @@ def test_random_weights_are_announced_on_stderr(tmp_path):
     meta = json.loads((tmp_path / "l" / "puma.json").read_text())
     assert meta["random_weights"] is True and meta["num_layers"] == 1
     assert [i["name"] for i in meta["inputs"]] == ["input_ids", "attention_mask", "position_ids"]
+    # No tokenizer: the ranges come from random ids; the default approximations are the refit ones.
+    assert meta["approx"] == "refit" and meta["ranges"]["source"].startswith("random token ids")
+    assert (tmp_path / "l" / "model.puma.onnx").exists()
 
 
 def test_local_folder_exports_with_its_weights(tmp_path):
@@ -145,5 +149,55 @@ def test_local_folder_exports_with_its_weights(tmp_path):
 def test_help_describes_every_option():
     result = run_cli("export", "--help")
     assert result.returncode == 0
-    for option in ("--output", "--opset", "--layers", "--seed"):
+    for option in ("--output", "--opset", "--layers", "--seed", "--approx", "--calibration"):
         assert option in result.stdout
+
+
+def prepared_copy(exported, tmp_path, name="bert-base", **options):
+    import shutil
+
+    from puma_onnx.export import prepare
+
+    folder = tmp_path / name
+    shutil.copytree(exported(name), folder)
+    report, inputs = prepare(folder, warn=lambda msg: None, **options)
+    return folder, json.loads((folder / "puma.json").read_text()), inputs
+
+
+def test_export_records_a_range_for_every_secure_nonlinear_op(exported, tmp_path):
+    import onnx
+
+    folder, meta, inputs = prepared_copy(exported, tmp_path)
+    ranges = meta["ranges"]
+    assert ranges["source"] == "shipped texts" and ranges["inputs"] == inputs == 8
+    model = onnx.load(str(folder / "model.puma.onnx"), load_external_data=False)
+    puma_nodes = [n for n in model.graph.node if n.domain == "puma" and n.op_type != "Embedding"]
+    assert {n.op_type for n in puma_nodes} == {"Gelu", "Softmax", "LayerNorm"}
+    for node in puma_nodes:
+        seen = ranges["nodes"][node.name]
+        assert seen["x_max"] > 0
+        if node.op_type == "LayerNorm":
+            assert 0 < seen["var_min"] <= seen["var_max"] <= seen["x_max"] ** 2
+    matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
+    assert all(ranges["nodes"][name]["y_max"] > 0 for name in matmuls)
+
+
+def test_export_calibrates_on_a_given_file_with_the_chosen_approximations(exported, tmp_path):
+    import onnx
+
+    from puma_onnx.passes.functions import APPROX_KEY
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("First calibration sentence.\n\nA second one, a little longer than the first.\n")
+    folder, meta, inputs = prepared_copy(exported, tmp_path, calibration=texts, approx_set="puma")
+    assert inputs == 2 and meta["ranges"]["source"] == str(texts) and meta["approx"] == "puma"
+    model = onnx.load(str(folder / "model.puma.onnx"), load_external_data=False)
+    assert {p.key: p.value for p in model.metadata_props}[APPROX_KEY] == "puma"
+
+
+def test_unreadable_calibration_file_is_one_line_error_before_the_export(tmp_path):
+    result = run_cli("export", "bert-base", "-o", str(tmp_path / "x"), "--calibration", str(tmp_path / "none.txt"))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot read --calibration" in lines[0]
+    assert not (tmp_path / "x").exists()

@@ -1,4 +1,5 @@
-"""The puma.* ONNX functions compute what runtime/approx.py defines, at opsets 14 and 18."""
+"""The puma.* ONNX functions compute what runtime/approx.py defines, for both approximation sets,
+at opsets 14 and 18."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ RTOL = 1e-5  # float32 evaluation of the float64 reference
 OFFSET = 0.00123
 
 
-def call(op_type, inputs, opset, out_shape=None, **attributes):
+def call(op_type, inputs, opset, out_shape=None, fits=approx.REFIT, **attributes):
     """A model that is one call of puma.<op_type>, with its function (output shaped like x)."""
     graph = helper.make_graph(
         [helper.make_node(op_type, [n for n, _, _ in inputs], ["y"], domain="puma", **attributes)],
@@ -28,7 +29,7 @@ def call(op_type, inputs, opset, out_shape=None, **attributes):
     m = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("puma", 1)],
-        functions=[functions.function(op_type, opset)],
+        functions=[functions.function(op_type, opset, fits)],
         ir_version=10,
     )
     onnx.checker.check_model(m, full_check=True)
@@ -36,32 +37,42 @@ def call(op_type, inputs, opset, out_shape=None, **attributes):
 
 
 OPSETS = pytest.mark.parametrize("opset", [14, 18])
+SETS = pytest.mark.parametrize("fits", list(approx.SETS.values()), ids=list(approx.SETS))
 
 
 @OPSETS
-def test_gelu_is_pumas_piecewise_polynomial(opset):
+@SETS
+def test_gelu_is_the_sets_piecewise_polynomial(opset, fits):
     x = (np.linspace(-6, 6, 2401) + OFFSET).astype(np.float32)
-    (y,) = run(call("Gelu", [("x", FLOAT, [None])], opset), x=x)
-    np.testing.assert_allclose(y, approx.gelu(x), rtol=RTOL, atol=1e-6)
+    (y,) = run(call("Gelu", [("x", FLOAT, [None])], opset, fits=fits), x=x)
+    np.testing.assert_allclose(y, fits.gelu(x), rtol=RTOL, atol=1e-6)
 
 
 @OPSETS
-def test_silu_is_pumas_piecewise_polynomial(opset):
+@SETS
+def test_silu_is_the_sets_piecewise_polynomial(opset, fits):
     x = (np.linspace(-10, 10, 4001) + OFFSET).astype(np.float32)
-    (y,) = run(call("SiLU", [("x", FLOAT, [None])], opset), x=x)
-    np.testing.assert_allclose(y, approx.silu(x), rtol=RTOL, atol=1e-6)
+    (y,) = run(call("SiLU", [("x", FLOAT, [None])], opset, fits=fits), x=x)
+    np.testing.assert_allclose(y, fits.silu(x), rtol=RTOL, atol=1e-6)
 
 
 @OPSETS
-def test_softmax_uses_pumas_exp_and_gives_masked_positions_zero_weight(opset):
+@SETS
+def test_softmax_uses_the_sets_exp_and_gives_masked_positions_zero_weight(opset, fits):
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((2, 3, 4, 6)) * 6).astype(np.float32)
     mask = rng.random((2, 1, 4, 6)) > 0.3
     mask[..., 0] = True
-    m = call("Softmax", [("x", FLOAT, [2, 3, 4, 6]), ("mask", BOOL, [2, 1, 4, 6])], opset)
+    m = call("Softmax", [("x", FLOAT, [2, 3, 4, 6]), ("mask", BOOL, [2, 1, 4, 6])], opset, fits=fits)
     (y,) = run(m, x=x, mask=mask)
-    np.testing.assert_allclose(y, approx.softmax(x, mask), rtol=RTOL, atol=1e-6)
+    np.testing.assert_allclose(y, approx.softmax(x, mask, fits.exp), rtol=RTOL, atol=1e-6)
     assert np.all(y[np.broadcast_to(~mask, y.shape)] == 0)
+
+
+def test_the_two_sets_give_different_functions():
+    x = (np.linspace(-6, 6, 2401) + OFFSET).astype(np.float32)
+    ours, puma = (run(call("Gelu", [("x", FLOAT, [None])], 18, fits=f), x=x)[0] for f in (approx.REFIT, approx.PUMA))
+    assert np.abs(ours - puma).max() > 0.01
 
 
 @OPSETS

@@ -60,7 +60,7 @@ def assert_puma_gelu(m):
     out, report = rewrite(m)
     assert op_types(out) == ["puma.Gelu"]
     x = np.linspace(-5, 5, 16, dtype=np.float32).reshape(2, 8) + 0.01
-    np.testing.assert_allclose(run(out, x=x)[0], approx.gelu(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(run(out, x=x)[0], approx.REFIT.gelu(x), rtol=1e-5, atol=1e-6)
     return report
 
 

@@ -27,10 +27,12 @@ EXPECTED = {
     "gpt2": {"embedding": 1, "layer_norm": 5, "gelu_tanh": 2, "softmax_masked_guarded": 2},
     "gpt2-medium": {"embedding": 1, "layer_norm": 5, "gelu_tanh": 2, "softmax_masked_guarded": 2},
     "llama-tiny": {"embedding": 1, "rms_norm_cast": 5, "silu": 2, "softmax_masked_guarded": 2},
+    "smollm2": {"embedding": 1, "rms_norm_cast": 5, "silu": 2, "softmax_masked_guarded": 2},
 }
-# PUMA's approximations against exact plaintext; SPU measured 0.100 on 12-layer
+# The approximations against exact plaintext; SPU measured 0.100 on 12-layer
 # BERT-base (DESIGN.md section 3). 2-layer random-weight models stay well inside.
-MAX_ABS_ERROR = 0.1
+# SmolLM2's real logits span about +-30: its bound is relative to that (1%).
+MAX_ABS_ERROR = {"smollm2": 0.3}
 SEQ = 16
 
 
@@ -106,7 +108,7 @@ def test_onnxruntime_difference_is_the_approximation_error(rewritten, name):
     f = feeds(folder, original)
     for want, got in zip(run(original, f), run(model, f), strict=True):
         error = float(np.max(np.abs(want - got)))
-        assert 0.0 < error < MAX_ABS_ERROR, f"{name}: max abs difference {error}"
+        assert 0.0 < error < MAX_ABS_ERROR.get(name, 0.1), f"{name}: max abs difference {error}"
 
 
 def test_rewrite_file_writes_a_model_onnxruntime_loads(exported, tmp_path):

@@ -205,3 +205,60 @@ def test_a_scaled_value_read_by_another_op_is_multiplied_out():
     q, k = rng.normal(size=(4, 8)), rng.normal(size=(4, 8))
     value, _ = run_parties(scaled_attention_program, q, k, 0.3, kernels.add)[0]
     assert np.abs(value - 0.3 * (q + k)).max() <= 1e-4
+
+
+def with_ranges(bert, tmp_path, change) -> str:
+    """A copy of the bert export whose puma.json records ranges: the real ones, then `change(nodes)`."""
+    import json
+    import shutil
+
+    from puma_onnx.calibrate import record_ranges
+
+    folder = tmp_path / "model"
+    shutil.copytree(bert, folder)
+    ids = [np.random.default_rng(4).integers(0, 30522, size=(1, 12))]
+    nodes = record_ranges(folder / REWRITTEN_FILE, ids)
+    change(nodes)
+    meta = json.loads((folder / "puma.json").read_text())
+    meta["ranges"] = {"source": "test", "inputs": 1, "nodes": nodes}
+    (folder / "puma.json").write_text(json.dumps(meta))
+    return str(folder)
+
+
+def named(nodes, op_type):
+    return sorted(name for name in nodes if name.endswith("puma." + op_type))
+
+
+def test_a_recorded_range_beyond_every_variant_stops_every_rank_before_any_share_moves(bert, tmp_path, monkeypatch):
+    from puma_onnx.runtime import session
+
+    def widen(nodes):
+        nodes[named(nodes, "LayerNorm")[1]].update(x_max=2.0**24, var_max=2.0**40)
+
+    model = with_ranges(bert, tmp_path, widen)
+    monkeypatch.setattr(session, "share_weights", lambda *a, **k: pytest.fail("weights shared"))
+    _, errors = run_threads([RunOptions(model=model, seq_len=4, progress=False)] * 3)
+    assert all(isinstance(e, UserError) for e in errors), errors
+    message = str(errors[0])
+    assert "puma.LayerNorm" in message and "beyond every variant" in message and "\n" not in message
+    assert {str(e) for e in errors} == {message}
+
+
+def test_a_recorded_range_beyond_48_bits_runs_on_64_bit_comparisons(bert, tmp_path):
+    gelu = []
+
+    def widen(nodes):
+        gelu.append(named(nodes, "Gelu")[0])
+        nodes[gelu[0]]["x_max"] = 2.0**27
+
+    model = with_ranges(bert, tmp_path, widen)
+    ids = np.random.default_rng(8).integers(0, 30522, size=(1, 8))
+    results, errors = run_threads([RunOptions(model=model, input_ids=ids_file(tmp_path, ids), progress=False)] * 3)
+    assert errors == [None] * 3
+    report = results[CLIENT]
+    assert report["ranges"] == "recorded" and report["approx"] == "refit"
+    assert report["plan"][gelu[0]] == {"cmp_bits": 64}
+    assert all(p.get("cmp_bits", 48) == 48 for name, p in report["plan"].items() if name != gelu[0])
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    want = ort_run(bert / REWRITTEN_FILE, feeds)["last_hidden_state"]
+    assert np.abs(report["outputs"]["last_hidden_state"] - want).max() <= 1e-2

@@ -1,0 +1,80 @@
+"""Kernel domains against recorded activation ranges: the variant each secure op gets, or a refusal."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from puma_onnx.runtime.kernels import Node
+from puma_onnx.runtime.nonlinear import NormDomain
+from puma_onnx.runtime.ranges import MARGIN, RangeError, plan_kernels
+
+F, MSB = 18, 48
+SCALES = {"ln.w": np.full(768, 1.5), "rms.w": np.full(576, 3.0)}
+
+GELU = Node("layer.0/act/puma.Gelu", "Gelu", "puma", ["h"], ["g"], {})
+SOFTMAX = Node("layer.0/attn/puma.Softmax", "Softmax", "puma", ["s", "mask"], ["p"], {})
+LAYER_NORM = Node("layer.0/ln/puma.LayerNorm", "LayerNorm", "puma", ["x", "ln.w", "ln.b"], ["y"], {"epsilon": 1e-12})
+RMS_NORM = Node("layer.0/rms/puma.RMSNorm", "RMSNorm", "puma", ["x", "rms.w"], ["y"], {"epsilon": 1e-5})
+MATMUL = Node("layer.0/attn/MatMul", "MatMul", "", ["q", "k"], ["s"], {})
+SCALE_BY_CONSTANT = Node("layer.0/Mul", "Mul", "", ["h", "c"], ["m"], {})
+NODES = [GELU, SOFTMAX, LAYER_NORM, RMS_NORM, MATMUL, SCALE_BY_CONSTANT]
+
+
+def plan(ranges, nodes=NODES, scalings=lambda node: 1.0):
+    public = {"mask", "c"}
+    return plan_kernels(nodes, lambda name: name not in public, ranges, F, MSB, SCALES.__getitem__, scalings)
+
+
+def test_unrecorded_nodes_get_the_default_variants():
+    got = plan(None)
+    assert got[GELU.name] == {"cmp_bits": MSB} and got[SOFTMAX.name] == {"cmp_bits": MSB}
+    # The norms' default domain, with |scale| rounded up to a power of two (1.5 -> 2, 3 -> 4).
+    x_max, var_lo, var_hi, scale_max = got[LAYER_NORM.name]["domain"]
+    assert (x_max, var_lo, var_hi) == (NormDomain().x_max, NormDomain().var_lo, NormDomain().var_hi)
+    assert scale_max == 2.0 and got[RMS_NORM.name]["domain"][3] == 4.0
+    # Products are checked only against a record; a product with a public constant is a scaling.
+    assert got[MATMUL.name] == {} and SCALE_BY_CONSTANT.name not in got
+
+
+def test_recorded_ranges_are_widened_by_the_margin():
+    ranges = {RMS_NORM.name: {"x_max": 24926.0, "var_min": 0.007, "var_max": 1.09e6}}
+    x_max, var_lo, var_hi, _ = plan(ranges)[RMS_NORM.name]["domain"]
+    assert (x_max, var_lo, var_hi) == (MARGIN * 24926.0, 0.007 / MARGIN**2, 1.09e6 * MARGIN**2)
+
+
+@pytest.mark.parametrize("node", [GELU, SOFTMAX], ids=["gelu", "softmax"])
+def test_a_range_beyond_48_bit_comparisons_takes_64_bit_ones(node):
+    assert plan({node.name: {"x_max": 100.0}})[node.name] == {"cmp_bits": MSB}
+    # 4 x 2^26 at 2^18 is 2^46: past what a 48-bit comparison holds with a bit to spare.
+    assert plan({node.name: {"x_max": 2.0**26}})[node.name] == {"cmp_bits": 64}
+
+
+def test_a_range_no_comparison_holds_is_refused_in_one_line_naming_the_node():
+    with pytest.raises(RangeError) as e:
+        plan({GELU.name: {"x_max": 2.0**44}})
+    message = str(e.value)
+    assert GELU.name in message and "puma.Gelu" in message and "64-bit" in message and "\n" not in message
+
+
+def test_a_norm_range_no_variant_covers_is_refused_naming_node_bound_and_domain():
+    ranges = {LAYER_NORM.name: {"x_max": 2.0**20, "var_min": 1e-9, "var_max": 2.0**38}}
+    with pytest.raises(RangeError) as e:
+        plan(ranges)
+    message = str(e.value)
+    assert LAYER_NORM.name in message and "|x| <= 4.194e+06" in message and "beyond every variant" in message
+
+
+def test_a_product_beyond_the_fixed_point_range_is_refused():
+    plan({MATMUL.name: {"y_max": 1e6}})  # 4e6 < 2^25
+    with pytest.raises(RangeError, match="MatMul.*exceed the fixed-point product's range"):
+        plan({MATMUL.name: {"y_max": 1e7}})
+
+
+def test_a_matmul_truncating_its_operands_scalings_is_checked_before_them():
+    # Attention: q and k each times 1/sqrt(sqrt(64)); the matmul truncates the 1/8 away, so before it
+    # the product is 8 times the recorded scores.
+    ranges = {MATMUL.name: {"y_max": 2e6}}  # 8e6 < 2^25, but 6.4e7 before the 1/8
+    plan(ranges)
+    with pytest.raises(RangeError):
+        plan(ranges, scalings=lambda node: 0.125)
