@@ -142,4 +142,4 @@ def test_opset14_export_rewrites_its_decomposed_layer_norm(tmp_path, name):
     onnx.checker.check_model(model, full_check=True)
     f = feeds(tmp_path, original)
     for want, got in zip(run(original, f), run(model, f), strict=True):
-        assert float(np.max(np.abs(want - got))) < MAX_ABS_ERROR
+        assert float(np.max(np.abs(want - got))) < MAX_ABS_ERROR.get(name, 0.1)
