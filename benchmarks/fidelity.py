@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
 PASSAGE = ROOT / "benchmarks" / "texts" / "declaration_of_independence.txt"
 SENTENCES = [
-    "Secure inference keeps the prompt and the weights private.",  # 16 tokens with [CLS] and [SEP]
+    "Secure inference keeps both the prompt and the weights of the model private.",  # 16 tokens with [CLS], [SEP]
     "The weather in Paris is mild in spring.",
     "A sentence embedding maps text to a vector of numbers.",
     "Three computing parties answer without ever seeing the question.",

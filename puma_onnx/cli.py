@@ -137,8 +137,9 @@ export.help = (export.help or "") + ", ".join(REGISTRY) + "."
 def run(model, text, input_ids, seq_len, output, report, profile, frac_bits) -> None:
     """Secure inference on three MPI ranks: mpirun -n 3 puma-onnx run MODEL.
 
-    MODEL is an export folder or an .onnx file (rewritten on the fly if it is
-    not yet). Rank 0 is the model owner and the only rank that reads MODEL;
+    MODEL is an export folder, an .onnx file (rewritten on the fly if it is
+    not yet) or a registry name (exported once into ~/.cache/puma-onnx or
+    $PUMA_ONNX_CACHE). Rank 0 is the model owner and the only rank that reads MODEL;
     rank 1 is the client: it reads the input and alone learns the output.
     """
     from puma_onnx.runtime.launch import launch

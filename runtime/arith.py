@@ -314,7 +314,7 @@ def _trunc_parts(party: Party, parts: list[np.ndarray], bits) -> list[AShare]:
     return [AShare(s, t) for s, t in zip(_unflat(flat.first, shapes), _unflat(flat.second, shapes))]
 
 
-def truncate_from_two(party: Party, dealer: int, part: np.ndarray | None, bits: int, shape, addend=None) -> AShare:
+def truncate_from_two(party: Party, dealer: int, part: np.ndarray | None, bits, shape, addend=None) -> AShare:
     """floor(z / 2^bits) + {0, 1} (+ addend, untruncated) for z held 2-of-2 additively by A = dealer+1 and
     B = dealer+2 (|z| < 2^62); the dealer passes part=None (and addend=None).
 

@@ -317,12 +317,22 @@ def _matmul_weight(ctx: Context, x: AShare, w: WeightShare, transpose: bool = Fa
     return arith.truncate_parts(ctx.party, [part], ctx.party.fxp.frac_bits)[0]
 
 
+def _fold_fits(ctx: Context, node: Node, extra: int) -> bool:
+    """Whether the product before a truncation that also takes the operands' 2^-extra scalings stays
+    below 2^61: it is the output times 2^extra. The planned bound of the output (`ranges`) decides; without
+    one, the scalings ride (attention scores are small)."""
+    y_max = ctx.params(node).get("y_max")
+    return y_max is None or y_max * 2.0 ** (extra + 2 * ctx.party.fxp.frac_bits) < 2.0**61
+
+
 def matmul(ctx, node, x, y):
     if isinstance(y, WeightShare):
         return (_matmul_weight(ctx, ctx.secret(x), y),)
     if is_secret(x) and is_secret(y):
         factor = (x.factor if isinstance(x, Scaled) else 1.0) * (y.factor if isinstance(y, Scaled) else 1.0)
         extra = power_of_two_bits(factor)
+        if extra is not None and not _fold_fits(ctx, node, extra):
+            extra = None
         if extra is not None:  # the factors ride in the truncation; otherwise ctx.secret multiplies them out
             x, y = (v.share if isinstance(v, Scaled) else v for v in (x, y))
         x, y = ctx.secret(x), ctx.secret(y)

@@ -118,6 +118,10 @@ def _lin(party: Party, terms: list[tuple[AShare, float, int]], const: float, bit
     return arith.add_public(party, out, _encode(const, bits))
 
 
+class DomainError(ValueError):
+    """A kernel's input range that no variant of it covers; the message says which bound fails."""
+
+
 # ----------------------------------------------------------------------------- thermometer
 
 
@@ -131,15 +135,21 @@ def _thermometer(party: Party, x: AShare, thresholds: np.ndarray, bits: int, cmp
     return stack(b2a(party, below), axis=-1)
 
 
-def thermometer_bits(party: Party, top: float, bits: int) -> int:
-    """The comparison width for values up to `top` at scale `bits`: party.msb_bits when it holds them
-    with a bit to spare, else 64 (one more round, ~1.3x the bytes per threshold)."""
-    need = math.log2(top) + bits + 2
-    if need <= party.msb_bits:
-        return party.msb_bits
+def comparison_bits(spread: float, bits: int, msb_bits: int) -> int:
+    """The comparison width for values up to `spread` apart at scale `bits`: msb_bits when it holds them
+    with a bit to spare (|x - t| 2^bits <= 2^(L-2)), else 64 (one more round, ~1.3x the bytes); DomainError
+    beyond."""
+    need = math.log2(max(spread, 2.0**-bits)) + bits + 2
+    if need <= msb_bits:
+        return msb_bits
     if need <= 64:
         return 64
-    raise ValueError(f"values up to {top:.4g} at 2^{bits} exceed the ring")
+    raise DomainError(f"values {spread:.4g} apart at 2^{bits} exceed what a 64-bit comparison holds")
+
+
+def thermometer_bits(party: Party, top: float, bits: int) -> int:
+    """`comparison_bits` for a thermometer over (0, top] at scale `bits`."""
+    return comparison_bits(top, bits, party.msb_bits)
 
 
 def _steps(party: Party, below: AShare, values: np.ndarray, bits: int) -> AShare:
@@ -297,15 +307,15 @@ def _rsqrt(
     f = party.fxp.frac_bits
     edges = _grid(lo, hi, RSQRT_STEPS_PER_OCTAVE)
     g2 = 2.0 / (edges[:-1] + edges[1:])
+    octave = np.floor(np.log2(edges[:-1]))
+    top_octave = int(octave.max())  # 2^(top_octave - e) >= 1: every power of two below is exact
+    if normalise and in_bits + top_octave > _HEADROOM - 2:
+        raise ValueError(f"rsqrt: x up to 2^{top_octave + 1} at 2^{in_bits} leaves no room to normalise")
     below = _thermometer(party, x, edges[1:-1], in_bits, cmp_bits)
     # r and its powers carry rb bits, as many as the last product (result times series <= 2.5) allows.
     top = math.log2(2.5 * gain / math.sqrt(lo))
     rb = f + max(0, min(RSQRT_R_EXTRA_BITS, math.floor(_HEADROOM - out_bits - f - RSQRT_COEF_BITS - top)))
     if normalise:
-        octave = np.floor(np.log2(edges[:-1]))
-        top_octave = int(octave.max())  # 2^(top_octave - e) >= 1: every power of two is exact
-        if in_bits + top_octave > _HEADROOM - 2:
-            raise ValueError(f"rsqrt: x up to 2^{top_octave + 1} at 2^{in_bits} leaves no room to normalise")
         z = min(RSQRT_NORM_BITS, in_bits + top_octave - 1)
         scaled = arith.mul_fx(party, x, _steps(party, below, 2.0**-octave, top_octave), bits=in_bits + top_octave - z)
         mantissa = _steps(party, below, g2 * 2.0**octave, _HEADROOM - 1 - z)
@@ -332,8 +342,8 @@ def single_product_bits(lo: float, hi: float, in_bits: int) -> float:
 
 
 def rsqrt(party: Party, x: AShare, lo: float = 2.0**-10, hi: float = 2.0**10) -> AShare:
-    """1/sqrt(x) for x in [lo, hi]: any public bounds with 2^-(f+3) <= lo < hi < 2^(62-f), i.e. the whole
-    positive fixed-point range; the norms use the same kernel.
+    """1/sqrt(x) for x in [lo, hi]: any public bounds with 2^-(f+3) <= lo < hi < 2^(60-f), i.e. the whole
+    positive fixed-point range but its top two octaves; the norms use the same kernel.
 
     Domain: [lo, hi]; there the error is <= 2e-6 relative + 2 ulp (measured on [2^-10, 2^10] and at both
     ends of [2^-16, 2^40]). Below lo the guess of the lowest interval gives up to 2.5x the value at lo;
@@ -349,6 +359,8 @@ def rsqrt(party: Party, x: AShare, lo: float = 2.0**-10, hi: float = 2.0**10) ->
     f = party.fxp.frac_bits
     if lo < 2.0 ** -(f + 3):
         raise ValueError(f"rsqrt: lo = {lo} is below 2^-{f + 3}, the smallest input range this fixed point supports")
+    if hi >= 2.0 ** (60 - f):
+        raise ValueError(f"rsqrt: hi = {hi} is not below 2^{60 - f}, the largest input range this fixed point supports")
     normalise = _HEADROOM - 1 - f - math.log2(hi) < RSQRT_MIN_BITS
     with party.comm.tag("rsqrt"):
         return _rsqrt(party, x, f, lo, hi, 1.0, f, cmp_bits=thermometer_bits(party, hi, f), normalise=normalise)[0]
@@ -498,10 +510,6 @@ def softmax(
 # ----------------------------------------------------------------------------- norms
 
 
-class DomainError(ValueError):
-    """A kernel's input range that no variant of it covers; the message says which bound fails."""
-
-
 @dataclass(frozen=True)
 class NormDomain:
     """The public input range a norm is planned for: |x| <= x_max, the row's variance (LayerNorm) or
@@ -521,6 +529,7 @@ class NormDomain:
 class NormPlan:
     """How one norm runs for a row length, fixed point and domain (`norm_plan`); every field is public."""
 
+    frac_bits: int
     n: int
     eps: float
     base: int  # the numerator before its shift: n d (LayerNorm: n x - sum x, exact) or d (RMSNorm)
@@ -548,7 +557,9 @@ class NormPlan:
         fewest significant bits among S at its smallest, the rsqrt guess's g^2 at S's largest (x g^2 ~ 2^60),
         and 1/sqrt at its smallest."""
         inv_min = 2.0**self.p * math.sqrt(self.n) / (self.mult * math.sqrt(self.hi))
-        bits = [math.log2(self.lo) + self.sum_bits, self.inv_bits + math.log2(inv_min)]
+        # The numerator mult d at f bits, for a row of standard deviation sqrt(lo / n).
+        numerator = math.log2(self.mult * math.sqrt(self.lo / self.n)) + self.frac_bits
+        bits = [math.log2(self.lo) + self.sum_bits, self.inv_bits + math.log2(inv_min), numerator]
         if not self.normalise:
             bits.append(single_product_bits(self.lo, self.hi, self.sum_bits))
         return min(bits)
@@ -576,25 +587,26 @@ def norm_plan(f: int, n: int, eps: float, domain: NormDomain, centred: bool, msb
     var_hi = max(min(domain.var_hi, d_max**2) + eps, 2 * var_lo)
     lo, hi = n * var_lo, n * var_hi
     prescale = max(0, math.ceil(math.log2(hi) + 2 * f - _HEADROOM))
+    if prescale and math.log2(n) + 2 * prescale >= _HEADROOM:  # the remainders' squares, l.l < n 2^2k
+        raise DomainError(f"rows of {n} values up to {d_max:.4g} overflow the pre-scaled sum of squares at 2^{f}")
     # S's scale: as many bits as the ring allows. Where one product x g^2 cannot keep NORM_SINGLE_BITS at
     # both ends of [lo, hi] (at the scale that balances them), the rsqrt normalises S by its octave first.
     widest = min(f + NORM_SUM_EXTRA_BITS, 2 * f - prescale - 1)
     balanced = min(widest, math.floor((_HEADROOM - 1 - math.log2(hi) - math.log2(lo)) / 2))
     normalise = single_product_bits(lo, hi, balanced) < NORM_SINGLE_BITS
     sum_bits = min(widest, _HEADROOM - 2 - math.ceil(math.log2(hi))) if normalise else balanced
-    cmp_bits = msb_bits if math.log2(hi) + sum_bits + 2 <= msb_bits else 64
+    cmp_bits = comparison_bits(hi, sum_bits, msb_bits)
     # inv = 2^p / (mult sqrt(var)) at 2^inv_bits: its largest value times the series (at f + 5 bits, <= 2.5)
     # and the result (<= sqrt(n) scale_max, at f + inv_bits) stay below 2^61; at most 31 bits, so that the
     # last product ships 4-byte shares.
     mult = base * 2.0**shift
-    p = max(0, math.floor(math.log2(mult)) - CENTER_EXTRA_BITS)
-    inv_max = 2.0**p / (mult * math.sqrt(var_lo))
+    inv_max = 2.0 ** max(0, math.floor(math.log2(mult)) - CENTER_EXTRA_BITS) / (mult * math.sqrt(var_lo))
     inv_bits = min(
         NORM_INV_BITS,
         math.floor(_HEADROOM - f - RSQRT_COEF_BITS - math.log2(2.5 * inv_max)),
         math.floor(_HEADROOM - f - math.log2(math.sqrt(n) * max(domain.scale_max, 1.0))),
     )
-    plan = NormPlan(n, eps, base, shift, mean_bits, prescale, sum_bits, normalise, cmp_bits, lo, hi, inv_bits)
+    plan = NormPlan(f, n, eps, base, shift, mean_bits, prescale, sum_bits, normalise, cmp_bits, lo, hi, inv_bits)
     if plan.precision_bits < NORM_MIN_PRECISION_BITS:
         raise DomainError(
             f"variance range [{var_lo:.3g}, {var_hi:.3g}] is too wide for one fixed-point scale "
@@ -607,18 +619,20 @@ def _sum_squares(party: Party, d: AShare, coarse: AShare | None, plan: NormPlan)
     """S = sum d^2 + n eps over the last axis at 2^plan.sum_bits, one value per row.
 
     Direct: one dot product per row and one truncation (bytes per row). Pre-scaled (plan.prescale = k > 0,
-    when n |d|^2 at 2^2f would pass 2^61): `coarse` = truncate(d, k), the remainder l = d - 2^k coarse
-    is local and small, and d.d = 2^k (coarse.d) + l.d exactly, so the two dot products truncate by bits
-    that differ by k in one batch: S keeps its full precision. Rounds 2; bytes per row M (2M pre-scaled).
+    when n |d|^2 at 2^2f would pass 2^61): `coarse` c = truncate(d, k), the remainder l = d - 2^k c
+    (|l| < 2^k ring units) is local, and d.d = 2^k c.(d + l) + l.l exactly. c.(d + l) is about d.d / 2^k
+    and l.l below n 2^2k, both far below 2^61, so the two dot products truncate by bits that differ by k
+    in one batch: S keeps its full precision. Rounds 2; bytes per row M (2M pre-scaled).
     """
     f, k = party.fxp.frac_bits, plan.prescale
-    col = d.expand_dims(-1)
     if k == 0:
-        ss = arith.matmul_fx(party, d.expand_dims(-2), col, bits=2 * f - plan.sum_bits)
+        ss = arith.matmul_fx(party, d.expand_dims(-2), d.expand_dims(-1), bits=2 * f - plan.sum_bits)
     else:
         rest = arith.sub(d, _shift(coarse, k))
         high, low = arith.matmul_fx(
-            party, [coarse.expand_dims(-2), rest.expand_dims(-2)], [col, col],
+            party,
+            [coarse.expand_dims(-2), rest.expand_dims(-2)],
+            [arith.add(d, rest).expand_dims(-1), rest.expand_dims(-1)],
             bits=[2 * f - k - plan.sum_bits, 2 * f - plan.sum_bits],
         )
         ss = arith.add(high, low)
@@ -635,8 +649,9 @@ def _normalise(party: Party, d: AShare, base: AShare, scale: AShare, plan: NormP
     The rsqrt returns 2^p sqrt(n) / (mult sqrt(S + n eps)) at plan.inv_bits, while
     numerator * scale / 2^p (p = log2(mult) - 4, so the factor is 16..32) rides in its r^2 batch:
     one more full-size product gives the result.
-    Rounds 2 (4 with truncations) + R_C + R_A + 8 + 2; bytes/elem 2M (+ T per truncated value), plus
-    per row M (2M pre-scaled) + rsqrt's.
+    Rounds 2 (+2 with truncations) + R_C + R_A (+2 normalised) + 8 + 2, R_C the thermometer's comparison
+    on plan.cmp_bits (6 rounds at 48 bits, 7 at 64); bytes/elem 2M (+ T per truncated value), plus per row
+    M (2M pre-scaled) + rsqrt's (one M more when normalised).
     """
     cuts = ([(d, plan.prescale)] if plan.prescale else []) + ([(base, -plan.shift)] if plan.shift < 0 else [])
     cut = arith.truncate(party, [v for v, _ in cuts], [b for _, b in cuts]) if cuts else []
@@ -664,9 +679,11 @@ def layer_norm(
     truncation per row; the output's centring is exact (n x - sum x, truncated by a few bits when
     n |x scale| could pass 2^(61-2f)). Then var via one matmul per row (pre-scaled for large |x|),
     1/sqrt per row (thermometer + binomial series, see rsqrt) and two full-size products.
-    Rounds 2 + 2 (+2 with truncations) + R_C + R_A + 8 + 2 (= 22 at L = 48); bytes/elem 2M (+T per
+    Rounds 2 + `_normalise`'s (22 for a narrow domain at L = 48; the default domain's variant adds 2 for
+    the truncations, 2 for the normalised rsqrt and 1 for 64-bit comparisons: 27); bytes/elem 2M (+T per
     truncation), plus per row 5M + W + T (the mean's truncation, 44 B over the ranks) + C + (k-2)X + (k-1)A
-    with k = ceil(4 log2(hi/lo)) intervals (136 for var in [2^-20, 2^14], 184 for the default domain). PUMA 4.4.
+    (7M + W + ... pre-scaled and normalised) with k = ceil(4 log2(hi/lo)) intervals (136 for var in
+    [2^-20, 2^14], 184 for the default domain). PUMA 4.4.
     """
     f = party.fxp.frac_bits
     n = x.shape[-1]
@@ -685,8 +702,9 @@ def rms_norm(party: Party, x: AShare, scale: AShare, eps: float, domain: NormDom
     Domain as layer_norm's, var = mean(x^2): by default |x| <= 2^15 and mean(x^2) + eps in [2^-16, 2^30],
     which covers SmolLM2's |x| = 24,926 and mean squares of 1.09e6; the numerator is 16 x while
     16 x_max scale_max < 2^(61-2f).
-    Rounds 2 (4 with truncations) + R_C + R_A + 8 + 2 (= 20 at L = 48); bytes/elem 2M (+T per truncation),
-    plus per row 5M + W + C + (k-2)X + (k-1)A.
+    Rounds `_normalise`'s: 20 for a narrow domain at L = 48, 25 for the default domain's variant
+    (tests/runtime/test_nonlinear.py checks both); bytes/elem 2M (+T per truncation), plus per row
+    5M + W + C + (k-2)X + (k-1)A (7M + W + ... pre-scaled and normalised).
     """
     plan = norm_plan(party.fxp.frac_bits, x.shape[-1], eps, domain, centred=False, msb_bits=party.msb_bits)
     with party.comm.tag("rms_norm"):

@@ -10,16 +10,18 @@ domain of the kernel that will run, picking the kernel's wider variant where one
   puma.Softmax            the same for the differences of a row (|x_i - x_j| < 2^(L-2-f))
   puma.LayerNorm/RMSNorm  `nonlinear.norm_plan` for the NormDomain (pre-scaled sums of squares,
                           a normalised rsqrt, 64-bit comparisons; see there)
-  MatMul, Gemm, Mul       the product before its truncation, |y| 2^(2f) < 2^61 (no wider variant)
+  MatMul, Gemm, Mul       the product before its truncation, |y| 2^(2f) < 2^61 (no wider variant; a
+                          MatMul folds its operands' public scalings into its truncation only while
+                          the bound leaves room for them)
 
 A domain that no variant covers stops the run with one line naming the node, the bound and the
 domain (`RangeError`). Nodes without a record (a model exported before ranges were recorded, or
 a bare .onnx file) get the defaults: the norms' NormDomain(), which covers LLaMA-family outliers
 (|x| <= 2^15, variances up to 2^30), and 48-bit comparisons elsewhere (|x| < 2^29 at f = 18).
 
-The plan (per node: comparison width, or the norm's domain) is public: every rank runs the
-same variants. It reveals the recorded ranges rounded to the plan, and each norm's largest
-|scale| rounded up to a power of two.
+The plan (per node: comparison width, a norm's domain, a matmul's output bound) is public: every
+rank runs the same variants. It holds the recorded ranges widened by the margin, and each norm's
+largest |scale| rounded up to a power of two.
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ from typing import Callable
 import numpy as np
 
 from .kernels import Node
-from .nonlinear import DomainError, NormDomain, norm_plan
+from .nonlinear import DomainError, NormDomain, comparison_bits, norm_plan
 
 MARGIN = 4.0
 _PRODUCT_HEADROOM = 61
+# What puma.json records per node (puma_onnx.calibrate).
+RANGE_KEYS = frozenset({"x_max", "var_min", "var_max", "y_max"})
 
 
 class RangeError(ValueError):
@@ -42,13 +46,13 @@ class RangeError(ValueError):
 
 def _comparison_bits(node: Node, spread: float, f: int, msb_bits: int) -> int:
     """The narrowest comparison width that holds values `spread` apart at f fractional bits."""
-    for bits in (msb_bits, 64):
-        if spread * 2.0**f < 2.0 ** (bits - 2):
-            return bits
-    raise RangeError(
-        f"{node.describe()}: recorded values {spread:.4g} apart (with the x{MARGIN:g} margin) exceed what "
-        f"64-bit comparisons hold at {f} fractional bits (2^{62 - f})"
-    )
+    try:
+        return comparison_bits(spread, f, msb_bits)
+    except DomainError:
+        raise RangeError(
+            f"{node.describe()}: recorded values {spread:.4g} apart (with the x{MARGIN:g} margin) exceed what "
+            f"64-bit comparisons hold at {f} fractional bits (2^{62 - f})"
+        ) from None
 
 
 def _piecewise(node: Node, seen: dict | None, f: int, msb_bits: int, **_) -> dict:
@@ -66,15 +70,17 @@ def _softmax(node: Node, seen: dict | None, f: int, msb_bits: int, **_) -> dict:
 
 
 def _norm(node: Node, seen: dict | None, f: int, msb_bits: int, weights: Callable, **_) -> dict:
+    # The scale bounds the ride's product; a computed (not constant) scale has no bound here: KeyError.
     scale = weights(node.inputs[1])
     scale_max = 2.0 ** math.ceil(math.log2(max(float(np.abs(scale).max(initial=0.0)), 2.0**-8)))
     if seen is None:
         domain = NormDomain(scale_max=scale_max)
     else:
+        # A row of zeros records 0: a bound of 1 costs nothing and keeps the logarithms finite.
         domain = NormDomain(
-            x_max=MARGIN * seen["x_max"],
+            x_max=max(MARGIN * seen["x_max"], 1.0),
             var_lo=seen["var_min"] / MARGIN**2,
-            var_hi=seen["var_max"] * MARGIN**2,
+            var_hi=max(seen["var_max"] * MARGIN**2, 1.0),
             scale_max=scale_max,
         )
     centred = node.op_type == "LayerNorm"
@@ -90,19 +96,19 @@ def _norm(node: Node, seen: dict | None, f: int, msb_bits: int, weights: Callabl
     return {"domain": [domain.x_max, domain.var_lo, domain.var_hi, domain.scale_max]}
 
 
-def _product(node: Node, seen: dict | None, f: int, scalings: Callable, **_) -> dict:
+def _product(node: Node, seen: dict | None, f: int, **_) -> dict:
     if seen is None:
         return {}
-    # A product whose operands carry pending public scalings (attention's 1/sqrt(sqrt(d)) twice)
-    # truncates them away: before that truncation it is |y| / (their product) in size.
-    bound = MARGIN * seen["y_max"] / scalings(node)
+    bound = MARGIN * seen["y_max"]
     limit = 2.0 ** (_PRODUCT_HEADROOM - 2 * f)
     if bound >= limit:
         raise RangeError(
-            f"{node.describe()}: recorded outputs up to {seen['y_max']:.4g} (x{MARGIN:g} margin, before its "
-            f"scalings {bound:.4g}) exceed the fixed-point product's range {limit:.4g} at {f} fractional bits"
+            f"{node.describe()}: recorded outputs up to {seen['y_max']:.4g} (x{MARGIN:g} margin: {bound:.4g}) "
+            f"exceed the fixed-point product's range {limit:.4g} at {f} fractional bits"
         )
-    return {}
+    # A matmul whose operands carry public scalings (attention's 1/sqrt(sqrt(d)) twice, computed at run
+    # time) truncates them away only while the bound leaves room for them (kernels.matmul).
+    return {"y_max": bound} if node.op_type == "MatMul" else {}
 
 
 PLANNERS: dict[tuple[str, str], Callable] = {
@@ -124,12 +130,10 @@ def plan_kernels(
     f: int,
     msb_bits: int,
     weights: Callable[[str], np.ndarray],
-    scalings: Callable[[Node], float] = lambda node: 1.0,
 ) -> dict[str, dict]:
     """Per secure node name, the parameters of the variant that covers its recorded range.
 
-    `secret(name)` tells secret values, `weights(name)` gives the owner a weight or constant,
-    `scalings(node)` the product of pending public scalars on a product's operands.
+    `secret(name)` tells secret values, `weights(name)` gives the owner a weight or constant.
     Products of a secret with a public value are checked only when both operands are secret
     or one is a weight; a product with a public constant is a scaling, exact.
     """
@@ -141,7 +145,8 @@ def plan_kernels(
         if planner is _product and not all(secret(i) for i in node.inputs[:2] if i):
             continue
         seen = None if ranges is None else ranges.get(node.name)
-        plan[node.name] = planner(
-            node, seen, f=f, msb_bits=msb_bits, weights=weights, scalings=scalings
-        )
+        try:
+            plan[node.name] = planner(node, seen, f=f, msb_bits=msb_bits, weights=weights)
+        except KeyError as e:
+            raise RangeError(f"{node.describe()}: its record or a constant it needs lacks {e}") from None
     return plan

@@ -20,6 +20,7 @@ one line before any share moves (`UserError`).
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 import time
@@ -37,9 +38,9 @@ from puma_onnx.passes.secrecy import PUBLIC_INPUTS
 from . import approx, arith
 from .comm import Communicator
 from .executor import Executor, layer_of, parse_nodes, unsupported
-from .kernels import Context, Private, Scaled, power_of_two_bits
+from .kernels import Context, Private, Scaled
 from .party import DEFAULT_MSB_BITS, Party
-from .ranges import RangeError, plan_kernels
+from .ranges import RANGE_KEYS, RangeError, plan_kernels
 from .ring import FixedPoint
 from .shares import AShare
 from .weights import WeightShare, share_weights
@@ -145,8 +146,8 @@ def load_model(
     if not is_rewritten(model):
         try:
             model, _ = rewrite(model, meta.get("approx", approx.DEFAULT))
-        except UnsupportedSecretOps as e:
-            raise UserError(str(e)) from None
+        except (UnsupportedSecretOps, ValueError) as e:  # ValueError: an unknown approximation set
+            raise UserError(str(e).replace("\n", ";")) from None
     levels = analyze(model)
     secret_weights = [t.name for t in model.graph.initializer if levels.get(t.name) == "secret"]
     _check_encodable(model, set(secret_weights), FixedPoint(frac_bits))
@@ -156,12 +157,12 @@ def load_model(
         raise UserError("no secure kernel for: " + "; ".join(missing))
     # Models rewritten before the set was recorded carry PUMA's functions.
     fits = {p.key: p.value for p in model.metadata_props}.get(APPROX_KEY, approx.PUMA.name)
-    recorded = (meta.get("ranges") or {}).get("nodes")
-    constants = _constants(model)
+    if fits not in approx.SETS:
+        raise UserError(f"{str(path)!r} names an unknown approximation set {fits!r} (known: {', '.join(approx.SETS)})")
+    recorded = _recorded_ranges(meta, folder / "puma.json")
     try:
         plan = plan_kernels(
-            nodes, lambda name: levels.get(name) == "secret", recorded, frac_bits, msb_bits,
-            weights=constants, scalings=_pending_scalings(nodes, constants),
+            nodes, lambda name: levels.get(name) == "secret", recorded, frac_bits, msb_bits, weights=_constants(model)
         )
     except RangeError as e:
         raise UserError(str(e)) from None
@@ -191,6 +192,23 @@ def _read_metadata(meta_file: Path) -> dict:
     return meta
 
 
+def _recorded_ranges(meta: dict, meta_file: Path) -> dict | None:
+    """puma.json's per-node ranges, checked: finite non-negative numbers under the known keys."""
+    ranges = meta.get("ranges")
+    if ranges is None:
+        return None
+    nodes = ranges.get("nodes") if isinstance(ranges, dict) else None
+    if not isinstance(nodes, dict):
+        raise UserError(f"{str(meta_file)!r}: 'ranges' must hold a 'nodes' object (re-export the model)")
+    for name, seen in nodes.items():
+        ok = isinstance(seen, dict) and set(seen) <= RANGE_KEYS and all(
+            isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in seen.values()
+        )
+        if not ok:
+            raise UserError(f"{str(meta_file)!r}: the ranges of node {name!r} are malformed: {seen!r}")
+    return nodes or None
+
+
 def _constants(model: onnx.ModelProto) -> Callable[[str], np.ndarray]:
     """name -> array for initializers and Constant outputs, through Identity nodes (exporters alias
     equal weights that way); read on demand, the owner plans with them. KeyError for anything else."""
@@ -206,33 +224,6 @@ def _constants(model: onnx.ModelProto) -> Callable[[str], np.ndarray]:
         return numpy_helper.to_array(tensors[name])
 
     return value
-
-
-def _pending_scalings(nodes: list, constant) -> Callable:
-    """For a MatMul, the product of the public scalars its operands were multiplied by (or divided by)
-    when that product is a power of two the matmul's truncation absorbs (kernels.Scaled); else 1."""
-    producer = {out: n for n in nodes for out in n.outputs}
-
-    def scalar(name: str) -> float:
-        node = producer.get(name)
-        if node is None or node.op_type not in ("Mul", "Div"):
-            return 1.0
-        for i, operand in enumerate(node.inputs[:2]):
-            try:
-                c = np.asarray(constant(operand), dtype=np.float64)
-            except KeyError:
-                continue
-            if c.size == 1 and c.item() != 0.0 and (node.op_type == "Mul" or i == 1):
-                return c.item() if node.op_type == "Mul" else 1.0 / c.item()
-        return 1.0
-
-    def scalings(node) -> float:
-        if node.op_type != "MatMul":
-            return 1.0
-        factor = scalar(node.inputs[0]) * scalar(node.inputs[1])
-        return factor if power_of_two_bits(factor) is not None else 1.0
-
-    return scalings
 
 
 def _check_encodable(model: onnx.ModelProto, names: set[str], fxp: FixedPoint) -> None:

@@ -17,9 +17,9 @@ TIMEOUT_S = 600
 pytestmark = pytest.mark.skipif(not Path(MPIEXEC).exists(), reason="mpiexec not installed next to the interpreter")
 
 
-def mpirun(*args: str, ranks: int = 3) -> subprocess.CompletedProcess:
+def mpirun(*args: str, ranks: int = 3, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [MPIEXEC, "-n", str(ranks), *PUMA, "run", *args], capture_output=True, text=True, timeout=TIMEOUT_S
+        [MPIEXEC, "-n", str(ranks), *PUMA, "run", *args], capture_output=True, text=True, timeout=TIMEOUT_S, env=env
     )
 
 
@@ -134,3 +134,22 @@ def test_a_failing_rank_aborts_the_job_instead_of_hanging():
     proc = subprocess.run([MPIEXEC, "-n", "3", sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "rank 2 failed: RuntimeError: injected fault" in proc.stderr
+
+
+def test_a_registry_name_is_exported_once_into_the_cache_and_reused(tmp_path):
+    import os
+
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PUMA_ONNX_CACHE": str(cache)}
+    outputs = []
+    for said in ("exporting minilm into", "using the export of minilm cached in"):
+        out = tmp_path / f"out{len(outputs)}.npz"
+        proc = mpirun("minilm", "--text", "Secure inference keeps the prompt private.", "--output", str(out), env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"{said} {cache / 'minilm'}" in proc.stderr
+        outputs.append(np.load(out)["sentence_embedding"])
+    assert sorted(p.name for p in cache.iterdir()) == ["minilm"]  # no staging folder left behind
+    meta = json.loads((cache / "minilm" / "puma.json").read_text())
+    assert meta["ranges"]["nodes"] and (cache / "minilm" / "model.puma.onnx").exists()
+    cosine = float(outputs[0][0] @ outputs[1][0] / np.linalg.norm(outputs[0]) / np.linalg.norm(outputs[1]))
+    assert cosine > 0.9999

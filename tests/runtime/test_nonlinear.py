@@ -304,10 +304,10 @@ def default_domain_rows(n, rms: bool):
     return np.stack(rows) + shift * np.r_[0, 0, 1, 1][:, None]
 
 
-def check_within_plan(got, want, plan):
+def check_within_plan(got, want, plan, ulp=ULP):
     """The stated bound: relative 2^-(precision_bits - 1) of the row's largest output, plus 4 ulp."""
     err = np.abs(got - want).max(-1)
-    bound = np.abs(want).max(-1) * 2.0 ** -(plan.precision_bits - 1) + 4 * ULP
+    bound = np.abs(want).max(-1) * 2.0 ** -(plan.precision_bits - 1) + 4 * ulp
     assert np.all(err <= bound), f"errors {err} above {bound}"
 
 
@@ -319,6 +319,23 @@ def test_rms_norm_default_domain_at_both_ends(n):
     assert plan.prescale > 0 and plan.normalise and plan.cmp_bits == 64  # the widened variant
     got = secure(lambda p, a, s: nonlinear.rms_norm(p, a, s, eps), x, scale)
     check_within_plan(got, approx.rms_norm(encoded(x), encoded(scale), eps), plan)
+
+
+def test_rms_norm_pre_scaled_sums_hold_rows_that_are_not_multiples_of_the_pre_scale():
+    """At f = 20 and n = 4096 the pre-scale is 22 bits: values of about 2^15 that are not multiples of it
+    leave a remainder in every element, so both dot products of the pre-scaled sum of squares count."""
+    n, f, eps = 4096, 20, 1e-5
+    x = rng.choice([-1.0, 1.0], (8, n)) * 2.0**15 * (1 - rng.uniform(0, 2.0**-10, (8, n)))
+    scale = rng.normal(1, 0.3, n)
+    plan = nonlinear.norm_plan(f, n, eps, NormDomain(), centred=False)
+    assert plan.prescale > 16
+
+    def program(p):
+        return open_fx(p, nonlinear.rms_norm(p, share_fx(p, x), share_fx(p, scale), eps))
+
+    got = run_parties(program, frac_bits=f)[0]
+    q = lambda v: np.rint(v * 2**f) / 2**f  # noqa: E731
+    check_within_plan(got, approx.rms_norm(q(x), q(scale), eps), plan, ulp=2.0**-f)
 
 
 def test_layer_norm_default_domain_at_both_ends():
@@ -339,6 +356,23 @@ def test_norm_plans_widen_only_as_far_as_the_domain_needs():
     wide = nonlinear.norm_plan(18, 768, 1e-12, NormDomain(), True)
     assert wide.prescale > 0 and wide.normalise and wide.cmp_bits == 64
     assert wide.precision_bits >= 11
+
+
+def test_rows_too_long_for_the_pre_scaled_sum_of_squares_are_refused():
+    nonlinear.norm_plan(20, 4096, 1e-5, NormDomain(), centred=False)
+    with pytest.raises(nonlinear.DomainError, match="pre-scaled sum of squares"):
+        nonlinear.norm_plan(20, 2**16, 1e-5, NormDomain(), centred=False)
+
+
+def test_rsqrt_refuses_a_range_past_its_domain_before_any_message():
+    def program(p):
+        x = share_fx(p, np.ones(4))
+        before = p.comm.stats.snapshot()
+        with pytest.raises(ValueError, match="not below 2\\^42"):
+            nonlinear.rsqrt(p, x, 1.0, 2.0**43)
+        return (p.comm.stats.snapshot() - before).rounds
+
+    assert run_parties(program) == [0, 0, 0]
 
 
 @pytest.mark.parametrize(

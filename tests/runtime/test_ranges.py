@@ -21,9 +21,9 @@ SCALE_BY_CONSTANT = Node("layer.0/Mul", "Mul", "", ["h", "c"], ["m"], {})
 NODES = [GELU, SOFTMAX, LAYER_NORM, RMS_NORM, MATMUL, SCALE_BY_CONSTANT]
 
 
-def plan(ranges, nodes=NODES, scalings=lambda node: 1.0):
+def plan(ranges, nodes=NODES):
     public = {"mask", "c"}
-    return plan_kernels(nodes, lambda name: name not in public, ranges, F, MSB, SCALES.__getitem__, scalings)
+    return plan_kernels(nodes, lambda name: name not in public, ranges, F, MSB, SCALES.__getitem__)
 
 
 def test_unrecorded_nodes_get_the_default_variants():
@@ -66,15 +66,11 @@ def test_a_norm_range_no_variant_covers_is_refused_naming_node_bound_and_domain(
 
 
 def test_a_product_beyond_the_fixed_point_range_is_refused():
-    plan({MATMUL.name: {"y_max": 1e6}})  # 4e6 < 2^25
+    assert plan({MATMUL.name: {"y_max": 1e6}})[MATMUL.name] == {"y_max": MARGIN * 1e6}  # 4e6 < 2^25
     with pytest.raises(RangeError, match="MatMul.*exceed the fixed-point product's range"):
         plan({MATMUL.name: {"y_max": 1e7}})
 
 
-def test_a_matmul_truncating_its_operands_scalings_is_checked_before_them():
-    # Attention: q and k each times 1/sqrt(sqrt(64)); the matmul truncates the 1/8 away, so before it
-    # the product is 8 times the recorded scores.
-    ranges = {MATMUL.name: {"y_max": 2e6}}  # 8e6 < 2^25, but 6.4e7 before the 1/8
-    plan(ranges)
-    with pytest.raises(RangeError):
-        plan(ranges, scalings=lambda node: 0.125)
+def test_a_record_without_the_key_its_kernel_needs_is_one_line_naming_the_node():
+    with pytest.raises(RangeError, match=f"{RMS_NORM.name}.*lacks 'var_min'"):
+        plan({RMS_NORM.name: {"x_max": 3.0, "var_max": 2.0}})

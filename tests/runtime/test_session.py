@@ -262,3 +262,71 @@ def test_a_recorded_range_beyond_48_bits_runs_on_64_bit_comparisons(bert, tmp_pa
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
     want = ort_run(bert / REWRITTEN_FILE, feeds)["last_hidden_state"]
     assert np.abs(report["outputs"]["last_hidden_state"] - want).max() <= 1e-2
+
+
+def test_a_matmul_folds_its_operands_scalings_only_where_its_planned_bound_leaves_room():
+    from puma_onnx.runtime import kernels
+    from puma_onnx.runtime.comm import run_parties
+
+    rng = np.random.default_rng(9)
+    q, k = rng.normal(size=(4, 8)), rng.normal(size=(8, 4))
+    s = np.sqrt(np.float32(0.125))
+
+    def consumer(y_max):
+        def run(ctx, node, a, b):
+            ctx.plan = {node.name: {"y_max": y_max}}
+            return kernels.matmul(ctx, node, a, b)
+
+        return run
+
+    # 2^22 x 2^3 (the folded 1/8) x 2^36 reaches 2^61: each scaling is multiplied out first (2 rounds each).
+    for y_max, rounds in ((1e3, 2), (2.0**22, 6)):
+        value, used = run_parties(scaled_attention_program, q, k, s, consumer(y_max))[0]
+        assert np.abs(value - (q @ k) / 8).max() <= 1e-4 and used == rounds
+
+
+def corrupt_metadata(bert, tmp_path, change) -> str:
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(bert, folder)
+    meta = json.loads((folder / "puma.json").read_text())
+    change(meta)
+    (folder / "puma.json").write_text(meta if isinstance(meta, str) else json.dumps(meta))
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        (lambda m: m.update(ranges=[]), "'ranges' must hold a 'nodes' object"),
+        (lambda m: m.update(ranges={"nodes": {"n": {"x_max": -1.0}}}), "the ranges of node 'n' are malformed"),
+        (lambda m: m.update(ranges={"nodes": {"n": {"x_max": "big"}}}), "the ranges of node 'n' are malformed"),
+        (lambda m: m.update(ranges={"nodes": {"n": {"y_min": 1.0}}}), "the ranges of node 'n' are malformed"),
+    ],
+    ids=["not-an-object", "negative", "not-a-number", "unknown-key"],
+)
+def test_malformed_ranges_in_puma_json_are_one_line_on_every_rank(bert, tmp_path, change, says):
+    model = corrupt_metadata(bert, tmp_path, change)
+    _, errors = run_threads([RunOptions(model=model, seq_len=4, progress=False)] * 3)
+    assert all(isinstance(e, UserError) and says in str(e) and "\n" not in str(e) for e in errors), errors
+
+
+def test_an_unknown_approximation_set_is_one_line_before_the_rewrite(bert, tmp_path):
+    model = corrupt_metadata(bert, tmp_path, lambda m: m.update(approx="exact"))
+    _, errors = run_threads([RunOptions(model=model + "/model.onnx", seq_len=4, progress=False)] * 3)
+    assert all(isinstance(e, UserError) and "unknown approximation set 'exact'" in str(e) for e in errors), errors
+
+
+def test_a_registry_name_on_a_rank_that_cannot_export_is_one_line(monkeypatch, tmp_path):
+    from puma_onnx import export
+
+    def no_torch(name, warn=None):
+        raise ModuleNotFoundError("No module named 'torch'", name="torch")
+
+    monkeypatch.setenv("PUMA_ONNX_CACHE", str(tmp_path))
+    monkeypatch.setattr(export, "cached_export", no_torch)
+    _, errors = run_threads([RunOptions(model="minilm", seq_len=4, progress=False)] * 3)
+    assert all(isinstance(e, UserError) for e in errors), errors
+    assert "minilm is not exported yet and this rank cannot export it (torch is not installed)" in str(errors[0])
