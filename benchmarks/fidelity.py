@@ -64,9 +64,10 @@ def ort_session(path: Path):
 
 
 def ort_run(session, ids: np.ndarray) -> tuple[dict, float]:
-    from puma_onnx.runtime.session import model_feeds
+    from puma_onnx.runtime.session import model_feeds, past_inputs
 
-    feeds = model_feeds([i.name for i in session.get_inputs()], ids)
+    inputs = session.get_inputs()
+    feeds = model_feeds([i.name for i in inputs], ids, past=past_inputs((i.name, i.shape) for i in inputs))
     start = time.perf_counter()
     values = session.run(None, feeds)
     return dict(zip([o.name for o in session.get_outputs()], values)), time.perf_counter() - start
@@ -76,7 +77,7 @@ def secure_run(folder: Path, ids: np.ndarray, work: Path) -> tuple[dict, dict]:
     np.save(work / "ids.npy", ids)
     out, report = work / "secure.npz", work / "report.json"
     cmd = [MPIEXEC, "-n", "3", sys.executable, "-m", "puma_onnx", "run", str(folder), "--input-ids",
-           str(work / "ids.npy"), "--output", str(out), "--report", str(report)]
+           str(work / "ids.npy"), "--output", str(out), "--report", str(report), "--all-logits"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"secure run failed:\n{proc.stderr[-3000:]}")

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from puma_onnx.runtime.session import model_feeds
+from puma_onnx.runtime.session import model_feeds, past_inputs
 
 # Without a tokenizer: random ids of these lengths (seeded).
 RANDOM_LENGTHS = (8, 32, 128)
@@ -105,10 +105,11 @@ def record_ranges(model_path: str | Path, inputs: list[np.ndarray]) -> dict[str,
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     del model
     names = [i.name for i in session.get_inputs()]
+    past = past_inputs((i.name, i.shape) for i in session.get_inputs())
     outputs = [o.name for o in session.get_outputs()]
     ranges: dict[str, dict[str, float]] = {}
     for ids in inputs:
-        values = dict(zip(outputs, session.run(None, model_feeds(names, ids))))
+        values = dict(zip(outputs, session.run(None, model_feeds(names, ids, past=past))))
         for (name, node), tensor in zip(watched, wanted):
             _update(ranges.setdefault(name, {}), node, values[tensor].astype(np.float64))
     return ranges

@@ -134,7 +134,8 @@ export.help = (export.help or "") + ", ".join(REGISTRY) + "."
 @click.option("--report", type=click.Path(dir_okay=False), help="Write time, bytes, rounds, memory and per-op costs as JSON.")
 @click.option("--profile", is_flag=True, help="Print the per-op costs summed by op type and by layer.")
 @click.option("--frac-bits", default=18, show_default=True, type=click.IntRange(16, 20), help="Fractional bits of the fixed-point encoding (the nonlinear kernels are tuned for 16-20).")
-def run(model, text, input_ids, seq_len, output, report, profile, frac_bits) -> None:
+@click.option("--all-logits", is_flag=True, help="A decoder's logits at every position (default: the last one only, as generation needs).")
+def run(model, text, input_ids, seq_len, output, report, profile, frac_bits, all_logits) -> None:
     """Secure inference on three MPI ranks: mpirun -n 3 puma-onnx run MODEL.
 
     MODEL is an export folder, an .onnx file (rewritten on the fly if it is
@@ -147,6 +148,35 @@ def run(model, text, input_ids, seq_len, output, report, profile, frac_bits) -> 
 
     opts = RunOptions(
         model=model, text=text, input_ids=input_ids, seq_len=seq_len, output=output,
-        report=report, profile=profile, frac_bits=frac_bits,
+        report=report, profile=profile, frac_bits=frac_bits, all_logits=all_logits,
     )
     sys.exit(launch(opts))
+
+
+@main.command()
+@click.argument("model")
+@click.option("--text", help="The prompt (client side), tokenized with the model's tokenizer.")
+@click.option("--input-ids", type=click.Path(dir_okay=False), help="The prompt's token ids as a .npy file of shape (S,) or (1, S).")
+@click.option("--max-new-tokens", default=16, show_default=True, type=int, help="Stop after this many new tokens (or at the end-of-sequence token).")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
+@click.option("--temperature", type=float, help="Sample at this temperature (Gumbel-max inside MPC) instead of greedy.")
+@click.option("--seed", type=int, help="Seed of the client's sampling noise (with --temperature).")
+@click.option("--output", type=click.Path(dir_okay=False), help="Write the prompt ids, new ids and text as JSON (client).")
+@click.option("--report", type=click.Path(dir_okay=False), help="Write time, bytes, rounds, memory, per-step and per-op costs as JSON.")
+@click.option("--profile", is_flag=True, help="Print the per-op costs of the prompt step and of the generation steps.")
+@click.option("--frac-bits", default=18, show_default=True, type=click.IntRange(16, 20), help="Fractional bits of the fixed-point encoding.")
+def generate(model, text, input_ids, max_new_tokens, chat, temperature, seed, output, report, profile, frac_bits) -> None:
+    """Secure text generation: mpirun -n 3 puma-onnx generate MODEL --text PROMPT.
+
+    The key/value cache stays secret-shared between steps; each next token is chosen inside MPC (greedy,
+    or Gumbel-max sampling with --temperature) and opened to the client alone, which prints the text as
+    it comes. MODEL as for run: a decoder's export folder, an .onnx file or a registry name.
+    """
+    from puma_onnx.runtime.generation import GenerateOptions
+    from puma_onnx.runtime.launch import launch
+
+    opts = GenerateOptions(
+        model=model, text=text, input_ids=input_ids, output=output, report=report, profile=profile,
+        frac_bits=frac_bits, max_new_tokens=max_new_tokens, chat=chat, temperature=temperature, seed=seed,
+    )
+    sys.exit(launch(opts, "generate"))

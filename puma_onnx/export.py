@@ -27,7 +27,7 @@ from puma_onnx.models import REGISTRY, ModelSpec, lookup
 DEFAULT_OPSET = 18
 METADATA_FILE = "puma.json"
 REWRITTEN_FILE = "model.puma.onnx"
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 DECODER_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
@@ -82,6 +82,12 @@ def _spec_from_folder(path: Path) -> ModelSpec:
         config=config,
         library=library,
     )
+
+
+def optimum_task(task: str) -> str:
+    """Decoders export with their past keys/values: one graph serves the prompt step and every later
+    step of `generate` (past length 0 for the prompt, as `run` feeds it)."""
+    return "text-generation-with-past" if task == "text-generation" else task
 
 
 def _build_model(source: Source, layers: int | None, seed: int):
@@ -211,9 +217,7 @@ def export(
         from optimum.exporters.onnx import onnx_export_from_model
 
         out_dir.mkdir(parents=True, exist_ok=True)
-        onnx_export_from_model(
-            model, out_dir, opset=opset, task=source.spec.task, do_validation=False
-        )
+        onnx_export_from_model(model, out_dir, opset=opset, task=optimum_task(source.spec.task), do_validation=False)
     except ExportError:
         raise
     except Exception as e:  # the exporter raises many kinds; the user needs one line
@@ -225,7 +229,7 @@ def export(
     metadata = {
         "model": source.name,
         "description": source.spec.description,
-        "task": source.spec.task,
+        "task": optimum_task(source.spec.task),
         "library": source.spec.library,
         "opset": opset,
         "random_weights": random_weights,
@@ -234,6 +238,7 @@ def export(
         "vocab_size": config.vocab_size,
         "max_positions": getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None),
         "tokenizer": has_tokenizer,
+        "eos_token_id": getattr(config, "eos_token_id", None),
         "inputs": inputs,
         "outputs": outputs,
         "export_s": round(time.perf_counter() - start, 2),

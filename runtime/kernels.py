@@ -177,6 +177,15 @@ def _transpose(node, a):
     return a.transpose(node.attrs.get("perm"))
 
 
+def transpose(ctx, node, x):
+    """A 2-D weight stays a WeightShare, read transposed (a tied LM head then multiplies as a weight:
+    one ring product per rank); anything else is a local shape op."""
+    perm = node.attrs.get("perm")
+    if isinstance(x, WeightShare) and len(x.shape) == 2 and perm in (None, [1, 0]):
+        return (x.transpose(),)
+    return _shape_kernel(_transpose)(ctx, node, x)
+
+
 def _unsqueeze(node, a, axes=None):
     axes = _axes(node, axes)
     out_rank = a.ndim + len(axes)
@@ -241,7 +250,7 @@ def cast(ctx, node, x):
 
 
 def shape(ctx, node, x):
-    dims = np.array(x.shape, dtype=np.int64)
+    dims = np.array(x.value_shape if isinstance(x, WeightShare) else x.shape, dtype=np.int64)
     return (dims[node.attrs.get("start", 0) : node.attrs.get("end", None)],)
 
 
@@ -459,7 +468,7 @@ KERNELS: dict[tuple[str, str], Callable] = {
     ("", "Shape"): shape,
     ("", "Size"): size,
     ("", "Reshape"): _shape_kernel(_reshape),
-    ("", "Transpose"): _shape_kernel(_transpose),
+    ("", "Transpose"): transpose,
     ("", "Unsqueeze"): _shape_kernel(_unsqueeze),
     ("", "Squeeze"): _shape_kernel(_squeeze),
     ("", "Flatten"): _shape_kernel(_flatten),

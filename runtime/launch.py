@@ -30,19 +30,28 @@ def error(message: str) -> None:
     os.write(2, f"puma-onnx: error: {message}\n".encode())
 
 
-def launch(opts: RunOptions) -> int:
-    """Run this rank's part; returns the exit code. An unexpected error aborts the whole MPI job."""
+def launch(opts: RunOptions, command: str = "run") -> int:
+    """Run this rank's part of `command` (run or generate); returns the exit code. An unexpected error
+    aborts the whole MPI job."""
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
     if world.Get_size() != RANKS:
-        error(f"puma-onnx run needs exactly {RANKS} MPI ranks (mpirun -n {RANKS} puma-onnx run ...), got {world.Get_size()}")
+        error(
+            f"puma-onnx {command} needs exactly {RANKS} MPI ranks (mpirun -n {RANKS} puma-onnx {command} ...), "
+            f"got {world.Get_size()}"
+        )
         return 1
     from .comm import MPIComm
 
+    if command == "generate":
+        from .generation import finish as done
+        from .generation import generate as program
+    else:
+        program, done = run, finish
     comm = MPIComm(world)
     try:
-        report = run(comm, opts)
+        report = program(comm, opts)
     except UserError as e:
         error(str(e))
         return 1
@@ -53,7 +62,7 @@ def launch(opts: RunOptions) -> int:
         world.Abort(1)
         return 1
     if world.Get_rank() == CLIENT:
-        finish(report, opts)
+        done(report, opts)
     return 0
 
 

@@ -33,10 +33,11 @@ import onnx
 from onnx import numpy_helper
 
 from puma_onnx.models import REGISTRY
+from puma_onnx.passes.last_position import last_position_logits, lm_head
 from puma_onnx.passes.secrecy import PUBLIC_INPUTS
 
 from . import approx, arith
-from .comm import Communicator
+from .comm import Communicator, Cost
 from .executor import Executor, layer_of, parse_nodes, unsupported
 from .kernels import Context, Private, Scaled
 from .party import DEFAULT_MSB_BITS, Party
@@ -49,6 +50,9 @@ from .wire import broadcast_bytes, broadcast_json, gather_json
 OWNER, CLIENT, HELPER = 0, 1, 2
 REWRITTEN_FILE = "model.puma.onnx"
 ORIGINAL_FILE = "model.onnx"
+# A decoder's cache inputs; its outputs of the same name start with PRESENT_PREFIX.
+PAST_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
 
 
 class UserError(Exception):
@@ -66,6 +70,7 @@ class RunOptions:
     profile: bool = False
     frac_bits: int = 18
     progress: bool = True
+    all_logits: bool = False  # a decoder's logits at every position, not only the last
 
 
 def agree(comm: Communicator, root: int, step, others_see: str | None = None):
@@ -126,7 +131,7 @@ def is_rewritten(model: onnx.ModelProto) -> bool:
 
 
 def load_model(
-    path_str: str, frac_bits: int = 18, msb_bits: int = DEFAULT_MSB_BITS
+    path_str: str, frac_bits: int = 18, msb_bits: int = DEFAULT_MSB_BITS, all_logits: bool = False
 ) -> tuple[onnx.ModelProto, dict, list[str]]:
     """The rewritten model, its public info, and the names of the secret initializers (owner only).
 
@@ -148,6 +153,9 @@ def load_model(
             model, _ = rewrite(model, meta.get("approx", approx.DEFAULT))
         except (UnsupportedSecretOps, ValueError) as e:  # ValueError: an unknown approximation set
             raise UserError(str(e).replace("\n", ";")) from None
+    decoder = lm_head(model) is not None
+    if decoder and not all_logits:
+        model = last_position_logits(model)
     levels = analyze(model)
     secret_weights = [t.name for t in model.graph.initializer if levels.get(t.name) == "secret"]
     _check_encodable(model, set(secret_weights), FixedPoint(frac_bits))
@@ -167,17 +175,37 @@ def load_model(
     except RangeError as e:
         raise UserError(str(e)) from None
     tokenizer_file = folder / "tokenizer.json"
+    shapes = [(i.name, [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]) for i in model.graph.input]
     info = {
         "name": meta.get("model", path.stem),
         "max_positions": meta.get("max_positions"),
         "tokenizer": tokenizer_file.read_text() if tokenizer_file.exists() else None,
+        "chat_template": _chat_template(folder),
+        "eos_token_id": meta.get("eos_token_id"),
+        "decoder": decoder,
         "inputs": [i.name for i in model.graph.input],
+        "past": past_inputs(shapes),
         "vocab": _vocab_limits(model),
         "approx": fits,
         "ranges": "recorded" if recorded else "defaults",
         "plan": plan,
     }
     return model, info, secret_weights
+
+
+def _chat_template(folder: Path) -> str | None:
+    """The tokenizer's chat template, when the export has one (public, like the tokenizer)."""
+    standalone = folder / "chat_template.jinja"
+    if standalone.exists():
+        return standalone.read_text()
+    config = folder / "tokenizer_config.json"
+    if config.exists():
+        try:
+            template = json.loads(config.read_text()).get("chat_template")
+        except ValueError:
+            return None
+        return template if isinstance(template, str) else None
+    return None
 
 
 def _read_metadata(meta_file: Path) -> dict:
@@ -313,9 +341,16 @@ def read_ids(opts: RunOptions, info: dict) -> tuple[np.ndarray, np.ndarray | Non
     return ids, mask, types
 
 
-def model_feeds(names: list[str], ids: np.ndarray, mask: np.ndarray | None = None, types=None) -> dict:
+def past_inputs(inputs) -> dict[str, list[int]]:
+    """(heads, head_dim) of every past key/value input of a decoder exported with its cache, from
+    (name, shape) pairs (shapes (batch, heads, past, head_dim))."""
+    return {name: [int(shape[1]), int(shape[3])] for name, shape in inputs if name.startswith(PAST_PREFIX)}
+
+
+def model_feeds(names: list[str], ids: np.ndarray, mask: np.ndarray | None = None, types=None, past=None) -> dict:
     """The graph inputs `names` for token ids (B, S): the mask (ones by default), token types (zeros)
-    and position ids (counting kept tokens) that Hugging Face exports take."""
+    and position ids (counting kept tokens) that Hugging Face exports take, and an empty cache for
+    the `past` inputs ({name: (heads, head_dim)}, see past_inputs) of a decoder's first step."""
     if mask is None:
         mask = np.ones_like(ids)
     values = {
@@ -324,6 +359,8 @@ def model_feeds(names: list[str], ids: np.ndarray, mask: np.ndarray | None = Non
         "token_type_ids": np.zeros_like(ids) if types is None else types,
         "position_ids": np.clip(np.cumsum(mask, axis=1) - 1, 0, None),
     }
+    for name, (heads, dim) in (past or {}).items():
+        values[name] = np.zeros((ids.shape[0], heads, 0, dim), np.float32)
     unknown = [name for name in names if name not in values]
     if unknown:
         raise UserError(f"the model wants inputs puma-onnx cannot make: {', '.join(unknown)}")
@@ -331,13 +368,23 @@ def model_feeds(names: list[str], ids: np.ndarray, mask: np.ndarray | None = Non
 
 
 def client_feeds(opts: RunOptions, info: dict) -> dict:
-    """Public inputs in the clear, and the shapes of the private ones (client only)."""
+    """Public inputs in the clear, and the shapes of the private ones (client only); not the cache."""
     ids, mask, types = read_ids(opts, info)
-    return model_feeds(info["inputs"], ids, mask, types)
+    return model_feeds([n for n in info["inputs"] if n not in info["past"]], ids, mask, types)
+
+
+def empty_cache(info: dict, batch: int = 1) -> dict[str, AShare]:
+    """A decoder's empty key/value cache (past length 0), as shares of nothing."""
+    out = {}
+    for name, (heads, dim) in info["past"].items():
+        zero = np.zeros((batch, heads, 0, dim), np.uint64)
+        out[name] = AShare(zero, zero)
+    return out
 
 
 def make_feeds(comm: Communicator, raw: dict | None, info: dict) -> dict:
-    """Every rank's view of the inputs: public arrays, Private values (value at the client only)."""
+    """Every rank's view of the inputs: public arrays, Private values (value at the client only);
+    a decoder's cache starts empty."""
     described = None
     if comm.rank == CLIENT:
         described = {
@@ -351,7 +398,7 @@ def make_feeds(comm: Communicator, raw: dict | None, info: dict) -> dict:
             feeds[name] = np.array(d["data"], dtype=np.int64).reshape(d["shape"])
         else:
             feeds[name] = Private(CLIENT, tuple(d["shape"]), raw[name] if comm.rank == CLIENT else None)
-    return feeds
+    return {**feeds, **empty_cache(info)}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -362,10 +409,13 @@ def peak_rss_mb() -> float:
 
 
 def reveal_outputs(party: Party, outputs: dict) -> dict[str, np.ndarray]:
-    """The graph outputs, opened to the client only (decoded there)."""
+    """The graph outputs, opened to the client only (decoded there). A decoder's key/value cache
+    (present.*) is not an answer: it stays secret (opening it would show intermediate activations)."""
     opened = {}
     with party.comm.tag("reveal_outputs"):
         for name, value in outputs.items():
+            if name.startswith(PRESENT_PREFIX):
+                continue
             if isinstance(value, (WeightShare, Scaled)):
                 value = Context(party).secret(value)
             if isinstance(value, AShare):
@@ -403,13 +453,39 @@ class Progress:
             self.bar.close()
 
 
-def run(comm: Communicator, opts: RunOptions) -> dict | None:
-    """One secure inference on this rank; the client returns the report, the others None."""
-    start = time.perf_counter()
+@dataclass
+class Started:
+    """A run after its setup, on one rank: the weights are shared and the inputs are in place."""
+
+    party: Party
+    info: dict
+    executor: Executor
+    raw: dict | None  # the client's own inputs (None elsewhere)
+    feeds: dict  # every rank's view of them, for the first walk
+    extra: object  # what the caller's input step returned beside the inputs (client only)
+    start: float
+    setup_s: float
+    setup: Cost
+    online_from: Cost  # the counters when the weights were shared
+
+
+def start(
+    comm: Communicator,
+    opts: RunOptions,
+    client_input: Callable[[dict], tuple[dict, object]],
+    check: Callable[[dict], None] | None = None,
+) -> Started:
+    """Setup up to the first walk: keys, the model (owner), its public parts, the client's input
+    (`client_input(info)` -> (raw inputs, anything else), run on the client), the shared weights.
+    `check(info)` runs on every rank on the public model info and raises UserError alike everywhere.
+
+    Every check, the owner's and the client's, happens before the weights are shared.
+    """
+    began = time.perf_counter()
     party = Party.setup(comm, frac_bits=opts.frac_bits)
     r = comm.rank
 
-    loaded = agree(comm, OWNER, lambda: load_model(opts.model, opts.frac_bits, party.msb_bits))
+    loaded = agree(comm, OWNER, lambda: load_model(opts.model, opts.frac_bits, party.msb_bits, opts.all_logits))
     light = manifest = info = None
     if r == OWNER:
         model, info, secret_weights = loaded
@@ -423,8 +499,14 @@ def run(comm: Communicator, opts: RunOptions) -> dict | None:
     light = broadcast_bytes(comm, light, OWNER)
     public = broadcast_json(comm, {"info": info, "manifest": manifest} if r == OWNER else None, OWNER)
     info, manifest = public["info"], public["manifest"]
+    if check is not None:
+        check(info)
 
-    raw = agree(comm, CLIENT, lambda: client_feeds(opts, info), others_see=f"rank {CLIENT} (the client) rejected its input; it printed why")
+    taken = agree(
+        comm, CLIENT, lambda: client_input(info),
+        others_see=f"rank {CLIENT} (the client) rejected its input; it printed why",
+    )
+    raw, extra = taken if r == CLIENT else (None, None)
     feeds = make_feeds(comm, raw, info)
     before_setup = comm.stats.snapshot()
 
@@ -440,34 +522,35 @@ def run(comm: Communicator, opts: RunOptions) -> dict | None:
     initializers.clear()
     setup_s = time.perf_counter() - setup_start
     after_setup = comm.stats.snapshot()
-
     executor = Executor(party, onnx.load_from_string(light), weights, approx.lookup(info["approx"]), info["plan"])
-    progress = Progress(executor, opts.progress and r == CLIENT)
-    online_start = time.perf_counter()
-    outputs = executor.run(feeds, on_node=progress)
-    opened = reveal_outputs(party, outputs)
-    online_s = time.perf_counter() - online_start
-    progress.close()
-    online = comm.stats.snapshot() - after_setup
-    setup = after_setup - before_setup
+    return Started(party, info, executor, raw, feeds, extra, began, setup_s, after_setup - before_setup, after_setup)
 
+
+def costs(comm: Communicator, started: Started, stats: list, extra: dict | None = None) -> list | None:
+    """Every rank's online and setup counters, memory and per-op bytes (`stats`), and its `extra`
+    (JSON-able), at the client."""
+    online = comm.stats.snapshot() - started.online_from
     mine = {
+        **(extra or {}),
         "bytes_online": online.bytes,
         "rounds_online": online.rounds,
         "messages_online": online.messages,
-        "bytes_setup": setup.bytes,
+        "bytes_setup": started.setup.bytes,
         "peak_rss_mb": round(peak_rss_mb(), 1),
-        "op_bytes": [s.bytes for s in executor.stats],
+        "op_bytes": [s.bytes for s in stats],
         "by_protocol": {k: [c.bytes, c.rounds] for k, c in comm.stats.by_protocol().items()},
     }
-    everyone = gather_json(comm, mine, CLIENT)
-    if r != CLIENT:
-        return None
-    report = {
+    return gather_json(comm, mine, CLIENT)
+
+
+def base_report(started: Started, everyone: list, opts: RunOptions, online_s: float, stats: list) -> dict:
+    """The report's keys every command shares (see the README), at the client."""
+    info = started.info
+    return {
         "model": info["name"],
-        "inputs": {name: list(v.shape) for name, v in raw.items()},
-        "wall_s": round(time.perf_counter() - start, 3),
-        "setup_s": round(setup_s, 3),
+        "inputs": {name: list(v.shape) for name, v in started.raw.items()},
+        "wall_s": round(time.perf_counter() - started.start, 3),
+        "setup_s": round(started.setup_s, 3),
         "online_s": round(online_s, 3),
         "bytes_sent": [e["bytes_online"] for e in everyone],
         "bytes_sent_total": sum(e["bytes_online"] for e in everyone),
@@ -488,12 +571,28 @@ def run(comm: Communicator, opts: RunOptions) -> dict | None:
                 "bytes": sum(e["op_bytes"][i] for e in everyone),
                 "rounds": s.rounds,
             }
-            for i, s in enumerate(executor.stats)
+            for i, s in enumerate(stats)
         ],
         "by_protocol": {
             k: {"bytes": sum(e["by_protocol"].get(k, [0, 0])[0] for e in everyone), "rounds": v[1]}
             for k, v in everyone[CLIENT]["by_protocol"].items()
         },
     }
+
+
+def run(comm: Communicator, opts: RunOptions) -> dict | None:
+    """One secure inference on this rank; the client returns the report, the others None."""
+    started = start(comm, opts, lambda info: (client_feeds(opts, info), None))
+    executor = started.executor
+    progress = Progress(executor, opts.progress and comm.rank == CLIENT)
+    online_start = time.perf_counter()
+    outputs = executor.run(started.feeds, on_node=progress)
+    opened = reveal_outputs(started.party, outputs)
+    online_s = time.perf_counter() - online_start
+    progress.close()
+    everyone = costs(comm, started, executor.stats)
+    if comm.rank != CLIENT:
+        return None
+    report = base_report(started, everyone, opts, online_s, executor.stats)
     report["outputs"] = opened
     return report

@@ -23,7 +23,7 @@ The three additive parts then go through the truncation, which masks them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -61,7 +61,12 @@ def _encode_minus_streams(fxp: FixedPoint, plain: np.ndarray, seeds: list[bytes]
 
 @dataclass
 class WeightShare:
-    """One rank's share of one weight: what it keeps, and seeds for the regenerable components."""
+    """One rank's share of one weight: what it keeps, and seeds for the regenerable components.
+
+    With `resident` set (`keep_resident`), the share and the matmul operand, once computed, are kept
+    for later uses: a generation step reuses every weight, and regenerating them per step costs more
+    than the step's own products (16 more bytes per weight and rank).
+    """
 
     index: int
     shape: tuple[int, ...]
@@ -70,6 +75,20 @@ class WeightShare:
     seed_0: bytes | None  # key of x_0 (ranks 0 and 2)
     seed_2: bytes  # key of x_2 (all ranks)
     fxp: FixedPoint
+    resident: bool = False
+    transposed: bool = False  # a 2-D weight read through a Transpose: W^T, from the same components
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def value_shape(self) -> tuple[int, ...]:
+        """The shape of the value this share stands for (`shape` is the stored weight's)."""
+        return tuple(reversed(self.shape)) if self.transposed else self.shape
+
+    def transpose(self) -> WeightShare:
+        """W^T, lazily: the same components (and cache), read transposed."""
+        if len(self.shape) != 2:
+            raise ValueError(f"only a 2-D weight transposes lazily, got shape {self.shape}")
+        return replace(self, transposed=not self.transposed, _cache=self._cache)
 
     def _x0(self) -> np.ndarray:
         return _stream(self.seed_0, self.index, self.shape)
@@ -77,23 +96,58 @@ class WeightShare:
     def _x2(self) -> np.ndarray:
         return _stream(self.seed_2, self.index, self.shape)
 
+    def _kept(self, key: str, make):
+        if not self.resident:
+            return make()
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
     def materialize(self) -> AShare:
+        share = self._kept("share", self._materialize)
+        return share.transpose() if self.transposed else share
+
+    def _materialize(self) -> AShare:
         if self.rank == OWNER:
             return AShare(self._x0(), _encode_minus_streams(self.fxp, self.kept, [self.seed_0, self.seed_2], self.index))
         if self.rank == 1:
             return AShare(self.kept, self._x2())
         return AShare(self._x2(), self._x0())
 
+    def operand(self) -> np.ndarray:
+        """This rank's right operand of `matmul_part`: W on the owner, x_1 + x_2 on rank 1, x_0 on rank 2."""
+        return self._kept("operand", self._operand)
+
+    def _operand(self) -> np.ndarray:
+        if self.rank == OWNER:
+            return self.fxp.encode(self.kept)
+        if self.rank == 1:
+            return self.kept + self._x2()
+        return self._x0()
+
+
+# Weights kept resident for generation while they take at most this many bytes per rank (GPT-2 base and
+# SmolLM2-135M: about 2 GB; larger models regenerate their components per step, as one pass does).
+RESIDENT_BYTES = 4 << 30
+
+
+def keep_resident(weights: dict[str, WeightShare], budget: int = RESIDENT_BYTES) -> bool:
+    """Mark every weight resident when its kept form fits the budget, counted at 16 bytes per weight (a
+    weight is read as a share, 16 bytes, or as a matmul operand, 8; a tied embedding as both); all ranks
+    decide alike from the public shapes. Returns whether they were marked."""
+    total = 16 * sum(int(np.prod(w.shape)) for w in weights.values())
+    if total > budget:
+        return False
+    for w in weights.values():
+        w.resident = True
+    return True
+
 
 def matmul_part(x: AShare, w: WeightShare, transpose: bool = False) -> np.ndarray:
     """This rank's additive part of x @ W (x @ W^T with transpose), in the ring; see the module doc."""
-    if w.rank == OWNER:
-        left, right = x.first + x.second, w.fxp.encode(w.kept)
-    elif w.rank == 1:
-        left, right = x.second, w.kept + w._x2()
-    else:
-        left, right = x.first, w._x0()
-    return ring_matmul(left, right.T if transpose else right)
+    left = x.first + x.second if w.rank == OWNER else (x.second if w.rank == 1 else x.first)
+    right = w.operand()
+    return ring_matmul(left, right.T if transpose != w.transposed else right)
 
 
 def weight_seeds(party: Party) -> tuple[bytes | None, bytes]:

@@ -45,3 +45,12 @@ def gather_json(comm: Communicator, obj, root: int) -> list | None:
     sizes = comm.exchange({}, {r: ((1,), np.int64) for r in others})
     got = comm.exchange({}, {r: ((int(sizes[r][0]),), np.uint8) for r in others})
     return [obj if r == root else json.loads(got[r].tobytes()) for r in range(PARTIES)]
+
+
+def broadcast_flag(comm: Communicator, flag: bool, root: int) -> bool:
+    """`root`'s yes/no on every rank. 1 round, 1 byte to each other rank."""
+    others = [r for r in range(PARTIES) if r != root]
+    if comm.rank == root:
+        comm.exchange({r: np.array([flag], np.uint8) for r in others}, {})
+        return bool(flag)
+    return bool(comm.exchange({}, {root: ((1,), np.uint8)})[root][0])

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from puma_onnx.models import REGISTRY
+from puma_onnx.runtime.session import past_inputs
 
 from .conftest import TEST_LAYERS
 
@@ -28,6 +29,8 @@ def feeds_for(session, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
         "token_type_ids": np.zeros((2, SEQ), dtype=np.int64),
         "position_ids": np.clip(np.cumsum(mask, axis=1) - 1, 0, None),
     }
+    for name, (heads, dim) in past_inputs((i.name, i.shape) for i in session.get_inputs()).items():
+        values[name] = np.zeros((2, heads, 0, dim), np.float32)  # a decoder's empty cache
     return {i.name: values[i.name] for i in session.get_inputs()}
 
 
@@ -127,7 +130,11 @@ def test_random_weights_are_announced_on_stderr(tmp_path):
     assert "RANDOM weights" in result.stderr
     meta = json.loads((tmp_path / "l" / "puma.json").read_text())
     assert meta["random_weights"] is True and meta["num_layers"] == 1
-    assert [i["name"] for i in meta["inputs"]] == ["input_ids", "attention_mask", "position_ids"]
+    # A decoder exports with its key/value cache, for generate.
+    assert [i["name"] for i in meta["inputs"]] == [
+        "input_ids", "attention_mask", "position_ids", "past_key_values.0.key", "past_key_values.0.value"
+    ]
+    assert meta["task"] == "text-generation-with-past" and meta["eos_token_id"] == 2
     # No tokenizer: the ranges come from random ids; the default approximations are the refit ones.
     assert meta["approx"] == "refit" and meta["ranges"]["source"].startswith("random token ids")
     assert (tmp_path / "l" / "model.puma.onnx").exists()

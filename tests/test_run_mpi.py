@@ -24,12 +24,20 @@ def mpirun(*args: str, ranks: int = 3, env: dict | None = None) -> subprocess.Co
 
 
 def ort_outputs(path: Path, feeds: dict) -> dict:
+    """onnxruntime's outputs on `feeds` (an empty cache for a decoder's past inputs), without the cache."""
     import onnxruntime as ort
 
+    from puma_onnx.runtime.session import PRESENT_PREFIX, past_inputs
+
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    wanted = {i.name for i in session.get_inputs()}
+    inputs = session.get_inputs()
+    feeds = {**feeds}
+    ids = feeds["input_ids"]
+    for name, (heads, dim) in past_inputs((i.name, i.shape) for i in inputs).items():
+        feeds[name] = np.zeros((ids.shape[0], heads, 0, dim), np.float32)
+    wanted = {i.name for i in inputs}
     values = session.run(None, {k: v for k, v in feeds.items() if k in wanted})
-    return dict(zip([o.name for o in session.get_outputs()], values))
+    return {o.name: v for o, v in zip(session.get_outputs(), values) if not o.name.startswith(PRESENT_PREFIX)}
 
 
 def plain_feeds(ids: np.ndarray) -> dict:
@@ -63,6 +71,10 @@ def test_two_layer_models_match_onnxruntime(exported, tmp_path, name):
     plain_rewritten = ort_outputs(rewritten, plain_feeds(ids))
     plain_original = ort_outputs(folder / "model.onnx", plain_feeds(ids))
     assert set(secure) == set(plain_original)
+    if "logits" in secure:  # a decoder: its LM head runs on the last position only
+        assert secure["logits"].shape[1] == 1
+        plain_rewritten["logits"] = plain_rewritten["logits"][:, -1:]
+        plain_original["logits"] = plain_original["logits"][:, -1:]
     for key, want in plain_rewritten.items():
         err_rewritten = np.abs(secure[key] - want).max()
         approximation = np.abs(want - plain_original[key]).max()
@@ -153,3 +165,14 @@ def test_a_registry_name_is_exported_once_into_the_cache_and_reused(tmp_path):
     assert meta["ranges"]["nodes"] and (cache / "minilm" / "model.puma.onnx").exists()
     cosine = float(outputs[0][0] @ outputs[1][0] / np.linalg.norm(outputs[0]) / np.linalg.norm(outputs[1]))
     assert cosine > 0.9999
+
+
+def test_generate_on_an_encoder_is_one_line_on_every_rank(exported, tmp_path):
+    np.save(tmp_path / "ids.npy", np.array([[101, 2023, 102]]))
+    proc = subprocess.run(
+        [MPIEXEC, "-n", "3", *PUMA, "generate", str(exported("bert-base")), "--input-ids", str(tmp_path / "ids.npy")],
+        capture_output=True, text=True, timeout=TIMEOUT_S,
+    )
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("puma-onnx: error:")]
+    assert len(lines) == 3 and all("bert-base is not a decoder" in line for line in lines), proc.stderr

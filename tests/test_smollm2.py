@@ -67,7 +67,7 @@ def test_secure_logits_follow_the_plaintext_model_at_every_position(smollm2, tmp
 
     ids = np.array([Tokenizer.from_file(str(smollm2 / "tokenizer.json")).encode(prompt).ids], dtype=np.int64)
     out, report = tmp_path / "out.npz", tmp_path / "report.json"
-    proc = mpirun(str(smollm2), "--text", prompt, "--output", str(out), "--report", str(report))
+    proc = mpirun(str(smollm2), "--text", prompt, "--output", str(out), "--report", str(report), "--all-logits")
     assert proc.returncode == 0, proc.stderr[-3000:]
     secure = np.load(out)["logits"][0]
     rewritten = ort_outputs(smollm2 / "model.puma.onnx", plain_feeds(ids))["logits"][0]
@@ -81,3 +81,28 @@ def test_secure_logits_follow_the_plaintext_model_at_every_position(smollm2, tmp
     clear = top2[:, 1] - top2[:, 0] > 0.5
     assert np.array_equal(secure.argmax(-1)[clear], original.argmax(-1)[clear])
     assert json.loads(report.read_text())["ranges"] == "recorded"
+
+
+def test_secure_generation_writes_what_the_exact_model_writes(smollm2, tmp_path):
+    """8 greedy tokens, secure (refit approximations, secret cache) against the exact model in onnxruntime."""
+    import subprocess
+    import sys
+
+    from puma_onnx.plaintext import generate as plaintext_generation
+
+    out, report = tmp_path / "answer.json", tmp_path / "report.json"
+    proc = subprocess.run(
+        [MPIEXEC, "-n", "3", sys.executable, "-m", "puma_onnx", "generate", str(smollm2), "--text", PROMPTS[0],
+         "--max-new-tokens", "8", "--output", str(out), "--report", str(report)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answer = json.loads(out.read_text())
+    prompt = np.array([answer["prompt_ids"]])
+    want, logits = plaintext_generation(smollm2 / "model.onnx", prompt, len(answer["new_ids"]))
+    margins = [float(np.diff(np.sort(step)[-2:])[0]) for step in logits]
+    print(f"smollm2 answer {answer['text']!r}; exact-model top-two margins {np.round(margins, 2).tolist()}")
+    assert answer["new_ids"] == want, f"flipped where the exact model's top-two margins are {margins}"
+    assert answer["text"] in proc.stdout  # streamed by the client as it came
+    steps = json.loads(report.read_text())["steps"]
+    assert steps[0]["tokens_in_context"] == prompt.shape[1] and len(steps) == len(want)

@@ -17,6 +17,7 @@ import pytest
 
 from puma_onnx.models import REGISTRY
 from puma_onnx.passes import UnsupportedSecretOps, rewrite, rewrite_file
+from puma_onnx.runtime.session import past_inputs
 
 BERT = {"embedding": 2, "layer_norm": 5, "gelu_erf": 2, "softmax_masked": 2}
 EXPECTED = {
@@ -52,6 +53,9 @@ def feeds(folder, m: onnx.ModelProto) -> dict[str, np.ndarray]:
         "token_type_ids": np.zeros((2, SEQ), np.int64),
         "position_ids": np.clip(np.cumsum(mask, axis=1) - 1, 0, None),
     }
+    shapes = [(i.name, [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]) for i in m.graph.input]
+    for name, (heads, dim) in past_inputs(shapes).items():  # a decoder's empty cache
+        values[name] = np.zeros((2, heads, 0, dim), np.float32)
     return {i.name: values[i.name] for i in m.graph.input}
 
 

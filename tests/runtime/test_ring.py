@@ -46,7 +46,7 @@ def test_ring_matmul_equals_numpy_uint64_matmul(sa, sb):
 
 def test_ring_matmul_exact_at_largest_limbs():
     # All-ones words maximise every limb product and partial sum.
-    a = np.full((3, 700), 2**64 - 1, dtype=np.uint64)
+    a = np.full((ring.DIRECT_ROWS + 2, 700), 2**64 - 1, dtype=np.uint64)
     b = np.full((700, 2), 2**64 - 1, dtype=np.uint64)
     assert np.array_equal(ring_matmul(a, b), a @ b)
 
@@ -63,3 +63,11 @@ def test_ring_matmul_in_column_blocks_for_a_wide_right_operand(monkeypatch):
     a = rng.integers(0, 2**64, size=(5, 40), dtype=np.uint64)
     b = rng.integers(0, 2**64, size=(40, 23), dtype=np.uint64)
     assert np.array_equal(ring_matmul(a, b), a @ b)
+
+
+@pytest.mark.parametrize("rows", [1, 2, ring.DIRECT_ROWS, ring.DIRECT_ROWS + 1])
+def test_ring_matmul_with_few_rows_agrees_with_the_limb_products(monkeypatch, rows):
+    a, b = rand_u64(rows, 600), rand_u64(600, 7)
+    direct = ring_matmul(a, b)
+    monkeypatch.setattr(ring, "DIRECT_ROWS", 0)
+    assert np.array_equal(direct, ring_matmul(a, b)) and np.array_equal(direct, a @ b)

@@ -11,14 +11,14 @@ from puma_onnx.runtime.comm import ThreadComm
 from puma_onnx.runtime.session import CLIENT, REWRITTEN_FILE, RunOptions, UserError, run
 
 
-def run_threads(opts_by_rank: list[RunOptions]) -> tuple[list, list]:
-    """session.run on three thread ranks; (results, errors) by rank."""
+def run_threads(opts_by_rank: list[RunOptions], program=run) -> tuple[list, list]:
+    """`program` (session.run by default) on three thread ranks; (results, errors) by rank."""
     comms = ThreadComm.group()
     results, errors = [None] * 3, [None] * 3
 
     def body(rank):
         try:
-            results[rank] = run(comms[rank], opts_by_rank[rank])
+            results[rank] = program(comms[rank], opts_by_rank[rank])
         except UserError as e:  # every rank raises it after the same broadcast: no one waits
             errors[rank] = e
         except BaseException as e:  # noqa: BLE001

@@ -1,0 +1,287 @@
+"""`puma-onnx generate`: text generation on three ranks with a secret key/value cache.
+
+A decoder exported with its cache (Optimum's with-past export) takes the past keys and values and
+returns the present ones, so one graph serves every step:
+  step 0   the prompt, S tokens, past length 0 (what `run` does);
+  step t   the token chosen at step t-1, with the cache of the steps before it.
+The cache (the present.* outputs) stays secret-shared from one step to the next and is never opened,
+so a step costs one token's work, not a pass over the whole prefix (PUMA's own generation in SPU
+re-runs the prefix for every token).
+
+The next token is chosen inside MPC: greedy, a secure argmax over the last position's logits
+(`compare.argmax`); or, with a temperature T, the Gumbel-max trick argmax(logits / T + g),
+g = -log(-log u), which samples from softmax(logits / T): the client draws g from its seed and
+secret-shares it. Only the token id is opened, and only to the client, who feeds it back through the
+client-assisted embedding like a prompt token. The logits are never opened: a client who saw them
+at every step could fit the model from its queries (model extraction).
+
+Public: the prompt's length, the temperature, the number of generated tokens (the length of the step
+loop: the client says when to stop, at N tokens or at the end-of-sequence token). Secret: the prompt
+and generated ids (the client's), the logits, the cache.
+Cost per step t > 0: a walk on one token (every matmul on one row, attention over S + t positions)
+plus the argmax, ceil(log2 V) levels of 8 rounds (128 for GPT-2) and about 4.4 MB for V = 50,257.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from . import arith, compare
+from .comm import Communicator
+from .executor import OpStats
+from .kernels import Private
+from .session import (
+    CLIENT,
+    PAST_PREFIX,
+    PRESENT_PREFIX,
+    Progress,
+    RunOptions,
+    Started,
+    UserError,
+    base_report,
+    costs,
+    model_feeds,
+    read_ids,
+    start,
+)
+from .shares import AShare
+from .weights import keep_resident
+from .wire import broadcast_flag, broadcast_json
+
+
+@dataclass
+class GenerateOptions(RunOptions):
+    max_new_tokens: int = 16
+    chat: bool = False
+    temperature: float | None = None
+    seed: int | None = None
+
+
+def check_decoder(info: dict) -> None:
+    """On every rank, from the public model info: generate needs a decoder exported with its cache."""
+    if not info["decoder"]:
+        raise UserError(f"{info['name']} is not a decoder: it has no LM head ('logits' output) to generate from")
+    if not info["past"]:
+        raise UserError(
+            f"{info['name']} was exported without its past keys/values: re-export it with puma-onnx export "
+            "(decoders export with their cache)"
+        )
+
+
+def render_chat(template: str, text: str) -> str:
+    """The prompt wrapped in the tokenizer's chat template (a user message, then the assistant's turn)."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(
+            messages=[{"role": "user", "content": text}], add_generation_prompt=True, bos_token="", eos_token=""
+        )
+    except TemplateError as e:
+        raise UserError(f"the model's chat template failed: {e}") from None
+
+
+def prompt_input(opts: GenerateOptions, info: dict) -> tuple[dict, dict]:
+    """The client's prompt feeds, and what the step loop needs: the public parameters and its noise source."""
+    if (opts.text is None) == (opts.input_ids is None):
+        raise UserError("give the prompt as --text or as --input-ids")
+    if opts.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {opts.max_new_tokens}")
+    if opts.temperature is not None and not opts.temperature > 0:
+        raise UserError(f"--temperature must be positive, got {opts.temperature}")
+    if opts.seed is not None and opts.temperature is None:
+        raise UserError("--seed draws the sampling noise: give it with --temperature")
+    if opts.chat:
+        if opts.text is None:
+            raise UserError("--chat wraps a --text prompt")
+        if not info["chat_template"]:
+            raise UserError(f"{info['name']} has no chat template; drop --chat")
+        opts = replace(opts, text=render_chat(info["chat_template"], opts.text))
+    ids, _, _ = read_ids(opts, info)
+    limit = info["max_positions"]
+    if limit is not None and ids.shape[1] + opts.max_new_tokens > limit:
+        raise UserError(
+            f"{ids.shape[1]} prompt tokens and {opts.max_new_tokens} new ones pass {info['name']}'s "
+            f"{limit} positions"
+        )
+    names = [n for n in info["inputs"] if n not in info["past"]]
+    public = {"max_new_tokens": opts.max_new_tokens, "temperature": opts.temperature}
+    rng = np.random.default_rng(opts.seed)
+    return model_feeds(names, ids), {"public": public, "rng": rng, "prompt": ids[0].tolist()}
+
+
+def gumbel(rng: np.random.Generator, n: int) -> np.ndarray:
+    """n draws of -log(-log u), u uniform on (0, 1): argmax(z + g) samples from softmax(z)."""
+    u = rng.uniform(np.finfo(np.float64).tiny, 1.0, n)
+    return -np.log(-np.log(u))
+
+
+def next_token(party, logits: AShare, temperature: float | None, noise: AShare | None) -> AShare:
+    """The chosen token's id as an integer share: argmax(logits), or argmax(logits / T + g).
+
+    Rounds: the argmax's (plus 2 for the 1/T scaling); see compare.argmax.
+    """
+    scores = logits
+    if temperature is not None:
+        scores = arith.add(arith.mul_public_fx(party, logits, np.float64(1.0 / temperature)), noise)
+    return compare.argmax(party, scores)[1]
+
+
+class Streamer:
+    """The client's view of the answer: prints each new piece of text as its token arrives."""
+
+    def __init__(self, tokenizer_json: str | None, prompt: list[int], out=sys.stdout):
+        self.tokenizer = None
+        if tokenizer_json is not None:
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        self.prompt, self.new, self.text, self.out = prompt, [], "", out
+
+    def add(self, token: int) -> None:
+        self.new.append(token)
+        if self.tokenizer is None:
+            piece = f"{token} "
+        else:
+            text = self.tokenizer.decode(self.new, skip_special_tokens=True)
+            # A piece of a multi-byte character decodes to U+FFFD until its last byte arrives.
+            if text.endswith("\ufffd"):
+                return
+            piece, self.text = text[len(self.text) :], text
+        self.out.write(piece)
+        self.out.flush()
+
+    def result(self) -> dict:
+        text = self.text if self.tokenizer is not None else " ".join(map(str, self.new))
+        return {"prompt_ids": self.prompt, "new_ids": self.new, "text": text}
+
+
+def _step_feeds(info: dict, token: int | None, context: int, cache: dict) -> dict:
+    """The inputs of a step after the first: the new token (the client's), the mask and position over
+    the whole context (public), and the cache (shares)."""
+    feeds = {
+        "input_ids": Private(CLIENT, (1, 1), None if token is None else np.array([[token]], np.int64)),
+        "attention_mask": np.ones((1, context + 1), np.int64),
+        "position_ids": np.array([[context]], np.int64),
+    }
+    past = {name: cache[PRESENT_PREFIX + name[len(PAST_PREFIX) :]] for name in info["past"]}
+    return {name: {**feeds, **past}[name] for name in info["inputs"]}
+
+
+def _summed(runs: list[list[OpStats]]) -> list[OpStats]:
+    """Per node, its costs summed over walks of the same graph."""
+    return [
+        replace(same[0], time_s=sum(s.time_s for s in same), bytes=sum(s.bytes for s in same),
+                rounds=sum(s.rounds for s in same))
+        for same in zip(*runs)
+    ]
+
+
+def generate(comm: Communicator, opts: GenerateOptions) -> dict | None:
+    """Secure generation on this rank; the client returns the report (with the answer), the others None."""
+    started: Started = start(comm, opts, lambda info: prompt_input(opts, info), check=check_decoder)
+    party, info, executor = started.party, started.info, started.executor
+    client = comm.rank == CLIENT
+    params = broadcast_json(comm, started.extra["public"] if client else None, CLIENT)
+    keep_resident(executor.weights)
+    streamer = Streamer(info["tokenizer"], started.extra["prompt"], sys.stdout) if client else None
+    eos = info["eos_token_id"]
+    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+    feeds, context = started.feeds, len(started.raw["input_ids"][0]) if client else None
+    context = broadcast_json(comm, context, CLIENT)
+    progress = Progress(executor, opts.progress and client)
+    steps, walks = [], []
+    online_start = time.perf_counter()
+    for step in range(params["max_new_tokens"]):
+        began, before = time.perf_counter(), comm.stats.snapshot()
+        outputs = executor.run(feeds, on_node=progress if step == 0 else None)
+        if step == 0:
+            progress.close()
+        walks.append(executor.stats)
+        logits = outputs["logits"]
+        logits = logits.reshape(-1)[-logits.shape[-1] :]
+        noise = None
+        if params["temperature"] is not None:
+            g = party.fxp.encode(gumbel(started.extra["rng"], logits.size)) if client else None
+            noise = arith.share(party, g, CLIENT, logits.shape)
+        with comm.tag("next_token"):
+            chosen = arith.reveal(party, next_token(party, logits, params["temperature"], noise), to=CLIENT)
+            token = int(chosen.view(np.int64)[0]) if client else None
+            if client:
+                streamer.add(token)
+            done = broadcast_flag(comm, client and (token in eos or step + 1 == params["max_new_tokens"]), CLIENT)
+        cost = comm.stats.snapshot() - before
+        steps.append([round(time.perf_counter() - began, 6), cost.bytes, cost.rounds, context])
+        if done:
+            break
+        feeds = _step_feeds(info, token, context, outputs)
+        context += 1
+    online_s = time.perf_counter() - online_start
+    stats = walks[0] + (_summed(walks[1:]) if len(walks) > 1 else [])
+    everyone = costs(comm, started, stats, extra={"steps": steps})
+    if not client:
+        return None
+    print(file=sys.stdout, flush=True)
+    report = base_report(started, everyone, opts, online_s, stats)
+    prompt_nodes = len(walks[0])
+    for i, row in enumerate(report["per_op"]):
+        row["phase"] = "prompt" if i < prompt_nodes else "generation"
+    report["steps"] = [
+        {
+            "step": i,
+            "tokens_in_context": mine[3],
+            "time_s": mine[0],
+            "bytes": sum(e["steps"][i][1] for e in everyone),
+            "rounds": mine[2],
+        }
+        for i, mine in enumerate(steps)
+    ]
+    total_bytes = sum(r["bytes"] for r in report["steps"])
+    total_time = sum(r["time_s"] for r in report["steps"])
+    report["prompt_step"] = {
+        "time_share": round(report["steps"][0]["time_s"] / total_time, 4) if total_time else 1.0,
+        "bytes_share": round(report["steps"][0]["bytes"] / total_bytes, 4) if total_bytes else 1.0,
+    }
+    report["outputs"] = streamer.result()
+    return report
+
+
+def finish(report: dict, opts: GenerateOptions) -> None:
+    """The client's files and summary (the text itself was streamed as it came)."""
+    from .launch import profile_table
+
+    answer = report.pop("outputs")
+    if opts.output:
+        with open(opts.output, "w") as f:
+            json.dump(answer, f, indent=1)
+            f.write("\n")
+    if opts.report:
+        with open(opts.report, "w") as f:
+            json.dump(report, f, indent=1)
+            f.write("\n")
+    steps = report["steps"]
+    later = steps[1:]
+    per_token = sum(s["time_s"] for s in later) / len(later) if later else 0.0
+    gb = report["bytes_sent_total"] / 1e9
+    print(
+        f"{report['model']}: {len(answer['new_ids'])} new tokens; prompt step {steps[0]['time_s']:.2f} s, "
+        f"then {per_token:.2f} s per token; online {report['online_s']:.2f} s, setup {report['setup_s']:.2f} s; "
+        f"sent {gb:.3f} GB in all, rounds {max(report['rounds'])}, peak RSS {max(report['peak_rss_mb']):.0f} MB",
+        file=sys.stderr,
+    )
+    if opts.profile:
+        for phase in ("prompt", "generation"):
+            rows = [r for r in report["per_op"] if r["phase"] == phase]
+            if rows:
+                print(f"{phase} step{'s' if phase == 'generation' else ''}:\n{profile_table(rows)}", file=sys.stderr)
