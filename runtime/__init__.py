@@ -19,7 +19,8 @@ Layers, each using only those above it (the protocols never import ONNX):
   executor   the graph walker: public nodes in plaintext, secret ones through the kernels
   wire       setup messages of unknown size (bytes, JSON), never pickled
   session    one inference: owner / client / helper roles, setup, input, output, report
-  launch     `puma-onnx run` on one MPI rank: checks, errors, abort, the client's files
+  generation `generate`: the step loop around session's setup, a secret key/value cache, the next token in MPC
+  launch     `puma-onnx run` / `generate` on one MPI rank: checks, errors, abort, the client's files
 Every protocol states its rounds and bytes per element in its docstring and runs under
 comm.tag(<its name>), so costs group by protocol.
 """

@@ -34,17 +34,23 @@ class FixedPoint:
         self.scale = float(2**frac_bits)
         self.bound = float(2 ** (63 - frac_bits))
 
-    def encode(self, x) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float64)
-        # "not <" also catches NaN.
-        bad = ~(np.abs(x) < self.bound)
-        if bad.any():
-            worst = x[bad].flat[0]
-            raise ValueError(
-                f"value {worst!r} cannot be encoded: fixed point with {self.frac_bits} fractional bits "
-                f"holds |x| < 2^{63 - self.frac_bits} = {self.bound:.6g}"
-            )
-        return np.rint(x * self.scale).astype(np.int64).view(np.uint64)
+    def encode(self, x, checked: bool = False) -> np.ndarray:
+        """round(x 2^f) in the ring. `checked`: the caller has already verified |x| < bound (the owner's
+        weights, at load time), so the range test is skipped. float32 arrays stay float32: scaling by a
+        power of two and rounding to an integer are exact there, and half the memory traffic."""
+        x = np.asarray(x)
+        if x.dtype != np.float32:
+            x = x.astype(np.float64)
+        if not checked:
+            # "not <" also catches NaN.
+            bad = ~(np.abs(x) < self.bound)
+            if bad.any():
+                worst = x[bad].flat[0]
+                raise ValueError(
+                    f"value {worst!r} cannot be encoded: fixed point with {self.frac_bits} fractional bits "
+                    f"holds |x| < 2^{63 - self.frac_bits} = {self.bound:.6g}"
+                )
+        return np.rint(x * x.dtype.type(self.scale)).astype(np.int64).view(np.uint64)
 
     def decode(self, x: np.ndarray) -> np.ndarray:
         return to_signed(x).astype(np.float64) / self.scale

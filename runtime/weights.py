@@ -46,14 +46,17 @@ def _stream(seed: bytes, index: int, shape: tuple[int, ...]) -> np.ndarray:
     return PRG(seed, stream=index).words(shape)
 
 
-def _encode_minus_streams(fxp: FixedPoint, plain: np.ndarray, seeds: list[bytes], index: int) -> np.ndarray:
-    """encode(plain) - stream(seed_1) - stream(seed_2) - ..., built CHUNK words at a time."""
+def _encode_minus_streams(
+    fxp: FixedPoint, plain: np.ndarray, seeds: list[bytes], index: int, checked: bool = False
+) -> np.ndarray:
+    """encode(plain) - stream(seed_1) - stream(seed_2) - ..., built CHUNK words at a time; `checked` skips
+    the range test (the weight was encoded once already, when it was shared)."""
     flat = plain.reshape(-1)
     out = np.empty(flat.size, dtype=np.uint64)
     streams = [PRG(seed, stream=index) for seed in seeds]
     for lo in range(0, flat.size, CHUNK):
         piece = out[lo : lo + CHUNK]
-        piece[...] = fxp.encode(flat[lo : lo + CHUNK])
+        piece[...] = fxp.encode(flat[lo : lo + CHUNK], checked=checked)
         for prg in streams:
             piece -= prg.words(piece.size)
     return out.reshape(plain.shape)
@@ -109,7 +112,8 @@ class WeightShare:
 
     def _materialize(self) -> AShare:
         if self.rank == OWNER:
-            return AShare(self._x0(), _encode_minus_streams(self.fxp, self.kept, [self.seed_0, self.seed_2], self.index))
+            x1 = _encode_minus_streams(self.fxp, self.kept, [self.seed_0, self.seed_2], self.index, checked=True)
+            return AShare(self._x0(), x1)
         if self.rank == 1:
             return AShare(self.kept, self._x2())
         return AShare(self._x2(), self._x0())
@@ -119,8 +123,8 @@ class WeightShare:
         return self._kept("operand", self._operand)
 
     def _operand(self) -> np.ndarray:
-        if self.rank == OWNER:
-            return self.fxp.encode(self.kept)
+        if self.rank == OWNER:  # checked when it was shared
+            return self.fxp.encode(self.kept, checked=True)
         if self.rank == 1:
             return self.kept + self._x2()
         return self._x0()

@@ -71,3 +71,11 @@ def test_ring_matmul_with_few_rows_agrees_with_the_limb_products(monkeypatch, ro
     direct = ring_matmul(a, b)
     monkeypatch.setattr(ring, "DIRECT_ROWS", 0)
     assert np.array_equal(direct, ring_matmul(a, b)) and np.array_equal(direct, a @ b)
+
+
+def test_float32_encoding_equals_the_float64_one_including_ties():
+    fxp = FixedPoint(18)
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.normal(0, 3, 10000), [0.5 / 2**18, 1.5 / 2**18, -2.5 / 2**18, 1000.25]]).astype(np.float32)
+    assert np.array_equal(fxp.encode(x), fxp.encode(x.astype(np.float64)))
+    assert np.array_equal(fxp.encode(x, checked=True), fxp.encode(x))
