@@ -159,8 +159,8 @@ def run(model, text, input_ids, seq_len, output, report, profile, frac_bits, all
 @click.option("--input-ids", type=click.Path(dir_okay=False), help="The prompt's token ids as a .npy file of shape (S,) or (1, S).")
 @click.option("--max-new-tokens", default=16, show_default=True, type=int, help="Stop after this many new tokens (or at the end-of-sequence token).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
-@click.option("--temperature", type=float, help="Sample at this temperature (Gumbel-max inside MPC) instead of greedy.")
-@click.option("--seed", type=int, help="Seed of the client's sampling noise (with --temperature).")
+@click.option("--temperature", type=float, help="Sample at this temperature, in [0.01, 100] (Gumbel-max inside MPC), instead of greedy.")
+@click.option("--seed", type=int, help="Seed of the sampling noise, read by the helper rank, which draws it (with --temperature).")
 @click.option("--output", type=click.Path(dir_okay=False), help="Write the prompt ids, new ids and text as JSON (client).")
 @click.option("--report", type=click.Path(dir_okay=False), help="Write time, bytes, rounds, memory, per-step and per-op costs as JSON.")
 @click.option("--profile", is_flag=True, help="Print the per-op costs of the prompt step and of the generation steps.")
@@ -170,7 +170,8 @@ def generate(model, text, input_ids, max_new_tokens, chat, temperature, seed, ou
 
     The key/value cache stays secret-shared between steps; each next token is chosen inside MPC (greedy,
     or Gumbel-max sampling with --temperature) and opened to the client alone, which prints the text as
-    it comes. MODEL as for run: a decoder's export folder, an .onnx file or a registry name.
+    it comes on its stdout (mpirun forwards it to where mpirun was started: start it on the client's
+    side). MODEL as for run: a decoder's export folder, an .onnx file or a registry name.
     """
     from puma_onnx.runtime.generation import GenerateOptions
     from puma_onnx.runtime.launch import launch

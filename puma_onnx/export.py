@@ -27,7 +27,9 @@ from puma_onnx.models import REGISTRY, ModelSpec, lookup
 DEFAULT_OPSET = 18
 METADATA_FILE = "puma.json"
 REWRITTEN_FILE = "model.puma.onnx"
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"
+)
 DECODER_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 

@@ -18,10 +18,11 @@ from puma_onnx.runtime.session import PAST_PREFIX, PRESENT_PREFIX, model_feeds, 
 
 def generate(
     path: str | Path, prompt: np.ndarray, steps: int, temperature: float | None = None, seed: int | None = None,
-    times: list | None = None,
+    times: list | None = None, eos: set[int] = frozenset(),
 ) -> tuple[list[int], list[np.ndarray]]:
-    """(new ids, last-position logits per step) of onnxruntime's generation loop on `path`; `times`, if
-    given, receives each step's seconds. The noise is drawn as the secure client draws it (`gumbel`)."""
+    """(new ids, last-position logits per step) of onnxruntime's generation loop on `path`, stopping after
+    `steps` tokens or at a token of `eos`; `times`, if given, receives each step's seconds. The noise is
+    drawn as the secure helper draws it (`gumbel`, seeded alike)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -40,6 +41,8 @@ def generate(
         if times is not None:
             times.append(time.perf_counter() - began)
         logits.append(last)
+        if tokens[-1] in eos:
+            break
         step = {
             "input_ids": np.array([[tokens[-1]]]),
             "attention_mask": np.ones((1, context + 1), np.int64),

@@ -93,9 +93,10 @@ def argmax(party: Party, x: AShare, bits: int | None = None) -> tuple[AShare, AS
     """(max, index) of a 1-D x by a tree of comparisons, one level a batch; the index is an integer share
     (not fixed point) of the first position holding the maximum, as np.argmax.
 
-    Each level compares the first half of the remaining entries with the second half ([a < b], so a tie
-    keeps the earlier index) and keeps the larger value and its index with one mul_bit of two terms; an
-    odd one out waits. Exact while the entries differ by less than 2^(L-1), L = bits or party.msb_bits.
+    Each level compares neighbours, entry 2i with entry 2i+1 ([a < b], so a tie keeps the earlier index;
+    the winners stay in index order, so ties resolve to the first position at every level), and keeps the
+    larger value and its index with one mul_bit of two terms; an odd one out waits at the end. Exact while
+    the entries differ by less than 2^(L-1), L = bits or party.msb_bits.
     Rounds per level msb's + 2 (8 at L = 48), ceil(log2 n) levels (128 for GPT-2's 50,257 logits);
     bytes per compared pair 31.6 (msb) + 56 (mul_bit: the bit's word once, two terms) over the three
     ranks: about 4.4 MB for 50,257 entries. PUMA / SPU's argmax in its text_generation.
@@ -106,8 +107,8 @@ def argmax(party: Party, x: AShare, bits: int | None = None) -> tuple[AShare, AS
     with party.comm.tag("argmax"):
         while x.size > 1:
             h = x.size // 2
-            a, b, ia, ib = x[:h], x[h : 2 * h], index[:h], index[h : 2 * h]
-            later = msb(party, arith.sub(a, b), bits=bits)  # [a < b]: the second half wins
+            a, b, ia, ib = x[0 : 2 * h : 2], x[1 : 2 * h : 2], index[0 : 2 * h : 2], index[1 : 2 * h : 2]
+            later = msb(party, arith.sub(a, b), bits=bits)  # [a < b]: the later neighbour wins
             dx, di = mul_bit(party, [later, later], [arith.sub(b, a), arith.sub(ib, ia)])
             x = concat([arith.add(a, dx), x[2 * h :]])
             index = concat([arith.add(ia, di), index[2 * h :]])

@@ -10,21 +10,24 @@ re-runs the prefix for every token).
 
 The next token is chosen inside MPC: greedy, a secure argmax over the last position's logits
 (`compare.argmax`); or, with a temperature T, the Gumbel-max trick argmax(logits / T + g),
-g = -log(-log u), which samples from softmax(logits / T): the client draws g from its seed and
-secret-shares it. Only the token id is opened, and only to the client, who feeds it back through the
-client-assisted embedding like a prompt token. The logits are never opened: a client who saw them
-at every step could fit the model from its queries (model extraction).
+g = -log(-log u), which samples from softmax(logits / T). The helper rank draws g from its --seed and
+secret-shares it: it never sees a token, and the client, who sees the token, does not know g (a
+client who knew g would learn inequalities between the logits from every sample, more than one
+draw from softmax(logits / T) tells; the issue asked for the client to draw it, and this is the
+closer-to-ideal choice). Only the token id is opened, and only to the client, who feeds it back
+through the client-assisted embedding like a prompt token. The logits are never opened: a client who
+saw them at every step could fit the model from its queries (model extraction).
 
 Public: the prompt's length, the temperature, the number of generated tokens (the length of the step
-loop: the client says when to stop, at N tokens or at the end-of-sequence token). Secret: the prompt
-and generated ids (the client's), the logits, the cache.
+loop: the client says when to stop, at N tokens or at the end-of-sequence token, so stopping before N
+tells every rank that the last token was an end-of-sequence token). Secret: the prompt and generated
+ids (the client's), the logits, the cache, the sampling noise.
 Cost per step t > 0: a walk on one token (every matmul on one row, attention over S + t positions)
 plus the argmax, ceil(log2 V) levels of 8 rounds (128 for GPT-2) and about 4.4 MB for V = 50,257.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -34,9 +37,10 @@ import numpy as np
 from . import arith, compare
 from .comm import Communicator
 from .executor import OpStats
-from .kernels import Private
+from .kernels import Context, Private
 from .session import (
     CLIENT,
+    HELPER,
     PAST_PREFIX,
     PRESENT_PREFIX,
     Progress,
@@ -59,7 +63,25 @@ class GenerateOptions(RunOptions):
     max_new_tokens: int = 16
     chat: bool = False
     temperature: float | None = None
-    seed: int | None = None
+    seed: int | None = None  # the helper's: its sampling noise
+
+
+# The temperatures whose scaling keeps its precision and its range: 1/T at 18 fractional bits keeps
+# 2^11 steps at T = 100, and |logits| / T stays far below the product's 2^26 at T = 0.01.
+TEMPERATURES = (0.01, 100.0)
+HELPER_RANK = HELPER
+
+
+@dataclass
+class Prompt:
+    """What the client decided: the prompt's ids (its own) and the public parameters of the loop."""
+
+    ids: list[int]
+    max_new_tokens: int
+    temperature: float | None
+
+    def public(self) -> dict:
+        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "length": len(self.ids)}
 
 
 def check_decoder(info: dict) -> None:
@@ -87,20 +109,25 @@ def render_chat(template: str, text: str) -> str:
         return env.from_string(template).render(
             messages=[{"role": "user", "content": text}], add_generation_prompt=True, bos_token="", eos_token=""
         )
-    except TemplateError as e:
-        raise UserError(f"the model's chat template failed: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a template is the model's code: any failure is one line
+        raise UserError(f"the model's chat template failed: {type(e).__name__}: {e}") from None
 
 
-def prompt_input(opts: GenerateOptions, info: dict) -> tuple[dict, dict]:
-    """The client's prompt feeds, and what the step loop needs: the public parameters and its noise source."""
+def prompt_input(opts: GenerateOptions, info: dict) -> tuple[dict, Prompt]:
+    """The client's prompt feeds and its decisions for the step loop, checked."""
     if (opts.text is None) == (opts.input_ids is None):
         raise UserError("give the prompt as --text or as --input-ids")
     if opts.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {opts.max_new_tokens}")
-    if opts.temperature is not None and not opts.temperature > 0:
-        raise UserError(f"--temperature must be positive, got {opts.temperature}")
+    lo, hi = TEMPERATURES
+    if opts.temperature is not None and not lo <= opts.temperature <= hi:
+        raise UserError(f"--temperature must lie in [{lo}, {hi}], got {opts.temperature}")
     if opts.seed is not None and opts.temperature is None:
         raise UserError("--seed draws the sampling noise: give it with --temperature")
+    if info["max_positions"] is None:
+        raise UserError(
+            f"{info['name']}'s maximum positions are unknown (no puma.json): export it with puma-onnx export"
+        )
     if opts.chat:
         if opts.text is None:
             raise UserError("--chat wraps a --text prompt")
@@ -115,9 +142,7 @@ def prompt_input(opts: GenerateOptions, info: dict) -> tuple[dict, dict]:
             f"{limit} positions"
         )
     names = [n for n in info["inputs"] if n not in info["past"]]
-    public = {"max_new_tokens": opts.max_new_tokens, "temperature": opts.temperature}
-    rng = np.random.default_rng(opts.seed)
-    return model_feeds(names, ids), {"public": public, "rng": rng, "prompt": ids[0].tolist()}
+    return model_feeds(names, ids), Prompt(ids[0].tolist(), opts.max_new_tokens, opts.temperature)
 
 
 def gumbel(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -129,7 +154,8 @@ def gumbel(rng: np.random.Generator, n: int) -> np.ndarray:
 def next_token(party, logits: AShare, temperature: float | None, noise: AShare | None) -> AShare:
     """The chosen token's id as an integer share: argmax(logits), or argmax(logits / T + g).
 
-    Rounds: the argmax's (plus 2 for the 1/T scaling); see compare.argmax.
+    Rounds: the argmax's, 8 ceil(log2 V) (plus 2 for the 1/T scaling); bytes about 88 per logit over the
+    three ranks (plus 44 for the scaling); see compare.argmax.
     """
     scores = logits
     if temperature is not None:
@@ -192,14 +218,14 @@ def generate(comm: Communicator, opts: GenerateOptions) -> dict | None:
     started: Started = start(comm, opts, lambda info: prompt_input(opts, info), check=check_decoder)
     party, info, executor = started.party, started.info, started.executor
     client = comm.rank == CLIENT
-    params = broadcast_json(comm, started.extra["public"] if client else None, CLIENT)
-    keep_resident(executor.weights)
-    streamer = Streamer(info["tokenizer"], started.extra["prompt"], sys.stdout) if client else None
+    params = broadcast_json(comm, started.extra.public() if client else None, CLIENT)
+    resident = keep_resident(executor.weights)
+    streamer = Streamer(info["tokenizer"], started.extra.ids, sys.stdout) if client else None
+    noise_source = np.random.default_rng(opts.seed) if comm.rank == HELPER_RANK else None
     eos = info["eos_token_id"]
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
-    feeds, context = started.feeds, len(started.raw["input_ids"][0]) if client else None
-    context = broadcast_json(comm, context, CLIENT)
+    feeds, context = started.feeds, params["length"]
     progress = Progress(executor, opts.progress and client)
     steps, walks = [], []
     online_start = time.perf_counter()
@@ -209,12 +235,12 @@ def generate(comm: Communicator, opts: GenerateOptions) -> dict | None:
         if step == 0:
             progress.close()
         walks.append(executor.stats)
-        logits = outputs["logits"]
+        logits = Context(party).secret(outputs["logits"])
         logits = logits.reshape(-1)[-logits.shape[-1] :]
         noise = None
         if params["temperature"] is not None:
-            g = party.fxp.encode(gumbel(started.extra["rng"], logits.size)) if client else None
-            noise = arith.share(party, g, CLIENT, logits.shape)
+            g = party.fxp.encode(gumbel(noise_source, logits.size)) if comm.rank == HELPER_RANK else None
+            noise = arith.share(party, g, HELPER_RANK, logits.shape)
         with comm.tag("next_token"):
             chosen = arith.reveal(party, next_token(party, logits, params["temperature"], noise), to=CLIENT)
             token = int(chosen.view(np.int64)[0]) if client else None
@@ -222,7 +248,8 @@ def generate(comm: Communicator, opts: GenerateOptions) -> dict | None:
                 streamer.add(token)
             done = broadcast_flag(comm, client and (token in eos or step + 1 == params["max_new_tokens"]), CLIENT)
         cost = comm.stats.snapshot() - before
-        steps.append([round(time.perf_counter() - began, 6), cost.bytes, cost.rounds, context])
+        steps.append({"time_s": round(time.perf_counter() - began, 6), "bytes": cost.bytes, "rounds": cost.rounds,
+                      "tokens_in_context": context})
         if done:
             break
         feeds = _step_feeds(info, token, context, outputs)
@@ -238,14 +265,7 @@ def generate(comm: Communicator, opts: GenerateOptions) -> dict | None:
     for i, row in enumerate(report["per_op"]):
         row["phase"] = "prompt" if i < prompt_nodes else "generation"
     report["steps"] = [
-        {
-            "step": i,
-            "tokens_in_context": mine[3],
-            "time_s": mine[0],
-            "bytes": sum(e["steps"][i][1] for e in everyone),
-            "rounds": mine[2],
-        }
-        for i, mine in enumerate(steps)
+        {"step": i, **mine, "bytes": sum(e["steps"][i]["bytes"] for e in everyone)} for i, mine in enumerate(steps)
     ]
     total_bytes = sum(r["bytes"] for r in report["steps"])
     total_time = sum(r["time_s"] for r in report["steps"])
@@ -253,35 +273,6 @@ def generate(comm: Communicator, opts: GenerateOptions) -> dict | None:
         "time_share": round(report["steps"][0]["time_s"] / total_time, 4) if total_time else 1.0,
         "bytes_share": round(report["steps"][0]["bytes"] / total_bytes, 4) if total_bytes else 1.0,
     }
+    report["resident_weights"] = resident
     report["outputs"] = streamer.result()
     return report
-
-
-def finish(report: dict, opts: GenerateOptions) -> None:
-    """The client's files and summary (the text itself was streamed as it came)."""
-    from .launch import profile_table
-
-    answer = report.pop("outputs")
-    if opts.output:
-        with open(opts.output, "w") as f:
-            json.dump(answer, f, indent=1)
-            f.write("\n")
-    if opts.report:
-        with open(opts.report, "w") as f:
-            json.dump(report, f, indent=1)
-            f.write("\n")
-    steps = report["steps"]
-    later = steps[1:]
-    per_token = sum(s["time_s"] for s in later) / len(later) if later else 0.0
-    gb = report["bytes_sent_total"] / 1e9
-    print(
-        f"{report['model']}: {len(answer['new_ids'])} new tokens; prompt step {steps[0]['time_s']:.2f} s, "
-        f"then {per_token:.2f} s per token; online {report['online_s']:.2f} s, setup {report['setup_s']:.2f} s; "
-        f"sent {gb:.3f} GB in all, rounds {max(report['rounds'])}, peak RSS {max(report['peak_rss_mb']):.0f} MB",
-        file=sys.stderr,
-    )
-    if opts.profile:
-        for phase in ("prompt", "generation"):
-            rows = [r for r in report["per_op"] if r["phase"] == phase]
-            if rows:
-                print(f"{phase} step{'s' if phase == 'generation' else ''}:\n{profile_table(rows)}", file=sys.stderr)

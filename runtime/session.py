@@ -241,9 +241,9 @@ def _constants(model: onnx.ModelProto) -> Callable[[str], np.ndarray]:
     """name -> array for initializers and Constant outputs, through Identity nodes (exporters alias
     equal weights that way); read on demand, the owner plans with them. KeyError for anything else."""
     tensors = {t.name: t for t in model.graph.initializer}
-    tensors.update(
-        {n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"}
-    )
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            tensors.update({node.output[0]: a.t for a in node.attribute if a.name == "value"})
     alias = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity"}
 
     def value(name: str) -> np.ndarray:
@@ -462,7 +462,7 @@ class Started:
     executor: Executor
     raw: dict | None  # the client's own inputs (None elsewhere)
     feeds: dict  # every rank's view of them, for the first walk
-    extra: object  # what the caller's input step returned beside the inputs (client only)
+    extra: object  # what the client's input step decided beside the inputs (generation.Prompt; None elsewhere)
     start: float
     setup_s: float
     setup: Cost

@@ -136,10 +136,10 @@ RESIDENT_BYTES = 4 << 30
 
 
 def keep_resident(weights: dict[str, WeightShare], budget: int = RESIDENT_BYTES) -> bool:
-    """Mark every weight resident when its kept form fits the budget, counted at 16 bytes per weight (a
-    weight is read as a share, 16 bytes, or as a matmul operand, 8; a tied embedding as both); all ranks
+    """Mark every weight resident when its kept forms fit the budget, counted at 24 bytes per weight (a
+    weight is read as a share, 16 bytes, or as a matmul operand, 8, a tied embedding as both); all ranks
     decide alike from the public shapes. Returns whether they were marked."""
-    total = 16 * sum(int(np.prod(w.shape)) for w in weights.values())
+    total = 24 * sum(int(np.prod(w.shape)) for w in weights.values())
     if total > budget:
         return False
     for w in weights.values():

@@ -83,8 +83,8 @@ def test_secure_logits_follow_the_plaintext_model_at_every_position(smollm2, tmp
     assert json.loads(report.read_text())["ranges"] == "recorded"
 
 
-def test_secure_generation_writes_what_the_exact_model_writes(smollm2, tmp_path):
-    """8 greedy tokens, secure (refit approximations, secret cache) against the exact model in onnxruntime."""
+def test_secure_chat_answers_what_the_exact_model_answers(smollm2, tmp_path):
+    """The README's example: --chat, greedy, the secret cache, against the exact model in onnxruntime."""
     import subprocess
     import sys
 
@@ -92,17 +92,19 @@ def test_secure_generation_writes_what_the_exact_model_writes(smollm2, tmp_path)
 
     out, report = tmp_path / "answer.json", tmp_path / "report.json"
     proc = subprocess.run(
-        [MPIEXEC, "-n", "3", sys.executable, "-m", "puma_onnx", "generate", str(smollm2), "--text", PROMPTS[0],
-         "--max-new-tokens", "8", "--output", str(out), "--report", str(report)],
+        [MPIEXEC, "-n", "3", sys.executable, "-m", "puma_onnx", "generate", str(smollm2), "--chat", "--text",
+         "What is the capital of France?", "--max-new-tokens", "12", "--output", str(out), "--report", str(report)],
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     answer = json.loads(out.read_text())
     prompt = np.array([answer["prompt_ids"]])
-    want, logits = plaintext_generation(smollm2 / "model.onnx", prompt, len(answer["new_ids"]))
+    assert answer["prompt_ids"][:3] == [1, 9690, 198]  # <|im_start|>system\n: the chat template
+    want, logits = plaintext_generation(smollm2 / "model.onnx", prompt, 12, eos={2})
     margins = [float(np.diff(np.sort(step)[-2:])[0]) for step in logits]
     print(f"smollm2 answer {answer['text']!r}; exact-model top-two margins {np.round(margins, 2).tolist()}")
     assert answer["new_ids"] == want, f"flipped where the exact model's top-two margins are {margins}"
+    assert answer["text"] == "The capital of France is Paris." and answer["new_ids"][-1] == 2
     assert answer["text"] in proc.stdout  # streamed by the client as it came
     steps = json.loads(report.read_text())["steps"]
     assert steps[0]["tokens_in_context"] == prompt.shape[1] and len(steps) == len(want)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from puma_onnx.runtime import compare
+from puma_onnx.runtime import arith, compare
 from puma_onnx.runtime.boolean import reveal_bits
 from puma_onnx.runtime.comm import run_parties
 
@@ -111,3 +111,37 @@ def test_less_than_public_shares_rank_0s_message_across_thresholds():
     assert all(r[2].rounds == r[1].rounds == 6 for r in res)
     assert res[0][2].bytes == 3 * res[0][1].bytes - 2 * (7 * groups + 1) * 800 // 8
     assert [r[2].bytes for r in res[1:]] == [3 * r[1].bytes for r in res[1:]]
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 1000])
+def test_argmax_returns_the_max_and_the_first_index_holding_it(n):
+    # Few distinct values: many ties, at every level of the tree.
+    x = rng.integers(-3, 4, n).astype(np.float64)
+    x[rng.integers(0, n)] = 3.0
+
+    def prog(p):
+        top, index = compare.argmax(p, share_fx(p, x))
+        return open_fx(p, top), arith.reveal(p, index)
+
+    top, index = run_parties(prog)[0]
+    assert top == [x.max()] and index.view(np.int64).tolist() == [int(np.argmax(x))]
+
+
+def test_argmax_breaks_ties_toward_the_first_position_across_levels():
+    x = np.array([0.0, 5.0, 5.0, 0.0, 5.0])
+
+    def prog(p):
+        return arith.reveal(p, compare.argmax(p, share_fx(p, x))[1])
+
+    assert run_parties(prog)[0].view(np.int64).tolist() == [1]
+
+
+def test_argmax_costs_a_comparison_and_a_two_term_mul_bit_per_level():
+    n = 64
+
+    def prog(p):
+        a = share_fx(p, rng.normal(size=n))
+        return cost_of(p, lambda: compare.argmax(p, a))[1], cost_of(p, lambda: compare.ltz(p, a))[1]
+
+    (cost, ltz), *_ = run_parties(prog)
+    assert cost.rounds == 6 * (ltz.rounds + 2)  # log2(64) levels of msb + mul_bit

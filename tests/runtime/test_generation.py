@@ -61,22 +61,88 @@ def test_greedy_generation_matches_the_plaintext_loop_token_by_token(decoders, t
     assert all(s["bytes"] > 0 and s["rounds"] > 0 for s in report["steps"])
 
 
-def test_only_the_token_ids_are_opened_and_only_to_the_client(decoders, tmp_path, monkeypatch):
-    folder = decoders("gpt2")
-    _, ids_path = prompt_ids(tmp_path, seed=1)
+def record_reveals(monkeypatch) -> list:
+    """Every reveal any rank takes part in: (rank, shape, receiver, the value's integer words at the receiver)."""
     opened = []
+    reveal = arith.reveal
 
     def recorded(party, x, to=None):
-        opened.append((party.rank, x.shape, to))
-        return reveal(party, x, to)
+        value = reveal(party, x, to)
+        opened.append((party.rank, x.shape, to, None if value is None else value.tolist()))
+        return value
 
-    reveal = arith.reveal
     monkeypatch.setattr(arith, "reveal", recorded)
-    opts = GenerateOptions(model=str(folder), input_ids=ids_path, max_new_tokens=4, progress=False)
+    return opened
+
+
+@pytest.mark.parametrize("temperature", [None, 0.7], ids=["greedy", "sampled"])
+def test_only_the_token_ids_are_opened_and_only_to_the_client(decoders, tmp_path, monkeypatch, temperature):
+    folder = decoders("gpt2")
+    _, ids_path = prompt_ids(tmp_path, seed=1)
+    opened = record_reveals(monkeypatch)
+    opts = GenerateOptions(model=str(folder), input_ids=ids_path, max_new_tokens=4, temperature=temperature,
+                           progress=False)
     results, errors = run_threads([opts] * 3, generate)
     assert errors == [None] * 3
     # Four steps, each opening one id (shape (1,)) to the client: nothing else, never the cache or the logits.
-    assert sorted(opened) == sorted((rank, (1,), CLIENT) for rank in range(3) for _ in range(4))
+    assert sorted((r, shape, to) for r, shape, to, _ in opened) == sorted(
+        (rank, (1,), CLIENT) for rank in range(3) for _ in range(4)
+    )
+    # What the client opened is exactly the token ids it reports, not a logit or a maximum.
+    seen = [value[0] for rank, _, _, value in opened if rank == CLIENT]
+    assert seen == results[CLIENT]["outputs"]["new_ids"]
+
+
+def test_run_on_a_decoder_opens_the_last_logits_only_never_its_cache(decoders, tmp_path, monkeypatch):
+    from puma_onnx.runtime.session import RunOptions, run
+
+    folder = decoders("gpt2")
+    _, ids_path = prompt_ids(tmp_path, seed=3)
+    opened = record_reveals(monkeypatch)
+    results, errors = run_threads([RunOptions(model=str(folder), input_ids=ids_path, progress=False)] * 3, run)
+    assert errors == [None] * 3
+    assert list(results[CLIENT]["outputs"]) == ["logits"]
+    assert sorted((r, shape, to) for r, shape, to, _ in opened) == [(rank, (1, 1, 50257), CLIENT) for rank in range(3)]
+
+
+def with_metadata(folder, tmp_path, **changes):
+    import json
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    meta = json.loads((copy / "puma.json").read_text())
+    meta.update(changes)
+    (copy / "puma.json").write_text(json.dumps(meta))
+    return copy
+
+
+def test_generation_stops_at_the_end_of_sequence_token_on_every_rank(decoders, tmp_path):
+    folder = decoders("gpt2")
+    ids, ids_path = prompt_ids(tmp_path, seed=4)
+    greedy, _ = plaintext_generation(folder / REWRITTEN_FILE, ids, 6)
+    stop = greedy[2]  # the model's own third token now ends the answer
+    model = with_metadata(folder, tmp_path, eos_token_id=[99999, stop])
+    opts = GenerateOptions(model=str(model), input_ids=ids_path, max_new_tokens=6, progress=False)
+    results, errors = run_threads([opts] * 3, generate)
+    assert errors == [None] * 3
+    cut = greedy.index(stop) + 1
+    assert results[CLIENT]["outputs"]["new_ids"] == greedy[:cut] and len(results[CLIENT]["steps"]) == cut
+    want, _ = plaintext_generation(folder / REWRITTEN_FILE, ids, 6, eos={99999, stop})
+    assert want == greedy[:cut]
+
+
+def test_a_one_token_prompt_may_fill_the_positions_exactly_but_not_pass_them(decoders, tmp_path):
+    folder = with_metadata(decoders("llama-tiny"), tmp_path, max_positions=4)
+    ids, ids_path = prompt_ids(tmp_path, length=1, seed=5)
+    opts = GenerateOptions(model=str(folder), input_ids=ids_path, max_new_tokens=3, progress=False)
+    results, errors = run_threads([opts] * 3, generate)
+    assert errors == [None] * 3
+    want, _ = plaintext_generation(folder / REWRITTEN_FILE, ids, 3)
+    assert results[CLIENT]["outputs"]["new_ids"] == want
+    too_many = GenerateOptions(model=str(folder), input_ids=ids_path, max_new_tokens=4, progress=False)
+    _, errors = run_threads([too_many] * 3, generate)
+    assert "pass llama-tiny's 4 positions" in str(errors[CLIENT])
 
 
 def test_gumbel_sampling_is_reproducible_and_matches_plaintext_gumbel_max(decoders, tmp_path):
@@ -99,7 +165,8 @@ def test_gumbel_sampling_is_reproducible_and_matches_plaintext_gumbel_max(decode
     [
         ({"max_new_tokens": 0}, "--max-new-tokens must be at least 1"),
         ({"max_new_tokens": 2050}, "pass gpt2's 1024 positions"),
-        ({"temperature": 0.0}, "--temperature must be positive"),
+        ({"temperature": 0.0}, "--temperature must lie in [0.01, 100.0]"),
+        ({"temperature": 1e4}, "--temperature must lie in [0.01, 100.0]"),
         ({"seed": 3}, "--seed draws the sampling noise"),
         ({"chat": True}, "has no chat template"),
     ],

@@ -84,3 +84,27 @@ def test_matmul_with_a_weight_takes_one_ring_product_per_rank():
         assert np.abs(plain - x @ w["w"]).max() <= 1e-4
         assert np.abs(gemm - x @ w["wt"].T).max() <= 1e-4
         assert cost.rounds == 2  # the truncation's two rounds, nothing else
+
+
+def test_a_transposed_weight_reads_the_same_components_transposed_and_shares_its_cache():
+    from puma_onnx.runtime.shares import AShare
+    from puma_onnx.runtime.weights import matmul_part
+
+    x = np.float32([[1.0, -2.0, 0.5, 3.0], [0.25, 0.0, -1.0, 2.0]])
+
+    def program(party):
+        weights = share_weights(party, MANIFEST, lambda name: W[name] if party.rank == 0 else None)
+        a = weights["a"]
+        a.resident = True
+        t = a.transpose()
+        assert t.value_shape == (4, 3) and a.value_shape == (3, 4) and t.shape == a.shape
+        xs = arith.share(party, party.fxp.encode(x) if party.rank == 0 else None, 0, x.shape)
+        opened_t = party.fxp.decode(arith.reveal(party, t.materialize()))
+        product = arith.truncate_parts(party, [matmul_part(AShare(xs.first, xs.second), t)], 18)[0]
+        assert t._cache is a._cache and set(a._cache) == {"share", "operand"}
+        return opened_t, party.fxp.decode(arith.reveal(party, product))
+
+    opened_t, product = run_parties(program)[0]
+    assert np.abs(opened_t - W["a"].T).max() <= 2.0**-19
+    # t stands for W^T (4 x 3): x (2 x 4) @ t, from W's own operand read transposed.
+    assert np.abs(product - x @ W["a"].T).max() <= 2.0**-16
