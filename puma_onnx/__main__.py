@@ -1,3 +1,3 @@
 from puma_onnx.cli import main
 
-main()
+main(prog_name="puma-onnx")

@@ -15,7 +15,28 @@ def fail(message: str) -> None:
     sys.exit(1)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+_HELP_ERRORS = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+class OneLineErrors(click.Group):
+    """Click's usage errors as one line (its default adds the usage and a hint: four lines on every rank)."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        try:
+            code = super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.ClickException as e:
+            if isinstance(e, _HELP_ERRORS):  # a bare `puma-onnx`: the help, as click prints it
+                e.show()
+                sys.exit(e.exit_code)
+            where = f"{e.ctx.command_path} --help" if getattr(e, "ctx", None) else "puma-onnx --help"
+            click.echo(f"puma-onnx: error: {e.format_message()} (see {where})", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:  # Ctrl-C at a prompt
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="puma-onnx")
 def main() -> None:
     """Secure three-party inference of Hugging Face Transformers on ONNX (after PUMA).
@@ -26,6 +47,13 @@ def main() -> None:
     """
 
 
+TRUNCATE_OPTION = click.option(
+    "--truncate", is_flag=True, help="Cut a --text longer than the model's positions (said on stderr); else it is an error."
+)
+TIMEOUT_OPTION = click.option(
+    "--timeout", default=300.0, show_default=True, type=click.FloatRange(min=1.0),
+    help="Seconds a rank waits for a silent peer before it ends the job with a line naming that rank.",
+)
 APPROX_OPTION = click.option(
     "--approx",
     "approx_set",
@@ -86,6 +114,11 @@ def export(
     click.echo(f"recorded its activation ranges on {inputs} calibration inputs in {out_dir}/puma.json")
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _matches(report) -> str:
     return ", ".join(f"{n} {rule}" for rule, n in report.matches.items() if n) or "no matches"
 
@@ -102,6 +135,8 @@ def rewrite(in_path: str, out_path: str, approx_set: str) -> None:
         report = rewrite_file(in_path, out_path, approx_set)
     except UnsupportedSecretOps as e:
         fail(str(e).replace("\n", ";"))
+    except Exception as e:  # noqa: BLE001 - a file that is not ONNX fails in the parser, in many ways
+        fail(f"cannot rewrite {in_path!r}: {_first_line(e)}")
     click.echo(f"wrote {out_path}: {_matches(report)}")
 
 
@@ -114,7 +149,11 @@ def inspect(model: str) -> None:
     from puma_onnx.passes import UnsupportedSecretOps, rewrite
 
     try:
-        _, report = rewrite(onnx.load(model))
+        loaded = onnx.load(model)
+    except Exception as e:  # noqa: BLE001 - protobuf's parse errors come in several kinds
+        fail(f"cannot read ONNX model {model!r}: {_first_line(e)}")
+    try:
+        _, report = rewrite(loaded)
     except UnsupportedSecretOps as e:
         report = e.report
     click.echo(report.table())
@@ -135,7 +174,9 @@ export.help = (export.help or "") + ", ".join(REGISTRY) + "."
 @click.option("--profile", is_flag=True, help="Print the per-op costs summed by op type and by layer.")
 @click.option("--frac-bits", default=18, show_default=True, type=click.IntRange(16, 20), help="Fractional bits of the fixed-point encoding (the nonlinear kernels are tuned for 16-20).")
 @click.option("--all-logits", is_flag=True, help="A decoder's logits at every position (default: the last one only, as generation needs).")
-def run(model, text, input_ids, seq_len, output, report, profile, frac_bits, all_logits) -> None:
+@TRUNCATE_OPTION
+@TIMEOUT_OPTION
+def run(model, text, input_ids, seq_len, output, report, profile, frac_bits, all_logits, truncate, timeout) -> None:
     """Secure inference on three MPI ranks: mpirun -n 3 puma-onnx run MODEL.
 
     MODEL is an export folder, an .onnx file (rewritten on the fly if it is
@@ -148,7 +189,8 @@ def run(model, text, input_ids, seq_len, output, report, profile, frac_bits, all
 
     opts = RunOptions(
         model=model, text=text, input_ids=input_ids, seq_len=seq_len, output=output,
-        report=report, profile=profile, frac_bits=frac_bits, all_logits=all_logits,
+        report=report, profile=profile, frac_bits=frac_bits, all_logits=all_logits, truncate=truncate,
+        timeout=timeout,
     )
     sys.exit(launch(opts))
 
@@ -165,7 +207,12 @@ def run(model, text, input_ids, seq_len, output, report, profile, frac_bits, all
 @click.option("--report", type=click.Path(dir_okay=False), help="Write time, bytes, rounds, memory, per-step and per-op costs as JSON.")
 @click.option("--profile", is_flag=True, help="Print the per-op costs of the prompt step and of the generation steps.")
 @click.option("--frac-bits", default=18, show_default=True, type=click.IntRange(16, 20), help="Fractional bits of the fixed-point encoding.")
-def generate(model, text, input_ids, max_new_tokens, chat, temperature, seed, output, report, profile, frac_bits) -> None:
+@TRUNCATE_OPTION
+@TIMEOUT_OPTION
+def generate(
+    model, text, input_ids, max_new_tokens, chat, temperature, seed, output, report, profile, frac_bits, truncate,
+    timeout,
+) -> None:
     """Secure text generation: mpirun -n 3 puma-onnx generate MODEL --text PROMPT.
 
     The key/value cache stays secret-shared between steps; each next token is chosen inside MPC (greedy,
@@ -179,5 +226,6 @@ def generate(model, text, input_ids, max_new_tokens, chat, temperature, seed, ou
     opts = GenerateOptions(
         model=model, text=text, input_ids=input_ids, output=output, report=report, profile=profile,
         frac_bits=frac_bits, max_new_tokens=max_new_tokens, chat=chat, temperature=temperature, seed=seed,
+        truncate=truncate, timeout=timeout,
     )
     sys.exit(launch(opts, "generate"))

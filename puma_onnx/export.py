@@ -227,7 +227,8 @@ def export(
         raise ExportError(f"export of {source.name!r} failed: {first_line}") from e
     has_tokenizer = _copy_tokenizer(source, out_dir) or any((out_dir / f).exists() for f in TOKENIZER_FILES)
     inputs, outputs = _io_table(out_dir / "model.onnx")
-    config = model[0].auto_model.config if source.spec.library == "sentence_transformers" else model.config
+    network = model[0].auto_model if source.spec.library == "sentence_transformers" else model
+    config = network.config
     metadata = {
         "model": source.name,
         "description": source.spec.description,
@@ -238,7 +239,7 @@ def export(
         "seed": seed if random_weights else None,
         "num_layers": config.num_hidden_layers,
         "vocab_size": config.vocab_size,
-        "max_positions": getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None),
+        "max_positions": _max_positions(network),
         "tokenizer": has_tokenizer,
         "eos_token_id": getattr(config, "eos_token_id", None),
         "inputs": inputs,
@@ -247,6 +248,17 @@ def export(
     }
     (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return metadata
+
+
+def _max_positions(network) -> int | None:
+    """The longest input: the configured positions (rotary models: their context), less the offset of
+    models that number positions from padding_idx + 1 (RoBERTa: 514 rows, 512 positions)."""
+    config = network.config
+    rows = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    table = next((m for name, m in network.named_modules() if name.endswith("position_embeddings")), None)
+    if rows and getattr(table, "padding_idx", None) is not None:
+        rows -= table.padding_idx + 1
+    return rows
 
 
 def prepare(

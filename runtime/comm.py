@@ -94,6 +94,12 @@ class Communicator:
     def path(self) -> str:
         return "/".join(self._tags) or UNTAGGED
 
+    @contextmanager
+    def busy(self):
+        """A long local step (the owner loading the model): MPIComm tells the waiting peers that this
+        rank is alive; here there is no liveness timeout to keep off."""
+        yield
+
     def exchange(
         self, sends: dict[int, np.ndarray], recvs: dict[int, tuple[tuple[int, ...], np.dtype]]
     ) -> dict[int, np.ndarray]:
@@ -214,7 +220,8 @@ class MPIComm(Communicator):
     """
 
     def __init__(
-        self, mpi_comm=None, spin: int = 50, yields: int = 200, min_sleep: float = 5e-5, max_sleep: float = 1e-3
+        self, mpi_comm=None, spin: int = 50, yields: int = 200, min_sleep: float = 5e-5, max_sleep: float = 1e-3,
+        timeout: float | None = None,
     ):
         from mpi4py import MPI  # imported here so that the thread backend never initialises MPI
 
@@ -227,15 +234,104 @@ class MPIComm(Communicator):
         self.yields = yields
         self.min_sleep = min_sleep
         self.max_sleep = max_sleep
+        self.timeout = timeout
 
     def _exchange(self, sends, recvs):
         got = {frm: np.empty(shape, dtype) for frm, (shape, dtype) in recvs.items()}
-        reqs = [self._comm.Irecv(buf, source=frm) for frm, buf in got.items()]
-        reqs += [self._comm.Isend(arr, dest=to) for to, arr in sends.items()]
-        self._wait(reqs)
+        try:
+            self._peer_notice()  # once a round: a peer that ends the job is heard within a round
+            reqs = [self._comm.Irecv(buf, source=frm, tag=DATA_TAG) for frm, buf in got.items()]
+            reqs += [self._comm.Isend(arr, dest=to, tag=DATA_TAG) for to, arr in sends.items()]
+            self._poll(reqs, [*got, *sends])
+        except self._MPI.Exception:  # a peer died and MPI noticed (mpiexec -disable-auto-cleanup)
+            raise PeerLost(self.rank, sorted({*got, *sends})) from None
         return got
 
-    def _wait(self, reqs) -> None:
+    # -- liveness: a timeout on silent peers, heartbeats from a busy rank, notices when a rank ends the job
+
+    @contextmanager
+    def busy(self):
+        """While this rank works alone (the owner loading, or exporting on first use, the model), a thread
+        sends each peer a heartbeat every `timeout / 4` seconds, so that waiting peers do not time out."""
+        if self.timeout is None:
+            yield
+            return
+        stop = threading.Event()
+        beat = np.zeros(1, dtype=np.uint8)
+
+        def beats():
+            sent = []
+            while not stop.wait(self.timeout / 4):
+                sent = [r for r in sent if not r.Test()]
+                sent += [self._comm.Isend(beat, dest=p, tag=HEARTBEAT_TAG) for p in self._peers()]
+
+        thread = threading.Thread(target=beats, name="heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def end_job(self, reason: str, wait: float) -> None:
+        """Tell both peers why this rank ends the job (public words only) and wait, at most `wait` seconds,
+        until each has said so in its own line (it acknowledges) before the caller aborts. A peer that
+        ends the job at the same time (Ctrl-C reaches every rank) gets its acknowledgement here."""
+        note = np.frombuffer(reason.encode(), dtype=np.uint8).copy()
+        sent = {peer: self._send_quietly(note, peer, NOTICE_TAG) for peer in self._peers()}
+        waiting = {peer for peer, request in sent.items() if request is not None}  # a dead peer cannot say
+        deadline = time.monotonic() + wait
+        while waiting and time.monotonic() < deadline:
+            for peer in sorted(waiting):
+                status = self._MPI.Status()
+                try:  # probes by peer: one on ANY_SOURCE fails at once when any rank has died
+                    if self._comm.Iprobe(source=peer, tag=ACK_TAG):
+                        self._comm.Recv(np.empty(1, np.uint8), source=peer, tag=ACK_TAG)
+                        waiting.discard(peer)
+                    elif self._comm.Iprobe(source=peer, tag=NOTICE_TAG, status=status):
+                        self._receive_notice(status)
+                        self.acknowledge(peer)
+                except self._MPI.Exception:  # that peer died meanwhile
+                    waiting.discard(peer)
+            time.sleep(1e-3)
+        del sent
+
+    def acknowledge(self, peer: int) -> None:
+        """Tell `peer`, which ends the job, that this rank has said so."""
+        self._acks = getattr(self, "_acks", []) + [self._send_quietly(np.ones(1, np.uint8), peer, ACK_TAG)]
+
+    def _peers(self) -> list[int]:
+        return [p for p in range(PARTIES) if p != self.rank]
+
+    def _send_quietly(self, data: np.ndarray, peer: int, tag: int):
+        try:
+            return data, self._comm.Isend(data, dest=peer, tag=tag)
+        except self._MPI.Exception:  # that peer is dead: nobody to tell
+            return None
+
+    def _receive_notice(self, status) -> str:
+        note = np.empty(status.Get_count(self._MPI.BYTE), dtype=np.uint8)
+        self._comm.Recv(note, source=status.Get_source(), tag=NOTICE_TAG)
+        return note.tobytes().decode(errors="replace")
+
+    def _peer_notice(self, waiting=lambda: []) -> None:
+        """Raise PeerEnded if a peer's notice arrived (a cheap probe); `waiting()` lists the ranks this
+        rank waits for."""
+        status = self._MPI.Status()
+        if self._comm.Iprobe(source=self._MPI.ANY_SOURCE, tag=NOTICE_TAG, status=status):
+            reason = self._receive_notice(status)
+            raise PeerEnded(self.rank, status.Get_source(), reason, waiting())
+
+    def _heartbeat(self) -> bool:
+        """Whether a busy peer's heartbeats arrived (all of them are read)."""
+        heard = False
+        while self._comm.Iprobe(source=self._MPI.ANY_SOURCE, tag=HEARTBEAT_TAG):
+            self._comm.Recv(np.empty(1, np.uint8), source=self._MPI.ANY_SOURCE, tag=HEARTBEAT_TAG)
+            heard = True
+        return heard
+
+    def _poll(self, reqs, peers: list[int]) -> None:
+        """Until every request completes; `peers[i]` is the rank of `reqs[i]`."""
         testall = self._MPI.Request.Testall
         for _ in range(self.spin):
             if testall(reqs):
@@ -244,7 +340,60 @@ class MPIComm(Communicator):
             if testall(reqs):
                 return
             os.sched_yield()
-        delay = self.min_sleep
+        def pending() -> list[int]:
+            return sorted({peer for peer, req in zip(peers, reqs) if not req.Test()})
+
+        delay, since = self.min_sleep, time.monotonic()
         while not testall(reqs):
             time.sleep(delay)
             delay = min(2 * delay, self.max_sleep)
+            self._peer_notice(pending)
+            if self._heartbeat():
+                since = time.monotonic()
+            if self.timeout is not None and time.monotonic() - since > self.timeout:
+                raise PeerSilent(self.rank, pending() or self._peers(), self.timeout)
+
+
+# MPI tags: protocol data; a rank's notice that it ends the job, a peer's acknowledgement of it; a busy
+# rank's heartbeat.
+DATA_TAG, NOTICE_TAG, ACK_TAG, HEARTBEAT_TAG = 0, 1, 2, 3
+
+
+# How a silence reads; a rank told of one says whom it was waiting for itself.
+HEARD_NOTHING = "heard nothing from"
+
+
+class PeerGone(RuntimeError):
+    """This rank cannot go on: the job must end (the message is the one line this rank prints)."""
+
+
+class PeerSilent(PeerGone):
+    """A rank waited longer than its liveness timeout for a peer's message (a stopped or stuck rank)."""
+
+    def __init__(self, rank: int, silent: list[int], timeout: float):
+        self.reason = f"rank {rank} {HEARD_NOTHING} {_names(silent)} for {timeout:g} s"
+        super().__init__(f"{self.reason}; the job was aborted")
+
+
+class PeerLost(PeerGone):
+    """MPI failed a wait: a peer process died."""
+
+    def __init__(self, rank: int, peers: list[int]):
+        self.reason = f"rank {rank} lost {_names(peers)} (MPI failed its wait)"
+        super().__init__(f"{self.reason}; the job was aborted")
+
+
+class PeerEnded(PeerGone):
+    """A peer told this rank why it ends the job. On a silence, `waiting` (the ranks this one was waiting
+    for) tells who the silent one is when its silence made another rank time out on this one."""
+
+    def __init__(self, rank: int, peer: int, reason: str, waiting: list[int]):
+        self.peer = peer
+        self.reason = reason
+        waiting = [r for r in waiting if r != peer] if HEARD_NOTHING in reason else []
+        itself = f" (rank {rank} was waiting for {_names(waiting)})" if waiting else ""
+        super().__init__(f"rank {rank}: {reason}{itself}; the job was aborted")
+
+
+def _names(ranks: list[int]) -> str:
+    return " and ".join(f"rank {r}" for r in ranks)

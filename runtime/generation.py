@@ -48,6 +48,7 @@ from .session import (
     Started,
     UserError,
     base_report,
+    check_outputs,
     costs,
     model_feeds,
     read_ids,
@@ -114,7 +115,8 @@ def render_chat(template: str, text: str) -> str:
 
 
 def prompt_input(opts: GenerateOptions, info: dict) -> tuple[dict, Prompt]:
-    """The client's prompt feeds and its decisions for the step loop, checked."""
+    """The client's prompt feeds and its decisions for the step loop, checked (its files first)."""
+    check_outputs(opts)
     if (opts.text is None) == (opts.input_ids is None):
         raise UserError("give the prompt as --text or as --input-ids")
     if opts.max_new_tokens < 1:
@@ -124,23 +126,16 @@ def prompt_input(opts: GenerateOptions, info: dict) -> tuple[dict, Prompt]:
         raise UserError(f"--temperature must lie in [{lo}, {hi}], got {opts.temperature}")
     if opts.seed is not None and opts.temperature is None:
         raise UserError("--seed draws the sampling noise: give it with --temperature")
-    if info["max_positions"] is None:
-        raise UserError(
-            f"{info['name']}'s maximum positions are unknown (no puma.json): export it with puma-onnx export"
-        )
     if opts.chat:
         if opts.text is None:
             raise UserError("--chat wraps a --text prompt")
         if not info["chat_template"]:
             raise UserError(f"{info['name']} has no chat template; drop --chat")
         opts = replace(opts, text=render_chat(info["chat_template"], opts.text))
-    ids, _, _ = read_ids(opts, info)
     limit = info["max_positions"]
-    if limit is not None and ids.shape[1] + opts.max_new_tokens > limit:
-        raise UserError(
-            f"{ids.shape[1]} prompt tokens and {opts.max_new_tokens} new ones pass {info['name']}'s "
-            f"{limit} positions"
-        )
+    if limit is not None and opts.max_new_tokens >= limit:
+        raise UserError(f"--max-new-tokens {opts.max_new_tokens} leaves no room for a prompt in {info['name']}'s {limit} positions")
+    ids, _, _ = read_ids(opts, info, new_tokens=opts.max_new_tokens)
     names = [n for n in info["inputs"] if n not in info["past"]]
     return model_feeds(names, ids), Prompt(ids[0].tolist(), opts.max_new_tokens, opts.temperature)
 
@@ -226,14 +221,15 @@ def generate(comm: Communicator, opts: GenerateOptions) -> dict | None:
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
     feeds, context = started.feeds, params["length"]
-    progress = Progress(executor, opts.progress and client)
     steps, walks = [], []
     online_start = time.perf_counter()
     for step in range(params["max_new_tokens"]):
         began, before = time.perf_counter(), comm.stats.snapshot()
-        outputs = executor.run(feeds, on_node=progress if step == 0 else None)
-        if step == 0:
-            progress.close()
+        if step == 0:  # the prompt: the long walk, with its progress bar
+            with Progress(executor, opts.progress and client) as progress:
+                outputs = executor.run(feeds, on_node=progress)
+        else:
+            outputs = executor.run(feeds)
         walks.append(executor.stats)
         logits = Context(party).secret(outputs["logits"])
         logits = logits.reshape(-1)[-logits.shape[-1] :]

@@ -162,12 +162,23 @@ def _steps(party: Party, below: AShare, values: np.ndarray, bits: int) -> AShare
     return arith.add_public(party, arith.neg(arith.mul_public(below, g[1:] - g[:-1]).sum(axis=-1)), g[-1])
 
 
-def _grid(lo: float, hi: float, per_octave: int) -> np.ndarray:
-    """Edges lo * 2^(j / per_octave) covering [lo, hi]."""
+def _grid(lo: float, hi: float, per_octave: int, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The guess intervals of a thermometer at scale `bits`: edges lo 2^(j / per_octave) covering [lo, hi],
+    the inner ones rounded up to the input's grid of 2^-bits (and merged where they meet there).
+
+    x < T compares encodings, so interval i holds exactly the encodable x in [T_i, T_{i+1} - 2^-bits]:
+    a guess for the middle of that range keeps its error bound even where x has few bits (x a few ulp).
+    Returns (thresholds, a, b): the inner thresholds, and each interval's smallest and largest x.
+    """
     if not 0 < lo < hi:
         raise ValueError(f"input range must satisfy 0 < lo < hi, got [{lo}, {hi}]")
     steps = max(1, math.ceil(per_octave * math.log2(hi / lo) - 1e-9))
-    return lo * 2.0 ** (np.arange(steps + 1) / per_octave)
+    edges = lo * 2.0 ** (np.arange(1, steps) / per_octave)
+    ulp = 2.0**-bits
+    thresholds = np.unique(np.ceil(edges / ulp)) * ulp
+    a = np.concatenate([[lo], thresholds])
+    b = np.maximum(np.concatenate([thresholds - ulp, [hi]]), a)
+    return thresholds, a, b
 
 
 # ----------------------------------------------------------------------------- exp
@@ -247,8 +258,9 @@ def reciprocal(party: Party, x: AShare, lo: float = 1.0, hi: float = 1024.0) -> 
     fixed-point range (softmax passes [1, row length]); comparisons on 64 bits when hi 2^(f+2) >=
     2^party.msb_bits (`thermometer_bits`).
 
-    Domain: [lo, hi], where the error is within r^8 + 2^-(f-1) <= 8.4e-6 relative (y and r carry f bits)
-    plus 4 ulp: 3.8 ulp measured on [1, 128]; asserted at both ends of [2^-16, 2^40]. The result carries
+    Domain: [lo, hi], where the error is within r^8 + 3.25 2^-f <= 1.3e-5 relative (r, r^2 and r^4 each
+    round by < 1 ulp, the first one weighted by 1/(1-r) <= 1.21) plus 4 ulp: 3.8 ulp measured on
+    [1, 128], 2.7 2^-f relative near 2^-16; asserted at both ends of [2^-16, 2^40]. The result carries
     f fractional bits, so 1/x keeps few significant bits where it is far below 1.
 
     Guess y0 = 2/(a+b) on each half-octave [a, b) of [lo, hi] from a thermometer (free linear
@@ -256,7 +268,7 @@ def reciprocal(party: Party, x: AShare, lo: float = 1.0, hi: float = 1024.0) -> 
     relative error is r^8 <= 7.5e-7 before fixed-point rounding; measured on [1, 128]: 3.8 ulp
     absolute. Outside [lo, hi] the guess is that of the nearest end and the error grows (it
     diverges beyond 2 hi).
-    Rounds C + A + 8 = 16; bytes per row C + (k-2)X + (k-1)A + 6M with k = ceil(2 log2(hi/lo)) intervals
+    Rounds C + A + 8 = 16; bytes per row C + (k-2)X + (k-1)A + 6M with k <= ceil(2 log2(hi/lo)) intervals
     (softmax over 128: 13 thresholds, 305 B per row).
     Why: SPU normalises by the highest set bit (a bit decomposition) and runs 2 Goldschmidt steps
     from 2.9142 - 2c, |1 - c w0| <= 0.0858, so 5.4e-5 relative; CrypTen's Newton from
@@ -272,9 +284,9 @@ def reciprocal(party: Party, x: AShare, lo: float = 1.0, hi: float = 1024.0) -> 
 
 def _reciprocal(party: Party, x: AShare, in_bits: int, lo: float, hi: float, bits: int) -> AShare:
     """1/x at scale `bits` for x at scale in_bits: y, r and their products all carry `bits` bits."""
-    edges = _grid(lo, hi, RECIP_STEPS_PER_OCTAVE)
-    below = _thermometer(party, x, edges[1:-1], in_bits, thermometer_bits(party, hi, in_bits))
-    y = _steps(party, below, 2.0 / (edges[:-1] + edges[1:]), bits)
+    thresholds, a, b = _grid(lo, hi, RECIP_STEPS_PER_OCTAVE, in_bits)
+    below = _thermometer(party, x, thresholds, in_bits, thermometer_bits(party, hi, in_bits))
+    y = _steps(party, below, 2.0 / (a + b), bits)
     r = _one_minus(party, arith.mul_fx(party, x, y, bits=in_bits), bits)
     yr, r2 = arith.mul_fx(party, [y, r], [r, r], bits=bits)
     y = arith.add(y, yr)
@@ -305,13 +317,13 @@ def _rsqrt(
     Returns (result, ride product or None).
     """
     f = party.fxp.frac_bits
-    edges = _grid(lo, hi, RSQRT_STEPS_PER_OCTAVE)
-    g2 = 2.0 / (edges[:-1] + edges[1:])
-    octave = np.floor(np.log2(edges[:-1]))
+    thresholds, a, b = _grid(lo, hi, RSQRT_STEPS_PER_OCTAVE, in_bits)
+    g2 = 2.0 / (a + b)
+    octave = np.floor(np.log2(a))
     top_octave = int(octave.max())  # 2^(top_octave - e) >= 1: every power of two below is exact
     if normalise and in_bits + top_octave > _HEADROOM - 2:
         raise ValueError(f"rsqrt: x up to 2^{top_octave + 1} at 2^{in_bits} leaves no room to normalise")
-    below = _thermometer(party, x, edges[1:-1], in_bits, cmp_bits)
+    below = _thermometer(party, x, thresholds, in_bits, cmp_bits)
     # r and its powers carry rb bits, as many as the last product (result times series <= 2.5) allows.
     top = math.log2(2.5 * gain / math.sqrt(lo))
     rb = f + max(0, min(RSQRT_R_EXTRA_BITS, math.floor(_HEADROOM - out_bits - f - RSQRT_COEF_BITS - top)))
@@ -353,7 +365,7 @@ def rsqrt(party: Party, x: AShare, lo: float = 2.0**-10, hi: float = 2.0**10) ->
     r = 1 - x y0^2 (|r| <= 0.0864): relative error <= 1.7e-6 (1.2e-6 truncation of the series, 4.4e-7
     from coefficients on a 2^-5 grid) plus fixed-point rounding. No Newton loop.
     Comparisons on L = party.msb_bits bits when hi 2^(f+2) < 2^L, else on 64 bits (`thermometer_bits`).
-    Rounds C + A + 8 = 16; bytes per element C + (k-2)X + (k-1)A + 4M + W with k = ceil(4 log2(hi/lo))
+    Rounds C + A + 8 = 16; bytes per element C + (k-2)X + (k-1)A + 4M + W with k <= ceil(4 log2(hi/lo))
     intervals (79 thresholds for the default range: 1.2 KB).
     """
     f = party.fxp.frac_bits
@@ -682,7 +694,7 @@ def layer_norm(
     Rounds 2 + `_normalise`'s (22 for a narrow domain at L = 48; the default domain's variant adds 2 for
     the truncations, 2 for the normalised rsqrt and 1 for 64-bit comparisons: 27); bytes/elem 2M (+T per
     truncation), plus per row 5M + W + T (the mean's truncation, 44 B over the ranks) + C + (k-2)X + (k-1)A
-    (7M + W + ... pre-scaled and normalised) with k = ceil(4 log2(hi/lo)) intervals (136 for var in
+    (7M + W + ... pre-scaled and normalised) with k <= ceil(4 log2(hi/lo)) intervals (136 for var in
     [2^-20, 2^14], 184 for the default domain). PUMA 4.4.
     """
     f = party.fxp.frac_bits

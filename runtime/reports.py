@@ -20,7 +20,8 @@ def finish_run(report: dict, opts) -> None:
     """`run`: the client's files and summary."""
     outputs = report.pop("outputs")
     if opts.output:
-        np.savez(opts.output, **outputs)
+        with open(opts.output, "wb") as f:  # a file object: numpy adds no ".npz" to the name given
+            np.savez(f, **outputs)
     write_json(opts.report, report)
     # Only names and shapes: mpirun forwards stdout to wherever it was started.
     for name, value in outputs.items():

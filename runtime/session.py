@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,7 @@ from .comm import Communicator, Cost
 from .executor import Executor, layer_of, parse_nodes, unsupported
 from .kernels import Context, Private, Scaled
 from .party import DEFAULT_MSB_BITS, Party
+from .positions import position_limit
 from .ranges import RANGE_KEYS, RangeError, plan_kernels
 from .ring import FixedPoint
 from .shares import AShare
@@ -71,6 +74,8 @@ class RunOptions:
     frac_bits: int = 18
     progress: bool = True
     all_logits: bool = False  # a decoder's logits at every position, not only the last
+    truncate: bool = False  # cut a --text longer than the model's positions (else an error)
+    timeout: float = 300.0  # seconds a rank waits for a silent peer before the job ends
 
 
 def agree(comm: Communicator, root: int, step, others_see: str | None = None):
@@ -148,6 +153,8 @@ def load_model(
         model = onnx.load(str(path))
     except Exception as e:  # protobuf raises several kinds on a corrupt file
         raise UserError(f"cannot read ONNX model {str(path)!r}: {e}") from None
+    _check_opset(model, path)
+    _check_shapes(model, path)
     if not is_rewritten(model):
         try:
             model, _ = rewrite(model, meta.get("approx", approx.DEFAULT))
@@ -178,7 +185,7 @@ def load_model(
     shapes = [(i.name, [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]) for i in model.graph.input]
     info = {
         "name": meta.get("model", path.stem),
-        "max_positions": meta.get("max_positions"),
+        "max_positions": meta.get("max_positions") or position_limit(model),
         "tokenizer": tokenizer_file.read_text() if tokenizer_file.exists() else None,
         "chat_template": _chat_template(folder),
         "eos_token_id": meta.get("eos_token_id"),
@@ -191,6 +198,38 @@ def load_model(
         "plan": plan,
     }
     return model, info, secret_weights
+
+
+def _check_opset(model: onnx.ModelProto, path: Path) -> None:
+    """The default-domain opset is one this onnx knows (its reference ops run the public nodes)."""
+    known = onnx.defs.onnx_opset_version()
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and not 7 <= opset.version <= known:
+            raise UserError(f"{str(path)!r} uses ONNX opset {opset.version}; this onnx runs opsets 7 to {known}")
+
+
+def _check_shapes(model: onnx.ModelProto, path: Path) -> None:
+    """Shapes that cannot fit together (a matmul's inner dimensions, say) stop here, not mid-run.
+
+    Strict shape inference on the graph with its float initializers declared rather than stored
+    (their values do not shape anything): milliseconds instead of a copy of every weight.
+    """
+    light = onnx.ModelProto()
+    light.CopyFrom(onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, functions=model.functions))
+    graph = light.graph
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    for t in model.graph.initializer:
+        if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL):
+            graph.initializer.append(t)
+        else:
+            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    try:
+        onnx.shape_inference.infer_shapes(light, strict_mode=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{str(path)!r} has shapes that do not fit together: {first}") from None
 
 
 def _chat_template(folder: Path) -> str | None:
@@ -217,7 +256,28 @@ def _read_metadata(meta_file: Path) -> dict:
         raise UserError(f"cannot read {str(meta_file)!r}: {e}") from None
     if not isinstance(meta, dict):
         raise UserError(f"{str(meta_file)!r} is not a JSON object")
+    for key, (fits, wanted) in _METADATA.items():
+        if key in meta and not fits(meta[key]):
+            raise UserError(f"{str(meta_file)!r}: {key!r} must be {wanted}, got {meta[key]!r} (re-export the model)")
     return meta
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_token_ids(value) -> bool:
+    values = value if isinstance(value, list) else [value]
+    return value is None or all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+
+
+# The puma.json keys the runtime reads, and what each must hold.
+_METADATA = {
+    "model": (lambda v: isinstance(v, str) and v != "", "a name"),
+    "approx": (lambda v: isinstance(v, str), "an approximation set's name"),
+    "max_positions": (lambda v: v is None or _is_count(v), "a positive integer or null"),
+    "eos_token_id": (_is_token_ids, "a token id, a list of them or null"),
+}
 
 
 def _recorded_ranges(meta: dict, meta_file: Path) -> dict | None:
@@ -297,48 +357,135 @@ def skeleton(model: onnx.ModelProto, secret_weights: list[str]) -> tuple[bytes, 
 # ----------------------------------------------------------------------------- the client's side
 
 
-def read_ids(opts: RunOptions, info: dict) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """(ids, attention mask or None, token type ids or None), ids shaped (1, S); checked."""
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _tokenize(opts: RunOptions, info: dict, limit: int, allows: str):
+    """The text's ids, mask and token types, never padded; longer than `limit` is an error (`allows`
+    says why) unless --truncate, which says on the client's stderr what it dropped."""
+    if info["tokenizer"] is None:
+        raise UserError(f"model {info['name']!r} has no tokenizer; use --input-ids or --seq-len")
+    try:
+        opts.text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError("--text is not valid UTF-8") from None
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(info["tokenizer"])
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    encoding = tokenizer.encode(opts.text)
+    if len(encoding.ids) > limit:
+        if not opts.truncate:
+            raise UserError(f"the text has {len(encoding.ids)} tokens; {allows} (--truncate cuts it)")
+        try:
+            tokenizer.enable_truncation(limit)
+            cut = tokenizer.encode(opts.text)
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own kinds
+            raise UserError(f"cannot cut the text to {limit} tokens: {e}") from None
+        if not 0 < len(cut.ids) <= limit:  # its special tokens alone take more than the limit
+            raise UserError(f"cannot cut the text to {limit} tokens; {allows}")
+        print(f"puma-onnx: the text has {len(encoding.ids)} tokens; kept the first {len(cut.ids)} (--truncate)", file=sys.stderr)
+        encoding = cut
+    as_row = lambda values: np.array([values], dtype=np.int64)  # noqa: E731
+    return as_row(encoding.ids), as_row(encoding.attention_mask), as_row(encoding.type_ids)
+
+
+def _load_ids(path: str) -> np.ndarray:
+    """--input-ids: a .npy file of integers, shape (S,) or (1, S), read without pickles and memory-mapped
+    (nothing of the size its header claims is allocated before the caller checks the length)."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(_NPY_MAGIC))
+    except OSError as e:
+        raise UserError(f"cannot read --input-ids {path!r}: {e.strerror}") from None
+    if magic != _NPY_MAGIC:
+        kind = "a .npz archive" if magic.startswith(b"PK") else "not a .npy file"
+        raise UserError(f"--input-ids {path!r} is {kind}: save the ids with numpy.save(path, ids)")
+    try:
+        ids = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read --input-ids {path!r}: {e}") from None
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise UserError(f"--input-ids must hold integers, got dtype {ids.dtype}")
+    if ids.ndim == 1:
+        ids = ids[None, :]
+    if ids.ndim != 2 or ids.shape[0] != 1:
+        raise UserError(f"--input-ids must have shape (S,) or (1, S), got {ids.shape}")
+    return ids
+
+
+# The longest input of a model whose positions are unknown (rotary, no puma.json): Llama 3's context.
+MAX_TOKENS = 1 << 17
+
+
+def read_ids(
+    opts: RunOptions, info: dict, new_tokens: int = 0
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(ids, attention mask or None, token type ids or None), ids shaped (1, S); the length is checked
+    before anything of its size is allocated, with room left for `new_tokens` (generation)."""
     given = [o for o in ("text", "input_ids", "seq_len") if getattr(opts, o) is not None]
     if len(given) != 1:
         raise UserError("give exactly one of --text, --input-ids or --seq-len")
     mask = types = None
     vocab = info["vocab"].get("input_ids")
+    if info["max_positions"] is not None:
+        limit = info["max_positions"] - new_tokens
+        allows = f"{info['name']} allows at most {limit} tokens" + (f" before {new_tokens} new ones" if new_tokens else "")
+    else:
+        limit = MAX_TOKENS - new_tokens
+        allows = f"puma-onnx takes at most {limit} tokens when the model's positions are unknown"
     if opts.text is not None:
-        if info["tokenizer"] is None:
-            raise UserError(f"model {info['name']!r} has no tokenizer; use --input-ids or --seq-len")
-        from tokenizers import Tokenizer
-
-        encoding = Tokenizer.from_str(info["tokenizer"]).encode(opts.text)
-        ids = np.array([encoding.ids], dtype=np.int64)
-        mask = np.array([encoding.attention_mask], dtype=np.int64)
-        types = np.array([encoding.type_ids], dtype=np.int64)
+        ids, mask, types = _tokenize(opts, info, limit, allows)
     elif opts.input_ids is not None:
-        try:
-            ids = np.load(opts.input_ids, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read --input-ids {opts.input_ids!r}: {e}") from None
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise UserError(f"--input-ids must hold integers, got dtype {ids.dtype}")
-        if ids.ndim == 1:
-            ids = ids[None, :]
-        if ids.ndim != 2 or ids.shape[0] != 1:
-            raise UserError(f"--input-ids must have shape (S,) or (1, S), got {ids.shape}")
-        ids = ids.astype(np.int64)
+        ids = _load_ids(opts.input_ids)
     else:
         if opts.seq_len < 1:
             raise UserError(f"--seq-len must be at least 1, got {opts.seq_len}")
-        rng = np.random.default_rng()
-        ids = rng.integers(0, vocab or 2, size=(1, opts.seq_len), dtype=np.int64)
+        if opts.seq_len > limit:
+            raise UserError(f"--seq-len is {opts.seq_len}; {allows}")
+        ids = np.random.default_rng().integers(0, vocab or 2, size=(1, opts.seq_len), dtype=np.int64)
     if ids.shape[1] < 1:
         raise UserError("the input has no tokens")
+    if ids.shape[1] > limit:
+        raise UserError(f"the input has {ids.shape[1]} tokens; {allows}")
+    if ids.dtype == np.uint64 and int(ids.max()) > np.iinfo(np.int64).max:
+        raise UserError(f"token id {int(ids.max())} is outside the int64 range of token ids")
+    ids = np.array(ids, dtype=np.int64)  # a copy: the memory map is closed with it
     if vocab is not None and (ids.min() < 0 or ids.max() >= vocab):
         bad = int(ids[(ids < 0) | (ids >= vocab)][0])
         raise UserError(f"token id {bad} is outside the vocabulary [0, {vocab})")
-    limit = info["max_positions"]
-    if limit is not None and ids.shape[1] > limit:
-        raise UserError(f"the input has {ids.shape[1]} tokens; {info['name']} allows at most {limit}")
     return ids, mask, types
+
+
+def check_outputs(opts: RunOptions) -> None:
+    """The files the client writes at the end (--output, --report) can be written now. Checked before any
+    share moves, so no result is lost to a bad path."""
+    for path, flag in ((opts.output, "--output"), (opts.report, "--report")):
+        if path:
+            _check_writable(Path(path), flag)
+    if opts.output and opts.report and Path(opts.output).resolve() == Path(opts.report).resolve():
+        raise UserError(f"--output and --report both name {opts.output!r}")
+
+
+def _check_writable(target: Path, flag: str) -> None:
+    """An existing file we may overwrite, or a new file in an existing folder that takes one."""
+    if target.is_dir():
+        raise UserError(f"{flag} {str(target)!r} is a folder; give a file name")
+    try:
+        if target.exists():
+            if not os.access(target, os.W_OK):
+                raise PermissionError(13, "Permission denied")
+            return
+        folder = target.parent
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{flag} {str(target)!r}: {str(folder)!r} is not a folder")
+        if not folder.is_dir():
+            raise UserError(f"{flag} {str(target)!r}: the folder {str(folder)!r} does not exist")
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".puma-onnx-"):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {str(target)!r} cannot be written: {e.strerror or e}") from None
 
 
 def past_inputs(inputs) -> dict[str, list[int]]:
@@ -368,7 +515,9 @@ def model_feeds(names: list[str], ids: np.ndarray, mask: np.ndarray | None = Non
 
 
 def client_feeds(opts: RunOptions, info: dict) -> dict:
-    """Public inputs in the clear, and the shapes of the private ones (client only); not the cache."""
+    """Public inputs in the clear, and the shapes of the private ones (client only); not the cache.
+    The files the client will write are checked first."""
+    check_outputs(opts)
     ids, mask, types = read_ids(opts, info)
     return model_feeds([n for n in info["inputs"] if n not in info["past"]], ids, mask, types)
 
@@ -447,9 +596,14 @@ class Progress:
                 self.bar.update(1)
             self.seen.add(layer)
 
-    def close(self) -> None:
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, failed, *_) -> None:
+        """Fill the bar on success; on a failure only clear it, so that the error line starts the line."""
         if self.bar is not None:
-            self.bar.update(self.bar.total - self.bar.n)
+            if failed is None:
+                self.bar.update(self.bar.total - self.bar.n)
             self.bar.close()
 
 
@@ -485,7 +639,11 @@ def start(
     party = Party.setup(comm, frac_bits=opts.frac_bits)
     r = comm.rank
 
-    loaded = agree(comm, OWNER, lambda: load_model(opts.model, opts.frac_bits, party.msb_bits, opts.all_logits))
+    def load():
+        with comm.busy():  # heartbeats: the others wait without a timeout while the owner loads (or exports)
+            return load_model(opts.model, opts.frac_bits, party.msb_bits, opts.all_logits)
+
+    loaded = agree(comm, OWNER, load)
     light = manifest = info = None
     if r == OWNER:
         model, info, secret_weights = loaded
@@ -584,12 +742,11 @@ def run(comm: Communicator, opts: RunOptions) -> dict | None:
     """One secure inference on this rank; the client returns the report, the others None."""
     started = start(comm, opts, lambda info: (client_feeds(opts, info), None))
     executor = started.executor
-    progress = Progress(executor, opts.progress and comm.rank == CLIENT)
     online_start = time.perf_counter()
-    outputs = executor.run(started.feeds, on_node=progress)
+    with Progress(executor, opts.progress and comm.rank == CLIENT) as progress:
+        outputs = executor.run(started.feeds, on_node=progress)
     opened = reveal_outputs(started.party, outputs)
     online_s = time.perf_counter() - online_start
-    progress.close()
     everyone = costs(comm, started, executor.stats)
     if comm.rank != CLIENT:
         return None

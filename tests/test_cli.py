@@ -62,3 +62,25 @@ def test_rewrite_with_pumas_approximations_records_the_set(exported, tmp_path):
     one = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), functions=[silu], ir_version=10)
     x = np.linspace(-9, 9, 721).astype(np.float32) + np.float32(0.0013)
     assert np.abs(run(one, x=x)[0] - approx.PUMA.silu(x)).max() < 1e-5
+
+
+def test_rewrite_and_inspect_of_a_file_that_is_not_onnx_are_one_line(tmp_path):
+    junk = tmp_path / "notes.onnx"
+    junk.write_bytes(b"\x00\xffthis is not a protobuf\n" * 10)
+    for args in (["inspect", str(junk)], ["rewrite", str(junk), "-o", str(tmp_path / "out.onnx")]):
+        result = cli(*args)
+        assert result.returncode != 0
+        assert "Traceback" not in result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("puma-onnx: error: cannot "), result.stderr
+        assert str(junk) in lines[0]
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_usage_error_is_one_line_naming_the_help(tmp_path):
+    result = cli("run", str(tmp_path), "--frac-bits", "40")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "puma-onnx: error: Invalid value for '--frac-bits': 40 is not in the range 16<=x<=20. (see puma-onnx run --help)"
+    ]
+    assert cli().stderr.startswith("Usage: puma-onnx ")  # a bare `puma-onnx` still shows the help

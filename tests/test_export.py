@@ -208,3 +208,21 @@ def test_unreadable_calibration_file_is_one_line_error_before_the_export(tmp_pat
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot read --calibration" in lines[0]
     assert not (tmp_path / "x").exists()
+
+
+def test_max_positions_is_the_longest_input_the_graph_takes(exported):
+    """RoBERTa numbers positions from padding_idx + 1: its 514-row table takes 512 tokens."""
+    import onnxruntime as ort
+
+    folder = exported("roberta-base")
+    limit = json.loads((folder / "puma.json").read_text())["max_positions"]
+    assert limit == 512
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+
+    def feeds(n):
+        ids = np.full((1, n), 5, dtype=np.int64)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+    assert session.run(None, feeds(limit))[0].shape[1] == limit
+    with pytest.raises(Exception, match="out of bounds|indices element out of data bounds"):
+        session.run(None, feeds(limit + 1))

@@ -142,7 +142,11 @@ def test_a_one_token_prompt_may_fill_the_positions_exactly_but_not_pass_them(dec
     assert results[CLIENT]["outputs"]["new_ids"] == want
     too_many = GenerateOptions(model=str(folder), input_ids=ids_path, max_new_tokens=4, progress=False)
     _, errors = run_threads([too_many] * 3, generate)
-    assert "pass llama-tiny's 4 positions" in str(errors[CLIENT])
+    assert "--max-new-tokens 4 leaves no room for a prompt in llama-tiny's 4 positions" in str(errors[CLIENT])
+    _, two_path = prompt_ids(tmp_path, length=2, seed=5)
+    longer = GenerateOptions(model=str(folder), input_ids=two_path, max_new_tokens=3, progress=False)
+    _, errors = run_threads([longer] * 3, generate)
+    assert "the input has 2 tokens; llama-tiny allows at most 1 tokens before 3 new ones" in str(errors[CLIENT])
 
 
 def test_gumbel_sampling_is_reproducible_and_matches_plaintext_gumbel_max(decoders, tmp_path):
@@ -164,7 +168,7 @@ def test_gumbel_sampling_is_reproducible_and_matches_plaintext_gumbel_max(decode
     "change, says",
     [
         ({"max_new_tokens": 0}, "--max-new-tokens must be at least 1"),
-        ({"max_new_tokens": 2050}, "pass gpt2's 1024 positions"),
+        ({"max_new_tokens": 2050}, "--max-new-tokens 2050 leaves no room for a prompt in gpt2's 1024 positions"),
         ({"temperature": 0.0}, "--temperature must lie in [0.01, 100.0]"),
         ({"temperature": 1e4}, "--temperature must lie in [0.01, 100.0]"),
         ({"seed": 3}, "--seed draws the sampling noise"),
