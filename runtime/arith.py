@@ -154,6 +154,13 @@ def _reshare(party: Party, parts: list[np.ndarray]) -> list[AShare]:
     return [AShare(a, b) for a, b in zip(_unflat(z, shapes), _unflat(got[party.next], shapes))]
 
 
+def reshare_parts(party: Party, parts: list[np.ndarray]) -> list[AShare]:
+    """This rank's additive parts of each z (sum over the ranks = z) as replicated shares, re-randomised.
+    Rounds 1; bytes/elem 8 (`_reshare`)."""
+    with party.comm.tag("reshare_parts"):
+        return _reshare(party, parts)
+
+
 def _mul_parts(x: AShare, y: AShare) -> np.ndarray:
     # x_i y_i + x_i y_{i+1} + x_{i+1} y_i in two products.
     return x.first * (y.first + y.second) + x.second * y.first

@@ -164,11 +164,12 @@ class ThreadComm(Communicator):
         return got
 
 
-def run_parties(fn, *args, frac_bits: int = 18, **setup):
+def run_parties(fn, *args, frac_bits: int = 18, keys: dict[str, bytes] | None = None, **setup):
     """Run fn(party, *args) for the three ranks on threads; returns [result0, result1, result2].
 
     The first exception raised by any rank is re-raised here (the others are released).
-    Extra keywords go to `Party.setup`.
+    Extra keywords go to `Party.setup`; with `keys`, the parties take those keys instead of
+    agreeing on fresh ones (`Party.from_keys`; no setup round).
     """
     # party.py sits above this module; importing it at call time keeps the layering.
     from .party import Party
@@ -179,7 +180,10 @@ def run_parties(fn, *args, frac_bits: int = 18, **setup):
 
     def body(rank: int):
         try:
-            party = Party.setup(comms[rank], frac_bits=frac_bits, **setup)
+            if keys is None:
+                party = Party.setup(comms[rank], frac_bits=frac_bits, **setup)
+            else:
+                party = Party.from_keys(comms[rank], keys, frac_bits, **setup)
             results[rank] = fn(party, *args)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             errors[rank] = exc

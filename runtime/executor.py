@@ -21,6 +21,8 @@ from . import approx
 from .kernels import KERNELS, PRIVATE_LOCAL, Context, KernelError, Node, Private, is_secret
 from .party import Party
 
+# A decoder's key/value cache outputs (they stay secret: the next step reads them).
+PRESENT_PREFIX = "present."
 LAYER = re.compile(r"(?:^|/|\.)(?:layer|layers|h|block|blocks)\.(\d+)(?:/|\.|_|$)")
 
 
@@ -102,6 +104,13 @@ class Executor:
             for name in node.inputs:
                 self._last_use[name] = i
         self.layers = sorted({layer_of(n.name) for n in self.nodes} - {None})
+        # Nodes whose outputs are answers only (no later node reads them, and not a decoder's cache, which
+        # stays secret for the next step): their products may stay untruncated (`kernels.Unscaled`).
+        answers = {name for name in self.output_names if not name.startswith(PRESENT_PREFIX)}
+        self._final = [
+            all(name in answers and self._last_use.get(name, -1) <= i for name in n.outputs if name)
+            for i, n in enumerate(self.nodes)
+        ]
 
     def run(self, feeds: dict, on_node: Callable[[Node], None] | None = None) -> dict:
         """Walk the graph; returns the graph outputs (shares, private or public values)."""
@@ -115,6 +124,7 @@ class Executor:
                 on_node(node)
             inputs = [env[name] if name else None for name in node.inputs]
             before, start = comm.stats.snapshot(), time.perf_counter()
+            ctx.final = self._final[i]
             with comm.tag(node.op_type):
                 outputs = self._run_node(ctx, i, node, inputs)
             cost = comm.stats.snapshot() - before

@@ -58,16 +58,29 @@ class Party:
                 {prev: as_array(pair_seed + common), nxt: as_array(common)},
                 {nxt: ((2 * SEED_BYTES,), np.uint8), prev: ((SEED_BYTES,), np.uint8)},
             )
-        next_seed = got[nxt][:SEED_BYTES].tobytes()
-        # The common key is the XOR of all three contributions.
-        all_seed = as_array(common) ^ got[nxt][SEED_BYTES:] ^ got[prev]
+        keys = {
+            f"k{i}": pair_seed,
+            f"k{nxt}": got[nxt][:SEED_BYTES].tobytes(),
+            # The common key is the XOR of all three contributions.
+            "all": (as_array(common) ^ got[nxt][SEED_BYTES:] ^ got[prev]).tobytes(),
+            f"own{i}": new_seed(),
+        }
+        return cls.from_keys(comm, keys, frac_bits, msb_bits)
+
+    @classmethod
+    def from_keys(
+        cls, comm: Communicator, keys: dict[str, bytes], frac_bits: int = 18, msb_bits: int = DEFAULT_MSB_BITS
+    ) -> Party:
+        """A party from named keys: k0, k1, k2 (pairwise), all, own0..own2; rank i uses k_i, k_{i+1},
+        all and own_i. `setup` agrees on them; the security tests choose them (`held_keys`)."""
+        i = comm.rank
         return cls(
             comm,
             FixedPoint(frac_bits),
-            prg_prev=PRG(pair_seed),
-            prg_next=PRG(next_seed),
-            prg_all=PRG(all_seed.tobytes()),
-            prg_own=PRG(new_seed()),
+            prg_prev=PRG(keys[f"k{i}"]),
+            prg_next=PRG(keys[f"k{(i + 1) % PARTIES}"]),
+            prg_all=PRG(keys["all"]),
+            prg_own=PRG(keys[f"own{i}"]),
             msb_bits=msb_bits,
         )
 
@@ -78,6 +91,11 @@ class Party:
     @property
     def prev(self) -> int:
         return (self.rank - 1) % PARTIES
+
+    @staticmethod
+    def held_keys(rank: int) -> set[str]:
+        """The names of the keys rank `rank` holds (`from_keys`)."""
+        return {f"k{rank}", f"k{(rank + 1) % PARTIES}", "all", f"own{rank}"}
 
     def zero_share(self, shape) -> np.ndarray:
         """alpha_i with alpha_0 + alpha_1 + alpha_2 = 0 mod 2^64, fresh on every call."""

@@ -40,8 +40,8 @@ from puma_onnx.passes.secrecy import PUBLIC_INPUTS
 
 from . import approx, arith
 from .comm import Communicator, Cost
-from .executor import Executor, layer_of, parse_nodes, unsupported
-from .kernels import Context, Private, Scaled
+from .executor import PRESENT_PREFIX, Executor, layer_of, parse_nodes, unsupported
+from .kernels import Context, Private, Scaled, Unscaled
 from .party import DEFAULT_MSB_BITS, Party
 from .positions import position_limit
 from .ranges import RANGE_KEYS, RangeError, plan_kernels
@@ -55,7 +55,6 @@ REWRITTEN_FILE = "model.puma.onnx"
 ORIGINAL_FILE = "model.onnx"
 # A decoder's cache inputs; its outputs of the same name start with PRESENT_PREFIX.
 PAST_PREFIX = "past_key_values."
-PRESENT_PREFIX = "present."
 
 
 class UserError(Exception):
@@ -559,13 +558,22 @@ def peak_rss_mb() -> float:
 
 def reveal_outputs(party: Party, outputs: dict) -> dict[str, np.ndarray]:
     """The graph outputs, opened to the client only (decoded there). A decoder's key/value cache
-    (present.*) is not an answer: it stays secret (opening it would show intermediate activations)."""
+    (present.*) is not an answer: it stays secret (opening it would show intermediate activations).
+    An untruncated product, or a secret times a public factor, opens as it is and the client rescales:
+    no probabilistic truncation's rounding comes between the answer and the client."""
     opened = {}
     with party.comm.tag("reveal_outputs"):
         for name, value in outputs.items():
             if name.startswith(PRESENT_PREFIX):
                 continue
-            if isinstance(value, (WeightShare, Scaled)):
+            if isinstance(value, (Unscaled, Scaled)):  # the client rescales in the clear (`kernels.Unscaled`)
+                bits, factor = (value.bits, 1.0) if isinstance(value, Unscaled) else (0, value.factor)
+                ring = arith.reveal(party, value.share, to=CLIENT)
+                if party.rank == CLIENT:
+                    scale = factor / 2.0 ** (party.fxp.frac_bits + bits)
+                    opened[name] = (ring.view(np.int64).astype(np.float64) * scale).astype(np.float32)
+                continue
+            if isinstance(value, WeightShare):
                 value = Context(party).secret(value)
             if isinstance(value, AShare):
                 ring = arith.reveal(party, value, to=CLIENT)

@@ -81,8 +81,11 @@ def test_two_layer_models_match_onnxruntime(exported, tmp_path, name):
         err_original = np.abs(secure[key] - plain_original[key]).max()
         print(f"{name} {key}: max abs err vs rewritten {err_rewritten:.2e}, vs original {err_original:.2e} "
               f"(approximation alone {approximation:.2e})")
-        assert err_rewritten <= 1e-2
-        assert err_original <= approximation + 1e-2
+        # Fixed point through 2 layers: 2e-4 to 5.4e-4 on the thread backend, the same computation.
+        assert err_rewritten <= 2e-3
+        # The secure run follows the rewritten model's approximations (6.5e-3 to 1.1e-2 from the exact model
+        # here, 20x the fixed-point error), not the exact ops nor another approximation set.
+        assert err_rewritten < approximation / 4
     for key in ("wall_s", "setup_s", "online_s", "bytes_sent", "bytes_sent_total", "rounds", "peak_rss_mb", "per_op"):
         assert key in report
     assert len(report["bytes_sent"]) == 3 and report["bytes_sent_total"] == sum(report["bytes_sent"]) > 0
@@ -127,18 +130,26 @@ def test_missing_model_is_one_line_on_every_rank(tmp_path):
 
 
 def test_client_and_helper_run_without_the_model_file(exported, tmp_path):
+    from puma_onnx.passes import rewrite_file
+
     folder = exported("bert-base")
+    rewritten = folder / "model.puma.onnx"
+    if not rewritten.exists():
+        rewrite_file(folder / "model.onnx", rewritten)
     gone = str(tmp_path / "not-here")
     out = tmp_path / "out.npz"
+    ids = np.random.default_rng(5).integers(3, 30522, size=(1, 4), dtype=np.int64)
+    np.save(tmp_path / "ids.npy", ids)
     common = ["run"]
     proc = subprocess.run(
-        [MPIEXEC, "-n", "1", *PUMA, *common, str(folder), "--seq-len", "4",
-         ":", "-n", "1", *PUMA, *common, gone, "--seq-len", "4", "--output", str(out),
-         ":", "-n", "1", *PUMA, *common, gone, "--seq-len", "4"],
+        [MPIEXEC, "-n", "1", *PUMA, *common, str(folder),
+         ":", "-n", "1", *PUMA, *common, gone, "--input-ids", str(tmp_path / "ids.npy"), "--output", str(out),
+         ":", "-n", "1", *PUMA, *common, gone],
         capture_output=True, text=True, timeout=TIMEOUT_S,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert np.load(out)["last_hidden_state"].shape == (1, 4, 768)
+    want = ort_outputs(rewritten, plain_feeds(ids))["last_hidden_state"]
+    assert np.abs(np.load(out)["last_hidden_state"] - want).max() <= 2e-3
 
 
 def test_a_failing_rank_aborts_the_job_instead_of_hanging():

@@ -3,6 +3,8 @@ at opsets 14 and 18."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -54,6 +56,19 @@ def test_silu_is_the_sets_piecewise_polynomial(opset, fits):
     x = (np.linspace(-10, 10, 4001) + OFFSET).astype(np.float32)
     (y,) = run(call("SiLU", [("x", FLOAT, [None])], opset, fits=fits), x=x)
     np.testing.assert_allclose(y, fits.silu(x), rtol=RTOL, atol=1e-6)
+
+
+@pytest.mark.parametrize("op_type", ["Gelu", "SiLU"])
+@SETS
+def test_piecewise_function_exactly_at_its_breaks_takes_the_upper_piece(op_type, fits):
+    """Less(x, break) in float32: x equal to the float32 break takes the upper piece, the float below it the
+    lower one, as approx.Piecewise's half-open pieces with the breaks rounded to float32."""
+    piecewise = fits.gelu if op_type == "Gelu" else fits.silu
+    breaks = np.float32(piecewise.breaks)
+    x = np.concatenate([breaks, np.nextafter(breaks, np.float32(-np.inf))])
+    (y,) = run(call(op_type, [("x", FLOAT, [None])], 18, fits=fits), x=x)
+    want = dataclasses.replace(piecewise, breaks=tuple(breaks.astype(np.float64)))(x)
+    np.testing.assert_allclose(y, want, rtol=RTOL, atol=1e-6)
 
 
 @OPSETS

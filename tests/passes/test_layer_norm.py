@@ -19,7 +19,7 @@ BIAS = RNG.standard_normal(8).astype(np.float32)
 PARAMS = [weight("scale", SCALE), weight("bias", BIAS)]
 
 
-def decomposed(axes=(-1,), opset=14):
+def decomposed(axes=(-1,), opset=14, eps=1e-5):
     """ReduceMean, Sub, Pow 2, ReduceMean, Add eps, Sqrt, Div, Mul, Add (axes as at opset 14)."""
 
     def mean(src, dst):
@@ -36,7 +36,7 @@ def decomposed(axes=(-1,), opset=14):
         const("two", 2.0),
         helper.make_node("Pow", ["d", "two"], ["sq"]),
         *mean("sq", "var"),
-        const("eps", 1e-5),
+        const("eps", eps),
         helper.make_node("Add", ["var", "eps"], ["ve"]),
         helper.make_node("Sqrt", ["ve"], ["std"]),
         helper.make_node("Div", ["d", "std"], ["n"]),

@@ -16,14 +16,14 @@ Y = [("y", FLOAT, [2, 3, 8])]
 SCALE = np.linspace(0.5, 1.5, 8, dtype=np.float32)
 
 
-def llama_rms_norm(cast=True, mean_axes=(-1,)):
+def llama_rms_norm(cast=True, mean_axes=(-1,), eps=1e-6):
     """Pow 2, ReduceMean, Add eps, Sqrt, Div(1, .), Mul x, [Cast], Mul by the weight first."""
     nodes = [
         const("two", 2.0),
         helper.make_node("Pow", ["x", "two"], ["sq"]),
         const("axes", list(mean_axes), np.int64),
         helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1),
-        const("eps", 1e-6),
+        const("eps", eps),
         helper.make_node("Add", ["ms", "eps"], ["mse"]),
         helper.make_node("Sqrt", ["mse"], ["rms"]),
         const("one", 1.0),

@@ -3,6 +3,7 @@ PUMA's), each definition against the exact function at its worst points, the ker
 their stated domains, and their counted cost against the formulas in their docstrings. Errors are in
 absolute terms; one ulp is 2^-18 = 3.8e-6."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -97,6 +98,31 @@ def test_rsqrt_within_2e_minus_6_relative_plus_2_ulp_on_2e_minus_10_to_2e10():
     assert excess.max() <= 2 * ULP, f"max error {np.abs(got - want).max():.3g} (at 1/sqrt up to 32)"
 
 
+def grid_edges(lo, hi, per_octave):
+    """Both ends of every guess interval of a thermometer (`_grid`, inputs at 18 fractional bits): where
+    |r| is largest, so where a series or a guess that is off first shows."""
+    _, a, b = nonlinear._grid(lo, hi, per_octave, 18)
+    return np.concatenate([a, b])
+
+
+def test_reciprocal_at_every_interval_edge_of_its_half_octave_grid():
+    x = grid_edges(1.0, 128.0, nonlinear.RECIP_STEPS_PER_OCTAVE)
+    got = secure(lambda p, a: nonlinear.reciprocal(p, a, 1.0, 128.0), x)
+    # As on random points: r^8 <= 7.5e-7 relative at the edges, plus the three roundings of r, r^2, r^4.
+    excess = np.abs(got - 1 / x) - (7.5e-7 + 3.25 * ULP) / x
+    assert excess.max() <= 4 * ULP, f"max error {np.abs(got - 1 / x).max():.3g}"
+
+
+@pytest.mark.parametrize("lo, hi", [(2.0**-10, 2.0**10), (2.0**-16, 2.0**40)], ids=["default", "normalised"])
+def test_rsqrt_at_every_interval_edge_of_its_quarter_octave_grid(lo, hi):
+    x = grid_edges(lo, hi, nonlinear.RSQRT_STEPS_PER_OCTAVE)
+    got = secure(lambda p, a: nonlinear.rsqrt(p, a, lo, hi), x)
+    want = 1 / np.sqrt(x)
+    # |r| = 0.0864 at the edges: the series' 1.2e-6 and the coefficients' 4.4e-7, within 2e-6 relative.
+    excess = np.abs(got - want) - 2e-6 * want
+    assert excess.max() <= 2 * ULP, f"max error {np.abs(got - want).max():.3g} (at 1/sqrt up to {want.max():.3g})"
+
+
 def test_rsqrt_normalises_over_2e_minus_16_to_2e40_at_both_ends():
     lo, hi = 2.0**-16, 2.0**40
     x = np.concatenate([[lo, 1.1 * lo, hi / 1.1, hi], np.exp(rng.uniform(np.log(lo), np.log(hi), 300))])
@@ -132,6 +158,19 @@ def test_piecewise_within_4_ulp_of_its_definition_near_the_breaks_and_far_out(fi
     exact = np.isin(x, piecewise.breaks)
     err = np.abs(got - piecewise(encoded(x)))[~exact]
     assert err.max() <= 4 * ULP, f"max error {err.max():.3g}"
+
+
+@pytest.mark.parametrize("name", ["gelu", "silu"])
+@pytest.mark.parametrize("fit", SETS, ids=lambda s: s.name)
+def test_piecewise_exactly_at_its_encoded_breaks_takes_the_upper_piece(fit, name):
+    """The comparisons [x < break] see the break rounded to 18 bits: x equal to it takes the upper piece,
+    one ulp below it the lower one, as approx.Piecewise's half-open pieces with the rounded breaks."""
+    piecewise = getattr(fit, name)
+    breaks = encoded(np.array(piecewise.breaks))
+    x = np.concatenate([breaks, breaks - ULP])
+    got = secure(lambda p, a: getattr(nonlinear, name)(p, a, piecewise), x)
+    want = dataclasses.replace(piecewise, breaks=tuple(breaks))(x)
+    assert np.abs(got - want).max() <= 4 * ULP, f"errors {np.abs(got - want)}"
 
 
 # Each definition against the exact function: its largest error over all real x and where it occurs,
@@ -230,15 +269,15 @@ def test_softmax_with_causal_mask_within_3_ulp():
 
 def test_softmax_padding_mask_ignores_huge_masked_scores_and_zeroes_empty_rows():
     x = rng.normal(0, 3, (5, 16))
-    x[:, 12:] = 1e6  # would win the max if the mask were applied after it
+    x[:, 12:] = x[:, :2] = 1e6  # would win the max if the mask were applied after it
     keep = np.ones((5, 16), dtype=bool)
-    keep[:, 12:] = False
+    keep[:, 12:] = keep[:, :2] = False  # padding on both sides: the first kept position is not the first
     keep[3] = False
     got = secure(lambda p, a: nonlinear.softmax(p, a, keep, approx.PUMA.exp), x)
     rows = [0, 1, 2, 4]
     err = np.abs(got[rows] - approx.softmax(encoded(x[rows]), keep[rows], approx.PUMA.exp)).max()
     assert err <= 3 * ULP, f"max error {err:.3g}"
-    assert np.all(got[3] == 0.0) and np.all(got[:, 12:] == 0.0)
+    assert np.all(got[3] == 0.0) and np.all(got[:, 12:] == 0.0) and np.all(got[:, :2] == 0.0)
 
 
 def test_softmax_with_64_bit_comparisons_takes_scores_beyond_the_48_bit_range():

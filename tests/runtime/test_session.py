@@ -68,9 +68,11 @@ def test_bert_matches_onnxruntime_on_the_rewritten_model(bert, tmp_path):
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
     rewritten = ort_run(bert / REWRITTEN_FILE, feeds)["last_hidden_state"]
     original = ort_run(bert / "model.onnx", feeds)["last_hidden_state"]
-    assert np.abs(secure - rewritten).max() <= 1e-2
-    # The rewritten model differs from the original by PUMA's approximations only.
-    assert np.abs(secure - original).max() <= np.abs(rewritten - original).max() + 1e-2
+    # Fixed point through 2 layers: 3e-4 to 4e-4 measured.
+    assert np.abs(secure - rewritten).max() <= 2e-3
+    # The secure run follows the rewritten model's approximations (7e-3 from the exact model here, 20x the
+    # fixed-point error), not the exact ops nor another approximation set.
+    assert np.abs(secure - rewritten).max() < np.abs(rewritten - original).max() / 4
 
 
 def test_a_model_that_is_not_rewritten_yet_is_rewritten_on_the_fly(bert, tmp_path):
@@ -90,7 +92,9 @@ def test_helper_ranks_never_read_the_model_or_the_input(bert, tmp_path):
     helper = RunOptions(model="/nonexistent/for/the/helper", progress=False)
     results, errors = run_threads([owner, client, helper])
     assert errors == [None] * 3
-    assert results[CLIENT]["outputs"]["last_hidden_state"].shape == (1, 8, 768)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    want = ort_run(bert / REWRITTEN_FILE, feeds)["last_hidden_state"]
+    assert np.abs(results[CLIENT]["outputs"]["last_hidden_state"] - want).max() <= 2e-3
 
 
 def test_ids_outside_the_vocabulary_fail_on_every_rank_before_sharing(bert, tmp_path):

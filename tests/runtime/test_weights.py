@@ -56,9 +56,10 @@ def test_the_owner_rebuilds_its_component_in_chunks(monkeypatch):
     whole = run_parties(share_and_open)
     monkeypatch.setattr(weights, "CHUNK", 5)
     chunked = run_parties(share_and_open)
+    assert whole[0][2].keys() == chunked[0][2].keys() == W.keys()
     for name, value in W.items():
         assert np.abs(chunked[0][2][name] - value).max() <= 2.0**-19
-    assert whole[0][2].keys() == chunked[0][2].keys()
+        assert np.array_equal(chunked[0][2][name], whole[0][2][name])  # the same encoding, chunked or not
 
 
 def test_matmul_with_a_weight_takes_one_ring_product_per_rank():

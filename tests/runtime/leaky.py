@@ -1,0 +1,76 @@
+"""Deliberately leaky variants of the protocols, for testing the view test (`views.leaks`).
+
+Each mutant stays correct (every rank still agrees on the PRG words it draws, so results are
+unchanged) but masks one message with a key its receiver holds, so that rank can unmask a share.
+A mutant is a source edit of one runtime function, applied with monkeypatch for one test; the edit's
+old text must be found, so a refactor of the protocol breaks the fixture loudly instead of
+testing nothing.
+"""
+
+from __future__ import annotations
+
+import __future__
+import inspect
+import textwrap
+from dataclasses import dataclass
+
+from puma_onnx.runtime import arith, embedding, weights
+
+
+@dataclass(frozen=True)
+class Mutant:
+    module: object
+    function: str
+    edits: tuple[tuple[str, str], ...]
+    why: str
+
+    def apply(self, monkeypatch) -> None:
+        source = textwrap.dedent(inspect.getsource(getattr(self.module, self.function)))
+        for old, new in self.edits:
+            assert source.count(old) == 1, f"{self.function}: the mutant's text {old!r} is not in the protocol"
+            source = source.replace(old, new)
+        namespace = dict(vars(self.module))
+        exec(compile(source, self.module.__file__, "exec", __future__.annotations.compiler_flag), namespace)  # noqa: S102 - test fixture
+        monkeypatch.setattr(self.module, self.function, namespace[self.function])
+
+
+MUTANTS = {
+    "truncation_mask_from_common_key": Mutant(
+        arith,
+        "truncate_from_two",
+        (
+            ("rr = r_a + with_b.words(n)", "rr = r_a + party.prg_all.words(n)"),
+            ("c_a = np.ravel(part) + U64(1 << 62) + r_a", "c_a = np.ravel(part) + U64(1 << 62) + r_a\n            party.prg_all.words(n)"),
+            ("c_b = np.ravel(part) + party.prg_next.words(n)", "c_b = np.ravel(part) + party.prg_all.words(n)"),
+        ),
+        "B's mask r_b from the common key: A subtracts it from c_b and gets B's part, the secret with its own",
+    ),
+    "reshare_without_zero_sharing": Mutant(
+        arith,
+        "_reshare",
+        (("z = z + party.zero_share(z.shape)", "z = z + 0"),),
+        "each rank's product part goes out unmasked",
+    ),
+    "embedding_mask_from_common_key": Mutant(
+        embedding,
+        "embedding",
+        (
+            ("ea = party.prg_next.words((n, vocab))", "ea = party.prg_all.words((n, vocab))"),
+            ("ea = party.prg_prev.words((n, vocab))", "ea = party.prg_all.words((n, vocab))"),
+            (
+                "eb = comm.exchange({}, {owner: ((n, vocab), U64)})[owner]",
+                "eb = comm.exchange({}, {owner: ((n, vocab), U64)})[owner]\n            party.prg_all.words((n, vocab))",
+            ),
+        ),
+        "Ea from a key the receiver of Eb = E - Ea holds: it reads the client's one-hot",
+    ),
+    "weight_mask_from_common_key": Mutant(
+        weights,
+        "weight_seeds",
+        (
+            ("return party.prg_prev.words(SEED_BYTES, np.uint8).tobytes(), seed_2", "return seed_2, seed_2"),
+            ("return party.prg_next.words(SEED_BYTES, np.uint8).tobytes(), seed_2", "return seed_2, seed_2"),
+        ),
+        "x_0 from the common key: rank 1 regenerates it and unmasks W from x_1",
+    ),
+}

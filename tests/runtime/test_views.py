@@ -1,0 +1,184 @@
+"""Every protocol's view, from every rank: independent of the secret (`views.leaks`), and the view
+test itself rejecting each deliberately leaky variant in `leaky.MUTANTS`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from puma_onnx.runtime import arith, compare, convert
+from puma_onnx.runtime import embedding as lookup  # by module: the leaky fixtures patch its function
+from puma_onnx.runtime.session import CLIENT, reveal_outputs
+from puma_onnx.runtime.weights import matmul_part, share_weights
+
+from .leaky import MUTANTS
+from .views import leaks, replicated
+
+N = 6  # secret elements: the view of every protocol stays a few KB
+rng = np.random.default_rng(11)
+OWN = {o: (rng.integers(0, 2**64, N, dtype=np.uint64), rng.integers(0, 2**64, N, dtype=np.uint64)) for o in range(3)}
+ENC = 2.0**18
+
+
+def fx(values) -> np.ndarray:
+    return np.rint(np.asarray(values) * ENC).astype(np.int64).view(np.uint64)
+
+
+# Two secrets that differ in every bit that matters: signs, magnitudes, zeros at other places.
+SECRETS = (fx([0.5, 1.25, 0.0, 3.0, 2.0, 0.0]), fx([-7.0, 0.0, -2.5, -0.125, 0.0, -1.0]))
+WEIGHT = np.linspace(-1, 1, 6, dtype=np.float32).reshape(3, 2)
+
+
+def _two_of_two(p, x, dealer):
+    """x held 2-of-2 by A = dealer+1 (x_A + x_B) and B = dealer+2 (x_D); None on the dealer."""
+    role = (p.rank - dealer) % 3
+    return None if role == 0 else (x.first + x.second if role == 1 else x.second)
+
+
+def _weights(p):
+    return share_weights(p, [("w", WEIGHT.shape)], lambda name: WEIGHT)["w"]
+
+
+# name -> protocol(party, its AShare x of the secret); dealer-based ones run once per dealer.
+ON_SHARES = {
+    "mul": lambda p, x: arith.mul(p, x, x),
+    "matmul": lambda p, x: arith.matmul(p, x.reshape(2, 3), x.reshape(3, 2)),
+    "mul_fx": lambda p, x: [arith.mul_fx(p, x, x) for _ in range(3)],
+    "matmul_fx": lambda p, x: [arith.matmul_fx(p, x.reshape(2, 3), x.reshape(3, 2)) for _ in range(3)],
+    "truncate": lambda p, x: arith.truncate(p, x, 18),
+    "truncate_from_two": lambda p, x: [
+        arith.truncate_from_two(p, d, _two_of_two(p, x, d), 18, x.shape) for d in range(3)
+    ],
+    "truncate_parts": lambda p, x: [arith.truncate_parts(p, [x.first], 18) for _ in range(3)],
+    "matmul_part": lambda p, x: [
+        arith.truncate_parts(p, [matmul_part(x.reshape(2, 3), w)], 18) for w in [_weights(p)] for _ in range(3)
+    ],
+    "msb": lambda p, x: convert.msb(p, x),
+    "less_than_public": lambda p, x: compare.less_than_public(p, x, [fx(0.25), fx(-1.0)]),
+    "equal": lambda p, x: compare.equal(p, x, arith.add_public(p, arith.sub(x, x), fx(2.0))),
+    "equal_zero": lambda p, x: compare.equal(p, x, arith.sub(x, x)),
+    "b2a": lambda p, x: convert.b2a(p, compare.ltz(p, x)),
+    "mul_bit": lambda p, x: convert.mul_bit(p, compare.ltz(p, x), x),
+    "select": lambda p, x: convert.select(
+        p, [(compare.ltz(p, x), arith.mul_public(x, 1 << 20))], 20, [(compare.ltz(p, x), x)]
+    ),
+    "max": lambda p, x: compare.max(p, x.reshape(2, 3)),
+    "argmax": lambda p, x: compare.argmax(p, x),
+    "mul_public_fx": lambda p, x: arith.mul_public_fx(p, x, np.linspace(-2, 2, N)),
+    "reshare_parts": lambda p, x: arith.reshare_parts(p, [x.first * x.second]),
+    "reveal_to_client": lambda p, x: arith.reveal(p, x, to=CLIENT),
+    "reveal_outputs": lambda p, x: reveal_outputs(p, {"y": x}),
+}
+# Protocols whose output goes to one rank: that rank learns the secret by design.
+RECEIVER = {"reveal_to_client": CLIENT, "reveal_outputs": CLIENT}
+
+
+def on_shares(name, observer):
+    protocol = ON_SHARES[name]
+    return lambda p, secret: protocol(p, replicated(secret, observer, OWN[observer])[p.rank])
+
+
+@pytest.mark.parametrize("observer", range(3))
+@pytest.mark.parametrize("name", ON_SHARES)
+def test_the_view_of_a_protocol_on_shares_does_not_depend_on_the_secret(monkeypatch, name, observer):
+    if RECEIVER.get(name) == observer:
+        pytest.skip("the receiver learns the secret by design")
+    verdict = leaks(monkeypatch, on_shares(name, observer), SECRETS, observer)
+    # Not even one bit of the view (its received words and the shares it ends with) tells the secrets
+    # apart: so no rank can compute a share it lacks, which would make its view a function of the secret.
+    assert not verdict.leaks and not verdict.split, verdict
+
+
+# Protocols on an owner's plaintext input (the secret): name -> (owner, protocol(party, secret)).
+TABLE = np.arange(8 * 3, dtype=np.uint64).reshape(8, 3) * np.uint64(2**40 + 12345)
+IDS = (np.array([[1, 5, 5, 0]]), np.array([[7, 2, 3, 7]]))
+
+
+def _table_share(p):
+    return arith.share(p, TABLE if p.rank == 0 else None, 0, TABLE.shape)
+
+
+FROM_OWNER = {
+    "share_by_0": (0, lambda p, s: arith.share(p, s if p.rank == 0 else None, 0, s.shape)),
+    "share_by_2": (2, lambda p, s: arith.share(p, s if p.rank == 2 else None, 2, s.shape)),
+    "share_weights": (0, lambda p, s: share_weights(p, [("w", (N,))], lambda name: s.view(np.int64) / ENC)),
+    "embedding_ids": (CLIENT, lambda p, ids: lookup.embedding(p, _table_share(p), ids if p.rank == CLIENT else None, CLIENT, ids.shape)),
+}
+OWNER_SECRETS = {
+    "share_by_0": SECRETS,
+    "share_by_2": SECRETS,
+    "share_weights": SECRETS,
+    "embedding_ids": IDS,
+}
+
+
+@pytest.mark.parametrize("observer", range(3))
+@pytest.mark.parametrize("name", FROM_OWNER)
+def test_the_view_of_an_owners_input_does_not_depend_on_it(monkeypatch, name, observer):
+    owner, protocol = FROM_OWNER[name]
+    if observer == owner:
+        pytest.skip("the owner knows its input")
+    verdict = leaks(monkeypatch, protocol, OWNER_SECRETS[name], observer)
+    assert not verdict.leaks, verdict
+
+
+@pytest.mark.parametrize("observer", [0, 2])
+def test_the_view_of_an_embedding_does_not_depend_on_the_table(monkeypatch, observer):
+    """The secret table, shared with the observer's components fixed; the client's ids fixed."""
+    ids = IDS[0]
+    tables = (TABLE, TABLE[::-1] * np.uint64(3) + np.uint64(1))
+    own = [rng.integers(0, 2**64, TABLE.shape, dtype=np.uint64) for _ in range(2)]
+
+    def protocol(p, table):
+        share = replicated(table, observer, own)[p.rank]
+        return lookup.embedding(p, share, ids if p.rank == CLIENT else None, CLIENT, ids.shape)
+
+    verdict = leaks(monkeypatch, protocol, tables, observer)
+    assert not verdict.leaks, verdict
+
+
+# Each leaky variant, the protocol that shows it, and the rank that can unmask a share.
+CAUGHT = {
+    "truncation_mask_from_common_key": (on_shares("truncate", 1), SECRETS, 1),
+    "reshare_without_zero_sharing": (on_shares("mul", 0), SECRETS, 0),
+    "embedding_mask_from_common_key": (FROM_OWNER["embedding_ids"][1], IDS, (CLIENT + 2) % 3),
+    "weight_mask_from_common_key": (FROM_OWNER["share_weights"][1], SECRETS, 1),
+}
+
+
+@pytest.mark.parametrize("name", MUTANTS)
+def test_the_view_test_rejects_each_leaky_variant(monkeypatch, name):
+    protocol, secrets, observer = CAUGHT[name]
+    assert not leaks(monkeypatch, protocol, secrets, observer).leaks  # the real protocol passes first
+    MUTANTS[name].apply(monkeypatch)
+    verdict = leaks(monkeypatch, protocol, secrets, observer)
+    # The unmasked share makes the view a function of the secret: it determines which one ran.
+    assert verdict.leaks and verdict.split, verdict
+
+
+@pytest.mark.parametrize("name", MUTANTS)
+def test_each_leaky_variant_stays_correct(monkeypatch, name):
+    """The mutants leak without breaking results, so only a view test can find them."""
+    MUTANTS[name].apply(monkeypatch)
+    protocol, secrets, observer = CAUGHT[name]
+    from puma_onnx.runtime.comm import run_parties
+
+    out = run_parties(lambda p: protocol(p, secrets[0]))
+    opened = run_parties(lambda p: arith.reveal(p, _first_share(out[p.rank])))[0]
+    expected = {
+        "truncation_mask_from_common_key": lambda s: s.view(np.int64) >> 18,
+        "reshare_without_zero_sharing": lambda s: s * s,
+        "embedding_mask_from_common_key": lambda s: TABLE[s],
+        "weight_mask_from_common_key": lambda s: s,
+    }[name](secrets[0])
+    got, want = opened.reshape(-1).view(np.int64), np.asarray(expected).reshape(-1).view(np.int64)
+    # The truncation is floor or floor + 1; everything else is exact.
+    assert np.all(np.abs(got - want) <= (name == "truncation_mask_from_common_key"))
+
+
+def _first_share(out):
+    if isinstance(out, dict):
+        (out,) = out.values()
+    if hasattr(out, "materialize"):
+        return out.materialize()
+    return out
