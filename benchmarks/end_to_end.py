@@ -7,7 +7,8 @@ Exports each model once (random weights, seeded; with `puma-onnx export`, so the
 activation ranges are recorded), runs `mpirun -n 3 puma-onnx run --report`, measures
 the max abs error against exact plaintext and the time of onnxruntime plaintext in the
 same run (this machine's speed drifts 2-3x between hours: compare the ratio), and
-prints one table. Not a test: nothing here asserts on time.
+prints one table, with the report's predicted online time at PUMA's LAN (5 Gbit/s, 1 ms) and a WAN
+(100 Mbit/s, 40 ms) (runtime/network.py). Not a test: nothing here asserts on time.
 """
 
 from __future__ import annotations
@@ -61,12 +62,17 @@ def plaintext(folder: Path, ids: np.ndarray) -> tuple[dict, float]:
     return named, float(np.median(times))
 
 
-def bench(name: str, out: Path) -> dict:
-    tokens = CASES[name][0]
+def prepared(name: str, out: Path) -> tuple[Path, np.ndarray, Path]:
+    """The export folder, the benchmark's seeded ids (CASES' token count) and the .npy they are saved in."""
     folder = export(name, out)
     meta = json.loads((folder / "puma.json").read_text())
-    ids = np.random.default_rng(0).integers(0, meta["vocab_size"], size=(1, tokens), dtype=np.int64)
+    ids = np.random.default_rng(0).integers(0, meta["vocab_size"], size=(1, CASES[name][0]), dtype=np.int64)
     np.save(out / f"{name}.ids.npy", ids)
+    return folder, ids, out / f"{name}.ids.npy"
+
+
+def bench(name: str, out: Path) -> dict:
+    folder, ids, _ = prepared(name, out)
     report_path, result_path = out / f"{name}.report.json", out / f"{name}.out.npz"
     cmd = [MPIEXEC, "-n", "3", sys.executable, "-m", "puma_onnx", "run", str(folder),
            "--input-ids", str(out / f"{name}.ids.npy"), "--report", str(report_path),
@@ -98,12 +104,15 @@ def main() -> None:
             f"| {name} | {tokens} | {r['wall_s']:.1f} | {r['setup_s']:.1f} | {r['online_s']:.1f} | "
             f"{r['online_s'] / r['plaintext_s']:.0f}x | "
             f"{r['bytes_sent_total'] / 1e9:.2f} | {max(r['rounds'])} | {max(r['peak_rss_mb']):.0f} | "
-            f"{r['max_abs_err']:.3f} | {spu_s:.0f} s / {spu_gb} GB / {spu_err} | "
+            f"{r['max_abs_err']:.3f} | "
+            + " / ".join(f"{v:.1f}" for v in list(r["network_estimates"].values())[:2])
+            + f" | {spu_s:.0f} s / {spu_gb} GB / {spu_err} | "
             f"{'-' if paper_s is None else f'{paper_s} s / {paper_gb} GB'} |"
         )
     print("| model | tokens | wall s | setup s | online s | online / onnxruntime plaintext | GB sent (3 ranks) | "
-          "rounds | peak RSS MB/rank | max abs err | SPU PUMA here (online / GB / err) | PUMA paper |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "rounds | peak RSS MB/rank | max abs err | estimated s at LAN / WAN | SPU PUMA here (online / GB / err) | "
+          "PUMA paper (5 Gbit/s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

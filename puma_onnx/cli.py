@@ -54,6 +54,34 @@ TIMEOUT_OPTION = click.option(
     "--timeout", default=300.0, show_default=True, type=click.FloatRange(min=1.0),
     help="Seconds a rank waits for a silent peer before it ends the job with a line naming that rank.",
 )
+class LinkType(click.ParamType):
+    """BANDWIDTH,RTT (runtime/network.py), checked when the command line is read."""
+
+    name = "BANDWIDTH,RTT"
+
+    def convert(self, value, param, ctx):
+        from puma_onnx.runtime.network import parse_link
+
+        try:
+            parse_link(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+        return value
+
+
+def network_options(command):
+    """--network (repeatable) and --simulate-network, for run and generate."""
+    command = click.option(
+        "--simulate-network", type=LinkType(),
+        help="Make every round take as long as over this link (e.g. 1Gbit,2ms): each rank sleeps bytes/bandwidth "
+        "before its sends and one RTT after its receives.",
+    )(command)
+    return click.option(
+        "--network", "networks", multiple=True, type=LinkType(),
+        help="Another BANDWIDTH,RTT (e.g. 10Gbit,0.5ms) for the report's network_estimates, besides LAN and WAN.",
+    )(command)
+
+
 APPROX_OPTION = click.option(
     "--approx",
     "approx_set",
@@ -176,7 +204,11 @@ export.help = (export.help or "") + ", ".join(REGISTRY) + "."
 @click.option("--all-logits", is_flag=True, help="A decoder's logits at every position (default: the last one only, as generation needs).")
 @TRUNCATE_OPTION
 @TIMEOUT_OPTION
-def run(model, text, input_ids, seq_len, output, report, profile, frac_bits, all_logits, truncate, timeout) -> None:
+@network_options
+def run(
+    model, text, input_ids, seq_len, output, report, profile, frac_bits, all_logits, truncate, timeout, networks,
+    simulate_network,
+) -> None:
     """Secure inference on three MPI ranks: mpirun -n 3 puma-onnx run MODEL.
 
     MODEL is an export folder, an .onnx file (rewritten on the fly if it is
@@ -190,7 +222,7 @@ def run(model, text, input_ids, seq_len, output, report, profile, frac_bits, all
     opts = RunOptions(
         model=model, text=text, input_ids=input_ids, seq_len=seq_len, output=output,
         report=report, profile=profile, frac_bits=frac_bits, all_logits=all_logits, truncate=truncate,
-        timeout=timeout,
+        timeout=timeout, networks=networks, simulate_network=simulate_network,
     )
     sys.exit(launch(opts))
 
@@ -209,9 +241,10 @@ def run(model, text, input_ids, seq_len, output, report, profile, frac_bits, all
 @click.option("--frac-bits", default=18, show_default=True, type=click.IntRange(16, 20), help="Fractional bits of the fixed-point encoding.")
 @TRUNCATE_OPTION
 @TIMEOUT_OPTION
+@network_options
 def generate(
     model, text, input_ids, max_new_tokens, chat, temperature, seed, output, report, profile, frac_bits, truncate,
-    timeout,
+    timeout, networks, simulate_network,
 ) -> None:
     """Secure text generation: mpirun -n 3 puma-onnx generate MODEL --text PROMPT.
 
@@ -226,6 +259,6 @@ def generate(
     opts = GenerateOptions(
         model=model, text=text, input_ids=input_ids, output=output, report=report, profile=profile,
         frac_bits=frac_bits, max_new_tokens=max_new_tokens, chat=chat, temperature=temperature, seed=seed,
-        truncate=truncate, timeout=timeout,
+        truncate=truncate, timeout=timeout, networks=networks, simulate_network=simulate_network,
     )
     sys.exit(launch(opts, "generate"))

@@ -81,6 +81,19 @@ class Communicator:
         self.rank = rank
         self.stats = Stats()
         self._tags: list[str] = []
+        # Per round: [seconds computed since the previous round ended, bytes sent] (`network.predict`).
+        self.trace: list[list[float]] = []
+        self._round_end = time.perf_counter()
+        self.simulate = None  # a network.Link: each round then takes as long as over that link
+
+    def begin_trace(self) -> None:
+        """Start the per-round trace afresh (at the start of the online phase)."""
+        self.trace = []
+        self._round_end = time.perf_counter()
+
+    def tail(self) -> float:
+        """Seconds computed since the last round ended."""
+        return time.perf_counter() - self._round_end
 
     @contextmanager
     def tag(self, name: str):
@@ -111,8 +124,15 @@ class Communicator:
         sends = {to: np.ascontiguousarray(arr) for to, arr in sends.items() if np.size(arr)}
         recvs = {frm: (tuple(shape), np.dtype(dtype)) for frm, (shape, dtype) in recvs.items()}
         empty = {frm: np.empty(shape, dtype) for frm, (shape, dtype) in recvs.items() if not np.prod(shape)}
-        self.stats.record(self.path, sum(a.nbytes for a in sends.values()), len(sends))
+        nbytes = sum(a.nbytes for a in sends.values())
+        self.stats.record(self.path, nbytes, len(sends))
+        self.trace.append([self.tail(), nbytes])
+        if self.simulate is not None:  # this rank's card pushes its bytes
+            time.sleep(8.0 * nbytes / self.simulate.bits_per_s)
         got = self._exchange(sends, {frm: r for frm, r in recvs.items() if frm not in empty})
+        if self.simulate is not None:  # the crossing
+            time.sleep(self.simulate.rtt_s)
+        self._round_end = time.perf_counter()
         got.update(empty)
         for frm, (shape, dtype) in recvs.items():
             if got[frm].shape != shape or got[frm].dtype != dtype:

@@ -223,6 +223,7 @@ def generate(comm: Communicator, opts: GenerateOptions) -> dict | None:
     feeds, context = started.feeds, params["length"]
     steps, walks = [], []
     online_start = time.perf_counter()
+    comm.begin_trace()
     for step in range(params["max_new_tokens"]):
         began, before = time.perf_counter(), comm.stats.snapshot()
         if step == 0:  # the prompt: the long walk, with its progress bar

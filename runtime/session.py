@@ -38,7 +38,7 @@ from puma_onnx.models import REGISTRY
 from puma_onnx.passes.last_position import last_position_logits, lm_head
 from puma_onnx.passes.secrecy import PUBLIC_INPUTS
 
-from . import approx, arith
+from . import approx, arith, network
 from .comm import Communicator, Cost
 from .executor import PRESENT_PREFIX, Executor, layer_of, parse_nodes, unsupported
 from .kernels import Context, Private, Scaled, Unscaled
@@ -75,6 +75,8 @@ class RunOptions:
     all_logits: bool = False  # a decoder's logits at every position, not only the last
     truncate: bool = False  # cut a --text longer than the model's positions (else an error)
     timeout: float = 300.0  # seconds a rank waits for a silent peer before the job ends
+    networks: tuple[str, ...] = ()  # more BANDWIDTH,RTT settings for the report's network_estimates
+    simulate_network: str | None = None  # BANDWIDTH,RTT: every round takes as long as over that link
 
 
 def agree(comm: Communicator, root: int, step, others_see: str | None = None):
@@ -644,6 +646,7 @@ def start(
     Every check, the owner's and the client's, happens before the weights are shared.
     """
     began = time.perf_counter()
+    comm.simulate = network.parse_link(opts.simulate_network) if opts.simulate_network else None
     party = Party.setup(comm, frac_bits=opts.frac_bits)
     r = comm.rank
 
@@ -698,6 +701,8 @@ def costs(comm: Communicator, started: Started, stats: list, extra: dict | None 
     online = comm.stats.snapshot() - started.online_from
     mine = {
         **(extra or {}),
+        "trace": [[round(c, 6), int(b)] for c, b in comm.trace],
+        "tail": round(comm.tail(), 6),
         "bytes_online": online.bytes,
         "rounds_online": online.rounds,
         "messages_online": online.messages,
@@ -743,6 +748,11 @@ def base_report(started: Started, everyone: list, opts: RunOptions, online_s: fl
             k: {"bytes": sum(e["by_protocol"].get(k, [0, 0])[0] for e in everyone), "rounds": v[1]}
             for k, v in everyone[CLIENT]["by_protocol"].items()
         },
+        "compute_s": [round(sum(c for c, _ in e["trace"]) + e["tail"], 3) for e in everyone],
+        "network_estimates": network.estimates(
+            [e["trace"] for e in everyone], [e["tail"] for e in everyone], tuple(map(network.parse_link, opts.networks))
+        ),
+        "simulated_network": network.parse_link(opts.simulate_network).label() if opts.simulate_network else None,
     }
 
 
@@ -751,6 +761,7 @@ def run(comm: Communicator, opts: RunOptions) -> dict | None:
     started = start(comm, opts, lambda info: (client_feeds(opts, info), None))
     executor = started.executor
     online_start = time.perf_counter()
+    comm.begin_trace()
     with Progress(executor, opts.progress and comm.rank == CLIENT) as progress:
         outputs = executor.run(started.feeds, on_node=progress)
     opened = reveal_outputs(started.party, outputs)

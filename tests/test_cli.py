@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import onnx
+import pytest
 
 PUMA = [sys.executable, "-m", "puma_onnx"]
 
@@ -84,3 +85,13 @@ def test_a_usage_error_is_one_line_naming_the_help(tmp_path):
         "puma-onnx: error: Invalid value for '--frac-bits': 40 is not in the range 16<=x<=20. (see puma-onnx run --help)"
     ]
     assert cli().stderr.startswith("Usage: puma-onnx ")  # a bare `puma-onnx` still shows the help
+
+
+@pytest.mark.parametrize("option", ["--network", "--simulate-network"])
+def test_a_link_without_units_is_a_usage_error(tmp_path, option):
+    result = cli("generate", str(tmp_path), option, "5,1ms")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"puma-onnx: error: Invalid value for '{option}': '5,1ms' is not BANDWIDTH,RTT with units "
+        "(e.g. 1Gbit,2ms or 100Mbps,40ms) (see puma-onnx generate --help)"
+    ]

@@ -75,6 +75,21 @@ def test_bert_matches_onnxruntime_on_the_rewritten_model(bert, tmp_path):
     assert np.abs(secure - rewritten).max() < np.abs(rewritten - original).max() / 4
 
 
+def test_the_report_predicts_the_online_time_on_each_network(bert, tmp_path):
+    opts = RunOptions(model=str(bert), seq_len=8, progress=False, networks=("10Gbit,0.5ms",))
+    results, errors = run_threads([opts] * 3)
+    assert errors == [None] * 3
+    report = results[CLIENT]
+    lan, wan, extra = (report["network_estimates"][k] for k in ("LAN 5 Gbit/s, 1 ms", "WAN 100 Mbit/s, 40 ms", "10 Gbit/s, 0.5 ms"))
+    rounds, most_bytes = max(report["rounds"]), max(report["bytes_sent"])
+    # Each estimate holds every round's latency and the busiest rank's bytes at least, and the faster link is faster.
+    assert wan >= rounds * 0.04 + 8 * most_bytes / 100e6 - 1e-3
+    assert lan >= rounds * 0.001 + 8 * most_bytes / 5e9 - 1e-3
+    assert extra < lan < wan
+    assert len(report["compute_s"]) == 3 and 0 < max(report["compute_s"]) <= report["online_s"] + 0.01
+    assert report["simulated_network"] is None
+
+
 def test_a_model_that_is_not_rewritten_yet_is_rewritten_on_the_fly(bert, tmp_path):
     ids = np.random.default_rng(3).integers(0, 30522, size=(1, 8))
     opts = RunOptions(model=str(bert / "model.onnx"), input_ids=ids_file(tmp_path, ids), progress=False)
