@@ -112,6 +112,11 @@ class Executor:
             for i, n in enumerate(self.nodes)
         ]
 
+    def answers_stay_secret(self) -> None:
+        """The outputs feed more MPC (generation's argmax), not an opening: every product is truncated
+        in its node, as its consumer needs it (no `Unscaled` answers)."""
+        self._final = [False] * len(self.nodes)
+
     def run(self, feeds: dict, on_node: Callable[[Node], None] | None = None) -> dict:
         """Walk the graph; returns the graph outputs (shares, private or public values)."""
         env = {**self.public, **self.weights, **feeds}

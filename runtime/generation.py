@@ -212,6 +212,7 @@ def generate(comm: Communicator, opts: GenerateOptions) -> dict | None:
     """Secure generation on this rank; the client returns the report (with the answer), the others None."""
     started: Started = start(comm, opts, lambda info: prompt_input(opts, info), check=check_decoder)
     party, info, executor = started.party, started.info, started.executor
+    executor.answers_stay_secret()
     client = comm.rank == CLIENT
     params = broadcast_json(comm, started.extra.public() if client else None, CLIENT)
     resident = keep_resident(executor.weights)

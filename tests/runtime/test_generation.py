@@ -59,6 +59,8 @@ def test_greedy_generation_matches_the_plaintext_loop_token_by_token(decoders, t
     # One row per step; after the prompt, each step holds one more token in its context.
     assert [s["tokens_in_context"] for s in report["steps"]] == [8 + i for i in range(NEW)]
     assert all(s["bytes"] > 0 and s["rounds"] > 0 for s in report["steps"])
+    # The logits feed the argmax: the LM head truncates in its node, not reshared untruncated first.
+    assert "reshare_parts" not in report["by_protocol"] and "truncate_parts" in report["by_protocol"]
 
 
 def record_reveals(monkeypatch) -> list:
