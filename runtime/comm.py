@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import queue
+from array import array
 import threading
 import time
 from collections import defaultdict
@@ -81,15 +82,21 @@ class Communicator:
         self.rank = rank
         self.stats = Stats()
         self._tags: list[str] = []
-        # Per round: [seconds computed since the previous round ended, bytes sent] (`network.predict`).
-        self.trace: list[list[float]] = []
+        # Per round: seconds computed since the previous round ended, and bytes sent (`network.predict`);
+        # 16 bytes a round, so a long generation's millions of rounds stay small.
+        self._computed, self._sent = array("d"), array("q")
         self._round_end = time.perf_counter()
         self.simulate = None  # a network.Link: each round then takes as long as over that link
 
     def begin_trace(self) -> None:
         """Start the per-round trace afresh (at the start of the online phase)."""
-        self.trace = []
+        self._computed, self._sent = array("d"), array("q")
         self._round_end = time.perf_counter()
+
+    @property
+    def trace(self) -> list[tuple[float, int]]:
+        """(seconds computed before the round, bytes sent in it) for each round since `begin_trace`."""
+        return list(zip(self._computed, self._sent))
 
     def tail(self) -> float:
         """Seconds computed since the last round ended."""
@@ -126,7 +133,8 @@ class Communicator:
         empty = {frm: np.empty(shape, dtype) for frm, (shape, dtype) in recvs.items() if not np.prod(shape)}
         nbytes = sum(a.nbytes for a in sends.values())
         self.stats.record(self.path, nbytes, len(sends))
-        self.trace.append([self.tail(), nbytes])
+        self._computed.append(self.tail())
+        self._sent.append(nbytes)
         if self.simulate is not None:  # this rank's card pushes its bytes
             time.sleep(8.0 * nbytes / self.simulate.bits_per_s)
         got = self._exchange(sends, {frm: r for frm, r in recvs.items() if frm not in empty})

@@ -211,6 +211,7 @@ def _summed(runs: list[list[OpStats]]) -> list[OpStats]:
 def generate(comm: Communicator, opts: GenerateOptions) -> dict | None:
     """Secure generation on this rank; the client returns the report (with the answer), the others None."""
     started: Started = start(comm, opts, lambda info: prompt_input(opts, info), check=check_decoder)
+    comm.begin_trace()  # the online rounds start here (the prompt's public parameters are one)
     party, info, executor = started.party, started.info, started.executor
     executor.answers_stay_secret()
     client = comm.rank == CLIENT
@@ -224,7 +225,6 @@ def generate(comm: Communicator, opts: GenerateOptions) -> dict | None:
     feeds, context = started.feeds, params["length"]
     steps, walks = [], []
     online_start = time.perf_counter()
-    comm.begin_trace()
     for step in range(params["max_new_tokens"]):
         began, before = time.perf_counter(), comm.stats.snapshot()
         if step == 0:  # the prompt: the long walk, with its progress bar

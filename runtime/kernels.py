@@ -92,9 +92,10 @@ class Unscaled:
     The executor asks for it (`Context.final`) from a product node whose outputs are graph outputs:
     there the client opens it and rescales in the clear. A probabilistic truncation as the last step
     before the opening would let the client tell which way it rounded (it knows its own mask word,
-    or r as the dealer), which the output alone does not say; this way the declared output is the
-    untruncated product, and the node saves the truncation's round and bytes (MatMul: 8 B/elem in one
-    round instead of 20 in two).
+    or r as the dealer), which the output alone does not say. So the declared output is the
+    untruncated product instead: the client learns its f more fractional bits by design, nothing
+    beyond it, and the node saves the truncation's round and bytes (MatMul:
+    8 B/elem in one round instead of 20 in two).
     """
 
     share: AShare
@@ -306,10 +307,10 @@ def mul(ctx, node, x, y):
         return (arith.mul_fx(ctx.party, ctx.secret(x), ctx.secret(y)),)
     s, c = (x, y) if is_secret(x) else (y, x)
     s = ctx.secret(s)
+    if np.size(c) == 1 and np.ndim(c) <= s.ndim and not integral(c):  # an answer opens it as it is
+        return (Scaled(s, float(np.asarray(c).reshape(()))),)
     if ctx.final and not integral(c):  # the client rescales
         return (Unscaled(arith.mul_public(s, ctx.encode(np.asarray(c, dtype=np.float64))), ctx.party.fxp.frac_bits),)
-    if np.size(c) == 1 and np.ndim(c) <= s.ndim and not integral(c):
-        return (Scaled(s, float(np.asarray(c).reshape(()))),)
     return (scale(ctx, s, c),)
 
 
@@ -390,6 +391,9 @@ def matmul(ctx, node, x, y):
 
 
 def gemm(ctx, node, a, b, c=None):
+    alpha, beta = node.attrs.get("alpha", 1.0), node.attrs.get("beta", 1.0)
+    if alpha != 1.0 or beta != 1.0:  # scaled after the product: truncated in the product, as before
+        ctx.final = False
     if node.attrs.get("transA", 0):
         a = ctx.secret(a).transpose() if is_secret(a) else np.asarray(a).T
     if isinstance(b, WeightShare):
@@ -398,11 +402,8 @@ def gemm(ctx, node, a, b, c=None):
         if node.attrs.get("transB", 0):
             b = ctx.secret(b).transpose() if is_secret(b) else np.asarray(b).T
         (out,) = matmul(ctx, node, a, b)
-    alpha, beta = node.attrs.get("alpha", 1.0), node.attrs.get("beta", 1.0)
-    if isinstance(out, Unscaled):
-        if alpha == 1.0 and beta == 1.0:  # C joins the untruncated product at its scale, exactly
-            return (out if c is None else Unscaled(_plus_lifted(ctx, out.share, c, out.bits), out.bits),)
-        out = ctx.secret(out)
+    if isinstance(out, Unscaled):  # C joins the untruncated product at its scale, exactly
+        return (out if c is None else Unscaled(_plus_lifted(ctx, out.share, c, out.bits), out.bits),)
     if alpha != 1.0:
         out = scale(ctx, out, np.asarray(alpha))
     if c is not None:

@@ -27,8 +27,12 @@ from dataclasses import dataclass
 LAN = ("LAN", 5e9, 1e-3)
 WAN = ("WAN", 100e6, 40e-3)
 
-_RATE = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
+_RATE = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 _TIME = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
+_LINK = re.compile(
+    r"\s*(?P<rate>[0-9]*\.?[0-9]+)\s*(?P<prefix>[kKmMgGtT]?)(?P<unit>bit|bps|b|B|Bps|byte)?(?P<per>/s)?\s*,"
+    r"\s*(?P<rtt>[0-9]*\.?[0-9]+)\s*(?P<time>s|ms|us)\s*"
+)
 
 
 @dataclass(frozen=True)
@@ -38,19 +42,22 @@ class Link:
     name: str = ""
 
     def label(self) -> str:
-        speed = f"{self.bits_per_s / 1e9:g} Gbit/s" if self.bits_per_s >= 1e9 else f"{self.bits_per_s / 1e6:g} Mbit/s"
+        speed = next(
+            f"{self.bits_per_s / scale:g} {unit}bit/s" for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k"), (1, ""))
+            if self.bits_per_s >= scale or scale == 1
+        )
         return f"{self.name + ' ' if self.name else ''}{speed}, {self.rtt_s * 1e3:g} ms"
 
 
 def parse_link(text: str) -> Link:
-    """'BANDWIDTH,RTT', e.g. '1Gbit,2ms', '100Mbps,40ms', '5G,1ms'; ValueError with the accepted forms."""
-    match = re.fullmatch(
-        r"\s*([0-9]*\.?[0-9]+)\s*([kmg]?)((?:bit|bps|b)?(?:/s)?)\s*,\s*([0-9]*\.?[0-9]+)\s*(s|ms|us)\s*", text.lower()
-    )
-    if not match or not (match.group(2) or match.group(3)):
-        raise ValueError(f"{text!r} is not BANDWIDTH,RTT with units (e.g. 1Gbit,2ms or 100Mbps,40ms)")
-    rate, unit, _, delay, time_unit = match.groups()
-    link = Link(float(rate) * _RATE[unit], float(delay) * _TIME[time_unit])
+    """'BANDWIDTH,RTT', e.g. '1Gbit,2ms', '100Mbps,40ms', '5G,1ms' (bits), '1GB/s,1ms' (a capital B: bytes);
+    ValueError with the accepted forms."""
+    match = _LINK.fullmatch(text)
+    if not match or not (match["prefix"] or match["unit"]) or (match["per"] and not match["unit"]):
+        raise ValueError(f"{text!r} is not BANDWIDTH,RTT with units (e.g. 1Gbit,2ms, 100Mbps,40ms or 1GB/s,1ms)")
+    per_unit = 8.0 if match["unit"] in ("B", "Bps", "byte") else 1.0  # bytes: a capital B
+    rate = float(match["rate"]) * _RATE[match["prefix"].lower()] * per_unit
+    link = Link(rate, float(match["rtt"]) * _TIME[match["time"]])
     if link.bits_per_s <= 0:
         raise ValueError(f"{text!r}: the bandwidth must be positive")
     return link

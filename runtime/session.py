@@ -751,7 +751,7 @@ def base_report(started: Started, everyone: list, opts: RunOptions, online_s: fl
         "compute_s": [round(sum(c for c, _ in e["trace"]) + e["tail"], 3) for e in everyone],
         "network_estimates": network.estimates(
             [e["trace"] for e in everyone], [e["tail"] for e in everyone], tuple(map(network.parse_link, opts.networks))
-        ),
+        ) if len({len(e["trace"]) for e in everyone}) == 1 else None,  # (the ranks always agree; never lose the run)
         "simulated_network": network.parse_link(opts.simulate_network).label() if opts.simulate_network else None,
     }
 

@@ -93,5 +93,5 @@ def test_a_link_without_units_is_a_usage_error(tmp_path, option):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"puma-onnx: error: Invalid value for '{option}': '5,1ms' is not BANDWIDTH,RTT with units "
-        "(e.g. 1Gbit,2ms or 100Mbps,40ms) (see puma-onnx generate --help)"
+        "(e.g. 1Gbit,2ms, 100Mbps,40ms or 1GB/s,1ms) (see puma-onnx generate --help)"
     ]

@@ -63,8 +63,12 @@ CASES = {
         {"w": W},
         lambda: encoded(X) @ encoded(W) + encoded(B),
     ),
-    "mul_public": (single("Mul", ["x", "k"], nodes=[const("k", 0.3)]), {}, lambda: encoded(X) * encoded(0.3)),
-    "div_public": (single("Div", ["x", "k"], nodes=[const("k", 8.0)]), {}, lambda: encoded(X) / 8),
+    # A scalar factor stays apart (`Scaled`) and the client applies it exactly; an array is encoded at f bits.
+    "mul_public": (single("Mul", ["x", "k"], nodes=[const("k", 0.3)]), {}, lambda: encoded(X) * float(np.float32(0.3))),
+    "mul_public_row": (
+        single("Mul", ["x", "k"], nodes=[const("k", [0.3, -1.7, 2.2])]), {}, lambda: encoded(X) * encoded(np.float32([0.3, -1.7, 2.2]))
+    ),
+    "div_public": (single("Div", ["x", "k"], nodes=[const("k", 3.0)]), {}, lambda: encoded(X) * float(1 / np.float32(3.0))),
 }
 
 
@@ -94,7 +98,8 @@ def test_a_product_read_by_another_node_is_truncated_as_before():
 def test_the_clients_view_of_the_last_step_shows_only_the_answer(monkeypatch):
     """Two secret inputs with the same answer (x W equal: W's first two rows are equal): the client's
     view of the final product and the opening (every word it receives, and what it opens) must not
-    tell them apart."""
+    tell them apart. (The exactness test above is what tells the untruncated path from a truncated
+    one: with equal products, a truncation's rounding would not differ either.)"""
     w = np.array([[1.0, -2.0], [1.0, -2.0], [0.5, 3.0]], dtype=np.float32)
     secrets = tuple(np.rint(np.array(v) * 2**F).astype(np.int64).view(np.uint64) for v in ([1.5, 0.25, 2.0], [0.25, 1.5, 2.0]))
     own = tuple(RNG.integers(0, 2**64, 3, dtype=np.uint64) for _ in range(2))

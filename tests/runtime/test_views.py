@@ -83,6 +83,8 @@ def on_shares(name, observer):
 )
 def test_the_view_of_a_protocol_on_shares_does_not_depend_on_the_secret(monkeypatch, name, observer):
     verdict = leaks(monkeypatch, on_shares(name, observer), SECRETS, observer)
+    # A rank that is not the receiver of an opening receives nothing at all; every other view has words.
+    assert (verdict.bits == 0) == (name in RECEIVER), verdict
     # Not even one bit of the view (its received words and the shares it ends with) tells the secrets
     # apart: so no rank can compute a share it lacks, which would make its view a function of the secret.
     assert not verdict.leaks and not verdict.split, verdict
@@ -180,3 +182,24 @@ def _first_share(out):
     if hasattr(out, "materialize"):
         return out.materialize()
     return out
+
+
+def test_the_view_test_catches_a_mask_used_for_two_messages(monkeypatch):
+    """A toy protocol: rank 0 sends rank 1 x_0 + m and, a round later, 3 x_0 + m with the same mask m from a
+    key rank 1 lacks. Each message alone is uniform; their difference 2 x_0 gives rank 1 the secret."""
+
+    def reused_mask(p, secret):
+        x = replicated(secret, 1, OWN[1])[p.rank]
+        if p.rank == 0:
+            m = p.prg_own.words(N)
+            p.comm.exchange({1: x.first + m}, {})
+            p.comm.exchange({1: np.uint64(3) * x.first + m}, {})
+        elif p.rank == 1:
+            for _ in range(2):
+                p.comm.exchange({}, {0: ((N,), np.uint64)})
+        else:
+            p.comm.exchange({}, {})
+            p.comm.exchange({}, {})
+
+    verdict = leaks(monkeypatch, reused_mask, SECRETS, 1)
+    assert verdict.leaks and verdict.split, verdict

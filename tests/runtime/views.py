@@ -8,8 +8,8 @@ constant (a function of the observer's fixed state and public data) or masked by
 observer lacks, so its distribution is the same under both secrets. A word that unmasks a share,
 however, becomes a fixed, secret-dependent value: its bits split the two samples perfectly.
 
-The statistic: for every bit of the view and of derived words (differences and XORs of
-neighbouring words, which catch a mask used twice), the number of runs with that bit set under
+The statistic: for every bit of the view and of derived words (the differences and XORs of every
+pair of its 64-bit words, which catch a mask used for two words of any messages), the number of runs with that bit set under
 secret A against secret B. With N runs each, |c_A - c_B| >= d has probability at most
 P(|Bin(2N, 1/2) - N| >= d) under the null hypothesis (equality at p = 1/2 is the worst case).
 A Bonferroni bound over every bit tested keeps the false-positive rate per call at `ALPHA`.
@@ -84,15 +84,18 @@ def record(monkeypatch, run) -> list[list[np.ndarray]]:
 
 
 def _bits(arrays: list[np.ndarray]) -> np.ndarray:
-    """The view's bits, with those of derived words: for each array of 64-bit words, the differences and
-    XORs of neighbouring words (a mask reused within a message cancels in one of them)."""
-    pieces = []
+    """The view's bits, with those of derived words: the differences and XORs of every pair of its 64-bit
+    words, in any message (a mask used twice cancels in one of them), and XORs of neighbouring bytes."""
+    pieces = [np.ascontiguousarray(a).reshape(-1).view(np.uint8) for a in arrays]
+    words = np.concatenate([np.ascontiguousarray(a).reshape(-1) for a in arrays if a.dtype.itemsize == 8] or [[]])
+    words = words.astype(np.uint64)
+    if words.size > 1:
+        i, j = np.triu_indices(words.size, 1)
+        pieces += [(words[i] - words[j]).view(np.uint8), (words[i] ^ words[j]).view(np.uint8)]
     for a in arrays:
-        a = np.ascontiguousarray(a).reshape(-1)
-        pieces.append(a.view(np.uint8))
-        if a.dtype.itemsize == 8 and a.size > 1:
-            w = a.view(np.uint64)
-            pieces += [(w[1:] - w[:-1]).view(np.uint8), (w[1:] ^ w[:-1]).view(np.uint8)]
+        if a.dtype.itemsize == 1 and a.size > 1:
+            b = np.ascontiguousarray(a).reshape(-1)
+            pieces.append(b[1:] ^ b[:-1])
     return np.unpackbits(np.concatenate(pieces)) if pieces else np.zeros(0, np.uint8)
 
 
@@ -106,15 +109,17 @@ class Verdict:
 
 
 def views(monkeypatch, protocol, secret, observer: int, fixed: dict[str, bytes], runs: int = RUNS) -> np.ndarray:
-    """(runs, bits) bit matrix of the observer's view of protocol(party, secret) over fresh foreign keys."""
-    rows = []
+    """How many of `runs` runs set each bit of the observer's view of protocol(party, secret), over fresh
+    foreign keys."""
+    counts = None
     for _ in range(runs):
         keys = keys_for(observer, fixed)
         seen = record(monkeypatch, lambda: run_parties(lambda p: protocol(p, secret), keys=keys))
-        rows.append(_bits(seen[observer]))
-    if len({len(r) for r in rows}) != 1:
-        raise AssertionError("the view's length varies between runs: the protocol is not deterministic in shape")
-    return np.stack(rows)
+        bits = _bits(seen[observer]).astype(np.int64)
+        if counts is not None and counts.shape != bits.shape:
+            raise AssertionError("the view's length varies between runs: the protocol is not deterministic in shape")
+        counts = bits if counts is None else counts + bits
+    return counts
 
 
 def leaks(monkeypatch, protocol, secrets: tuple, observer: int, runs: int = RUNS, seed: int = 0) -> Verdict:
@@ -125,15 +130,14 @@ def leaks(monkeypatch, protocol, secrets: tuple, observer: int, runs: int = RUNS
     """
     rng = np.random.default_rng(seed)
     fixed = {name: rng.bytes(SEED_BYTES) for name in KEY_NAMES}
-    a, b = (views(monkeypatch, protocol, s, observer, fixed, runs) for s in secrets)
-    if a.shape != b.shape:
-        return Verdict(True, 0.0, a.shape[1], 0, True)  # even the view's size tells the secrets apart
-    ca, cb = a.sum(axis=0, dtype=np.int64), b.sum(axis=0, dtype=np.int64)
+    ca, cb = (views(monkeypatch, protocol, s, observer, fixed, runs) for s in secrets)
+    if ca.shape != cb.shape:
+        return Verdict(True, 0.0, ca.size, 0, True)  # even the view's size tells the secrets apart
     d = np.abs(ca - cb)
     # P(|c_A - c_B| >= d) for equal Bernoulli(1/2) samples: c_A + (N - c_B) ~ Bin(2N, 1/2).
     tail = np.minimum(1.0, 2 * binom.sf(runs + d - 1, 2 * runs, 0.5))
-    tested = max(1, d.size)
+    tested = max(1, d.size)  # Bonferroni
     threshold = next(t for t in range(runs + 1) if 2 * binom.sf(runs + t - 1, 2 * runs, 0.5) <= ALPHA / tested)
     split = bool(np.any((d == runs)))
     worst = float(tail.min()) if tail.size else 1.0
-    return Verdict(bool(np.any(d >= threshold)), worst, tested, threshold, split)
+    return Verdict(bool(np.any(d >= threshold)), worst, int(d.size), threshold, split)
