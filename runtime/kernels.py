@@ -304,6 +304,8 @@ def neg(ctx, node, x):
 
 def mul(ctx, node, x, y):
     if is_secret(x) and is_secret(y):
+        if ctx.final:  # the ring product, reshared; the client rescales
+            return (Unscaled(arith.mul(ctx.party, ctx.secret(x), ctx.secret(y)), ctx.party.fxp.frac_bits),)
         return (arith.mul_fx(ctx.party, ctx.secret(x), ctx.secret(y)),)
     s, c = (x, y) if is_secret(x) else (y, x)
     s = ctx.secret(s)

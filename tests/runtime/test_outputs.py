@@ -45,13 +45,15 @@ def opened(m, feeds: dict, weights: dict) -> tuple[np.ndarray, set[str]]:
 
 def single(op, inputs, inits=(), nodes=(), **attrs):
     node = helper.make_node(op, inputs, ["y"], **attrs)
-    return model([*nodes, node], [("x", FLOAT, list(X.shape)), ("z", FLOAT, [3, 4])], [("y", FLOAT, None)], list(inits))
+    secret_inputs = [("x", FLOAT, list(X.shape)), ("z", FLOAT, [3, 4]), ("zx", FLOAT, list(X.shape))]
+    return model([*nodes, node], secret_inputs, [("y", FLOAT, None)], list(inits))
 
 
 CASES = {
     # name: (model, secret weights, exact answer from the encoded operands)
     "matmul_weight": (single("MatMul", ["x", "w"], [weight("w", W.astype(np.float32))]), {"w": W}, lambda: encoded(X) @ encoded(W)),
     "matmul_secret": (single("MatMul", ["x", "z"]), {}, lambda: encoded(X) @ encoded(W)),
+    "mul_secret": (single("Mul", ["x", "zx"], nodes=[]), {}, lambda: encoded(X) * encoded(X[::-1])),
     "matmul_public": (single("MatMul", ["x", "p"], nodes=[const("p", W)]), {}, lambda: encoded(X) @ encoded(W)),
     "gemm_secret_c": (
         single("Gemm", ["x", "wt", "c"], [weight("wt", W.T.astype(np.float32)), weight("c", B.astype(np.float32))], transB=1),
@@ -75,7 +77,7 @@ CASES = {
 @pytest.mark.parametrize("name", CASES)
 def test_an_answers_last_product_opens_exactly_without_a_truncation(name):
     m, weights, exact = CASES[name]
-    feeds = {"x": X, "z": W} if name == "matmul_secret" else {"x": X}
+    feeds = {"x": X, "z": W, "zx": X[::-1]} if name in ("matmul_secret", "mul_secret") else {"x": X}
     got, protocols = opened(m, feeds, {n: np.asarray(w, dtype=np.float32) for n, w in weights.items()})
     want = exact()
     # Exact up to the float32 the answer is returned in; one truncation would err up to 2^-18 = 3.8e-6.
