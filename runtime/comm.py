@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import os
 import queue
-from array import array
 import threading
 import time
+from array import array
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -267,6 +267,7 @@ class MPIComm(Communicator):
         self.min_sleep = min_sleep
         self.max_sleep = max_sleep
         self.timeout = timeout
+        self._acks: list = []  # acknowledgements in flight (their buffers must outlive the sends)
 
     def _exchange(self, sends, recvs):
         got = {frm: np.empty(shape, dtype) for frm, (shape, dtype) in recvs.items()}
@@ -330,7 +331,7 @@ class MPIComm(Communicator):
 
     def acknowledge(self, peer: int) -> None:
         """Tell `peer`, which ends the job, that this rank has said so."""
-        self._acks = getattr(self, "_acks", []) + [self._send_quietly(np.ones(1, np.uint8), peer, ACK_TAG)]
+        self._acks.append(self._send_quietly(np.ones(1, np.uint8), peer, ACK_TAG))
 
     def _peers(self) -> list[int]:
         return [p for p in range(PARTIES) if p != self.rank]

@@ -215,8 +215,7 @@ def _check_shapes(model: onnx.ModelProto, path: Path) -> None:
     Strict shape inference on the graph with its float initializers declared rather than stored
     (their values do not shape anything): milliseconds instead of a copy of every weight.
     """
-    light = onnx.ModelProto()
-    light.CopyFrom(onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, functions=model.functions))
+    light = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, functions=model.functions)
     graph = light.graph
     graph.node.extend(model.graph.node)
     graph.input.extend(model.graph.input)
@@ -263,13 +262,17 @@ def _read_metadata(meta_file: Path) -> dict:
     return meta
 
 
+def _is_int(value, least: int) -> bool:
+    """A JSON integer (not a boolean) of at least `least`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
 def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return _is_int(value, 1)
 
 
 def _is_token_ids(value) -> bool:
-    values = value if isinstance(value, list) else [value]
-    return value is None or all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+    return value is None or all(_is_int(v, 0) for v in (value if isinstance(value, list) else [value]))
 
 
 # The puma.json keys the runtime reads, and what each must hold.

@@ -4,17 +4,12 @@ import pytest
 from puma_onnx.runtime import arith
 from puma_onnx.runtime.comm import run_parties
 
-from .helpers import cost_of, open_fx, share_fx, share_ring
+from .helpers import cost_of, encoded, open_fx, share_fx, share_ring
 
 rng = np.random.default_rng(5)
 ULP = 2.0**-18
 
 
-def encoded(x, f=18):
-    """What the protocols receive: x rounded to f fractional bits. Products of encodings are exact in the
-    ring, so each fixed-point product below errs by its one truncation only: floor or floor + 1, within
-    one ulp either side of the exact value."""
-    return np.rint(np.asarray(x) * 2.0**f) / 2.0**f
 
 
 def test_share_reveal_roundtrip_from_every_owner():

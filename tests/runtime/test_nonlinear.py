@@ -14,15 +14,12 @@ from puma_onnx.runtime import approx, arith, compare, convert, nonlinear
 from puma_onnx.runtime.comm import run_parties
 from puma_onnx.runtime.nonlinear import NormDomain
 
-from .helpers import cost_of, open_fx, share_fx
+from .helpers import cost_of, encoded, open_fx, share_fx
 
 ULP = 2.0**-18
 rng = np.random.default_rng(2307)
 
 
-def encoded(x):
-    """What the kernels actually receive: x rounded to 18 fractional bits."""
-    return np.rint(np.asarray(x) * 2**18) / 2**18
 
 
 def secure(fn, *arrays):

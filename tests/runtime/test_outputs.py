@@ -15,7 +15,7 @@ from puma_onnx.runtime.session import CLIENT, reveal_outputs
 from puma_onnx.runtime.weights import share_weights
 
 from ..passes.graphs import FLOAT, const, model, weight
-from .helpers import share_fx
+from .helpers import encoded, share_fx
 from .views import leaks, replicated
 
 RNG = np.random.default_rng(21)
@@ -25,9 +25,6 @@ W = RNG.normal(0, 1, (3, 4))
 B = RNG.normal(0, 1, 4)
 
 
-def encoded(a) -> np.ndarray:
-    """What the ranks compute with: a rounded to F fractional bits."""
-    return np.rint(np.asarray(a, dtype=np.float64) * 2**F) / 2**F
 
 
 def opened(m, feeds: dict, weights: dict) -> tuple[np.ndarray, set[str]]:
