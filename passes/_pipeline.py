@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import warnings
 
 import onnx
 import onnx_ir as ir
@@ -158,17 +159,22 @@ def rewrite(model: onnx.ModelProto, approx_set: str = approx.DEFAULT) -> tuple[o
 
 def analyze(model: onnx.ModelProto) -> dict[str, str]:
     """Value name -> "public" or "secret" for every value of the main graph."""
-    levels = secrecy.analyze_graph(ir.serde.deserialize_model(model).graph)
+    with warnings.catch_warnings():  # a synthetic weight's recipe keys (runtime/store.py) are not onnx's
+        warnings.filterwarnings("ignore", message=r"Ignoring unknown external data key")
+        levels = secrecy.analyze_graph(ir.serde.deserialize_model(model).graph)
     return {value.name: level for value, level in levels.items()}
 
 
 def rewrite_file(
-    in_path: str | os.PathLike, out_path: str | os.PathLike, approx_set: str = approx.DEFAULT
+    in_path: str | os.PathLike, out_path: str | os.PathLike, approx_set: str = approx.DEFAULT,
+    external_data: bool | None = None,
 ) -> RewriteReport:
-    """Rewrite the ONNX file at in_path into out_path (external data beside it when large)."""
+    """Rewrite the ONNX file at in_path into out_path, with its weights in external data beside it
+    (OUT.data) when `external_data`, or by default when they pass 1 GB."""
     model = ir.load(in_path)
     report = rewrite_ir(model, approx_set)
-    size = sum(t.const_value.nbytes for t in model.graph.initializers.values() if t.const_value)
-    external = os.path.basename(out_path) + ".data" if size > _EXTERNAL_DATA_BYTES else None
-    ir.save(model, out_path, external_data=external)
+    if external_data is None:
+        size = sum(t.const_value.nbytes for t in model.graph.initializers.values() if t.const_value)
+        external_data = size > _EXTERNAL_DATA_BYTES
+    ir.save(model, out_path, external_data=os.path.basename(out_path) + ".data" if external_data else None)
     return report

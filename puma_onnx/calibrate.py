@@ -22,6 +22,7 @@ graph's tensors are read here directly: one augmented session, the same run.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -95,14 +96,18 @@ def record_ranges(model_path: str | Path, inputs: list[np.ndarray]) -> dict[str,
     """Per node name, the statistics of the module docstring over all inputs (plain floats)."""
     import onnxruntime as ort
 
-    model = onnx.load(str(model_path))
+    model_path = Path(model_path)
+    model = onnx.load(str(model_path), load_external_data=False)  # external weights stay in their file
     watched = _watched(model)
     wanted = [node.output[0] if node.op_type in _PRODUCTS else node.input[0] for _, node in watched]
     known = {o.name for o in model.graph.output}
     for name in dict.fromkeys(wanted):
         if name not in known:
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    # Saved beside the model, so that its external data (if any) is found where the model says.
+    with tempfile.NamedTemporaryFile(dir=model_path.parent, prefix=".calibration.", suffix=".onnx") as f:
+        onnx.save(model, f.name)
+        session = ort.InferenceSession(f.name, providers=["CPUExecutionProvider"])
     del model
     names = [i.name for i in session.get_inputs()]
     past = past_inputs((i.name, i.shape) for i in session.get_inputs())

@@ -31,6 +31,9 @@ TOKENIZER_FILES = (
     "vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"
 )
 DECODER_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+# A synthetic-weight export builds this many layers in PyTorch and repeats the last (layer 0 reads the
+# embedding, so the repeated layer is a middle one).
+SYNTHETIC_BUILT = 2
 
 
 class ExportError(Exception):
@@ -198,13 +201,28 @@ def export(
     layers: int | None = None,
     seed: int = 0,
     warn: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
+    synthetic: bool | None = None,
 ) -> dict:
-    """Export to OUT_DIR/model.onnx with tokenizer files and puma.json; returns the metadata."""
+    """Export to OUT_DIR/model.onnx with tokenizer files and puma.json; returns the metadata.
+
+    `synthetic` (default: the registry entry's choice) exports at most SYNTHETIC_BUILT layers with
+    real random weights and records the depth asked for; `prepare` then makes the rewritten model
+    synthetic at that depth (`puma_onnx.synthetic`).
+    """
     if layers is not None and layers < 1:
         raise ExportError(f"--layers must be at least 1, got {layers}")
     source = resolve(name_or_dir)
     out_dir = Path(out_dir)
     random_weights = source.folder is None
+    synthetic = source.spec.synthetic if synthetic is None else synthetic
+    target_layers = None
+    if synthetic:
+        if not random_weights:
+            raise ExportError(f"{source.name} has real weights; --synthetic-weights is for random-weight models")
+        target_layers = layers or source.spec.config.get("num_hidden_layers")
+        if not target_layers:
+            raise ExportError(f"{source.name}'s config has no num_hidden_layers to repeat")
+        layers = min(target_layers, SYNTHETIC_BUILT)
     if random_weights:
         warn(
             f"puma-onnx: {source.name} has no local weights: exporting RANDOM weights "
@@ -246,6 +264,8 @@ def export(
         "outputs": outputs,
         "export_s": round(time.perf_counter() - start, 2),
     }
+    if synthetic:
+        metadata["synthetic_weights"] = {"seed": seed, "layers": target_layers, "built_layers": layers}
     (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return metadata
 
@@ -266,9 +286,14 @@ def prepare(
     approx_set: str | None = None,
     calibration: str | Path | None = None,
     warn: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
+    external_data: bool = False,
 ):
     """Rewrite OUT_DIR/model.onnx into model.puma.onnx with the approximation set `approx_set`, run it
     in onnxruntime on the calibration inputs and record the activation ranges in puma.json.
+
+    With `external_data`, model.puma.onnx keeps its weights in model.puma.onnx.data (as any model
+    past 1 GB does). A synthetic-weight export (`export(synthetic=True)`) is then made synthetic at
+    its full depth (`synthesize`).
 
     Returns (the rewrite report, the number of calibration inputs). Raises ExportError for a
     calibration file that cannot be read; the rewrite's UnsupportedSecretOps passes through.
@@ -285,7 +310,7 @@ def prepare(
         raise ExportError(str(e)) from None
     meta_file = out_dir / METADATA_FILE
     meta = json.loads(meta_file.read_text())
-    report = rewrite_file(out_dir / "model.onnx", out_dir / REWRITTEN_FILE, approx_set)
+    report = rewrite_file(out_dir / "model.onnx", out_dir / REWRITTEN_FILE, approx_set, external_data=external_data or None)
     source = str(calibration) if calibration else "shipped texts"
     try:
         texts = read_texts(calibration or shipped_texts())
@@ -303,7 +328,47 @@ def prepare(
     meta["approx"] = approx_set
     meta["ranges"] = {"source": source, "inputs": len(inputs), "nodes": nodes}
     meta_file.write_text(json.dumps(meta, indent=2) + "\n")
+    if meta.get("synthetic_weights"):
+        synthesize(out_dir)
     return report, len(inputs)
+
+
+def synthesize(out_dir: str | Path) -> dict:
+    """Make OUT_DIR's rewritten model synthetic at the depth puma.json asks for: secret matrices become
+    seeded recipes, the last built layer is repeated, the built model's weight files are removed, and
+    the copied layers take the recorded ranges of the layer they copy. Returns the metadata."""
+    import onnx
+
+    from puma_onnx.passes import analyze
+    from puma_onnx.synthetic import CloneError, clone_layers, make_synthetic, synthetic_bytes
+
+    out_dir = Path(out_dir)
+    meta_file = out_dir / METADATA_FILE
+    meta = json.loads(meta_file.read_text())
+    plan = meta["synthetic_weights"]
+    rewritten = out_dir / REWRITTEN_FILE
+    model = onnx.load(str(rewritten))
+    levels = analyze(model)
+    secret = {t.name for t in model.graph.initializer if levels.get(t.name) == "secret"}
+    make_synthetic(model, secret, plan["seed"])
+    try:
+        sources = clone_layers(model, plan["layers"])
+    except CloneError as e:
+        raise ExportError(f"cannot repeat the layers of {meta['model']}: {e}") from None
+    for path in out_dir.iterdir():  # the built model and its data: the synthetic model replaces them
+        if path.name.startswith(("model.onnx", REWRITTEN_FILE)):
+            path.unlink()
+    onnx.save(model, str(rewritten))
+    nodes = meta.get("ranges", {}).get("nodes", {})
+    for copy, source in sources.items():
+        if source in nodes:
+            nodes[copy] = nodes[source]
+    if sources:
+        meta["ranges"]["source"] += f"; layers {plan['built_layers']}-{plan['layers'] - 1} copy layer {plan['built_layers'] - 1}'s"
+    plan["fp32_bytes"] = synthetic_bytes(model)
+    meta["num_layers"] = plan["layers"]
+    meta_file.write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
 
 
 CACHE_ENV = "PUMA_ONNX_CACHE"
@@ -328,7 +393,7 @@ def cached_export(name: str, warn: Callable[[str], None] = lambda msg: print(msg
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
     try:
-        export(name, staging, warn=warn)
+        export(name, staging, warn=warn)  # (a synthetic registry entry stays synthetic)
         prepare(staging, warn=warn)
         try:
             staging.rename(folder)

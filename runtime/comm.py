@@ -93,6 +93,17 @@ class Communicator:
         self._computed, self._sent = array("d"), array("q")
         self._round_end = time.perf_counter()
 
+    @contextmanager
+    def untraced(self):
+        """Rounds that are not the online protocol's (weights streamed into the walk): left out of
+        the trace, with the time they took; compute before and after them stays counted."""
+        rounds, pending = len(self._sent), time.perf_counter() - self._round_end
+        try:
+            yield
+        finally:
+            del self._computed[rounds:], self._sent[rounds:]
+            self._round_end = time.perf_counter() - pending
+
     @property
     def trace(self) -> list[tuple[float, int]]:
         """(seconds computed before the round, bytes sent in it) for each round since `begin_trace`."""

@@ -92,6 +92,7 @@ class Executor:
     fits: approx.ApproxSet = approx.REFIT
     plan: dict = field(default_factory=dict)  # per node, its planned variant (ranges.plan_kernels)
     stats: list[OpStats] = field(default_factory=list)
+    stream: object = None  # a weights.WeightStream: weights shared layer by layer during the walk
 
     def __post_init__(self):
         graph = self.model.graph
@@ -104,6 +105,10 @@ class Executor:
             for name in node.inputs:
                 self._last_use[name] = i
         self.layers = sorted({layer_of(n.name) for n in self.nodes} - {None})
+        self.first_use = {}
+        for i, node in enumerate(self.nodes):
+            for name in node.inputs:
+                self.first_use.setdefault(name, i)
         # Nodes whose outputs are answers only (no later node reads them, and not a decoder's cache, which
         # stays secret for the next step): their products may stay untruncated (`kernels.Unscaled`).
         answers = {name for name in self.output_names if not name.startswith(PRESENT_PREFIX)}
@@ -127,6 +132,8 @@ class Executor:
         for i, node in enumerate(self.nodes):
             if on_node is not None:
                 on_node(node)
+            if self.stream is not None:
+                self.stream.arrive(i, env)
             inputs = [env[name] if name else None for name in node.inputs]
             before, start = comm.stats.snapshot(), time.perf_counter()
             ctx.final = self._final[i]

@@ -216,7 +216,7 @@ def generate(comm: Communicator, opts: GenerateOptions) -> dict | None:
     executor.answers_stay_secret()
     client = comm.rank == CLIENT
     params = broadcast_json(comm, started.extra.public() if client else None, CLIENT)
-    resident = keep_resident(executor.weights)
+    resident = executor.stream is None and keep_resident(executor.weights, opts.weight_budget)
     streamer = Streamer(info["tokenizer"], started.extra.ids, sys.stdout) if client else None
     noise_source = np.random.default_rng(opts.seed) if comm.rank == HELPER_RANK else None
     eos = info["eos_token_id"]
@@ -227,6 +227,7 @@ def generate(comm: Communicator, opts: GenerateOptions) -> dict | None:
     online_start = time.perf_counter()
     for step in range(params["max_new_tokens"]):
         began, before = time.perf_counter(), comm.stats.snapshot()
+        streamed_before, streamed_s_before = started.streamed()
         if step == 0:  # the prompt: the long walk, with its progress bar
             with Progress(executor, opts.progress and client) as progress:
                 outputs = executor.run(feeds, on_node=progress)
@@ -245,8 +246,10 @@ def generate(comm: Communicator, opts: GenerateOptions) -> dict | None:
             if client:
                 streamer.add(token)
             done = broadcast_flag(comm, client and (token in eos or step + 1 == params["max_new_tokens"]), CLIENT)
-        cost = comm.stats.snapshot() - before
-        steps.append({"time_s": round(time.perf_counter() - began, 6), "bytes": cost.bytes, "rounds": cost.rounds,
+        streamed, streamed_s = started.streamed()  # weights streamed into this step: not its online cost
+        cost = comm.stats.snapshot() - before - (streamed - streamed_before)
+        took = time.perf_counter() - began - (streamed_s - streamed_s_before)
+        steps.append({"time_s": round(took, 6), "bytes": cost.bytes, "rounds": cost.rounds,
                       "tokens_in_context": context})
         if done:
             break

@@ -47,7 +47,8 @@ from .positions import position_limit
 from .ranges import RANGE_KEYS, RangeError, plan_kernels
 from .ring import FixedPoint
 from .shares import AShare
-from .weights import WeightShare, share_weights
+from .store import StoreError, TensorStore, is_external, is_synthetic
+from .weights import WeightShare, WeightStream, layer_groups, share_weights
 from .wire import broadcast_bytes, broadcast_json, gather_json
 
 OWNER, CLIENT, HELPER = 0, 1, 2
@@ -55,6 +56,9 @@ REWRITTEN_FILE = "model.puma.onnx"
 ORIGINAL_FILE = "model.onnx"
 # A decoder's cache inputs; its outputs of the same name start with PRESENT_PREFIX.
 PAST_PREFIX = "past_key_values."
+# Weights stay resident (shared once, kept for every walk) while the largest per-rank form, rank 1's
+# 8 bytes per weight, takes at most this; larger models stream their weights layer by layer.
+WEIGHT_BUDGET = 4 << 30
 
 
 class UserError(Exception):
@@ -77,6 +81,7 @@ class RunOptions:
     timeout: float = 300.0  # seconds a rank waits for a silent peer before the job ends
     networks: tuple[str, ...] = ()  # more BANDWIDTH,RTT settings for the report's network_estimates
     simulate_network: str | None = None  # BANDWIDTH,RTT: every round takes as long as over that link
+    weight_budget: int = WEIGHT_BUDGET  # bytes per rank the shared weights may keep; past it they stream
 
 
 def agree(comm: Communicator, root: int, step, others_see: str | None = None):
@@ -138,12 +143,13 @@ def is_rewritten(model: onnx.ModelProto) -> bool:
 
 def load_model(
     path_str: str, frac_bits: int = 18, msb_bits: int = DEFAULT_MSB_BITS, all_logits: bool = False
-) -> tuple[onnx.ModelProto, dict, list[str]]:
-    """The rewritten model, its public info, and the names of the secret initializers (owner only).
+) -> tuple[onnx.ModelProto, dict, list[str], TensorStore]:
+    """The rewritten model (without its external data), its public info, the names of the secret
+    initializers and the store that reads them one at a time (owner only).
 
     The info holds the approximation set and every secure kernel's planned variant (`ranges`),
     checked against the activation ranges puma.json records, so a range no kernel covers stops
-    here, before any share moves.
+    here, before any share moves. Missing or truncated external data stops here too.
     """
     from puma_onnx.passes import UnsupportedSecretOps, analyze, rewrite
     from puma_onnx.passes.functions import APPROX_KEY
@@ -151,12 +157,21 @@ def load_model(
     path, folder = _model_paths(Path(path_str))
     meta = _read_metadata(folder / "puma.json")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises several kinds on a corrupt file
         raise UserError(f"cannot read ONNX model {str(path)!r}: {e}") from None
+    store = TensorStore(model, path.parent)
+    try:
+        store.check()
+    except StoreError as e:
+        raise UserError(str(e)) from None
     _check_opset(model, path)
     _check_shapes(model, path)
     if not is_rewritten(model):
+        if store.any_synthetic:
+            raise UserError(f"{str(path)!r} has synthetic weights but is not rewritten; export it again")
+        if any(is_external(t) for t in model.graph.initializer):  # the rewriter needs the tensors loaded
+            onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
         try:
             model, _ = rewrite(model, meta.get("approx", approx.DEFAULT))
         except (UnsupportedSecretOps, ValueError) as e:  # ValueError: an unknown approximation set
@@ -164,9 +179,13 @@ def load_model(
     decoder = lm_head(model) is not None
     if decoder and not all_logits:
         model = last_position_logits(model)
+    store = TensorStore(model, path.parent)
     levels = analyze(model)
     secret_weights = [t.name for t in model.graph.initializer if levels.get(t.name) == "secret"]
-    _check_encodable(model, set(secret_weights), FixedPoint(frac_bits))
+    synthetic_public = [t.name for t in model.graph.initializer if is_synthetic(t) and t.name not in secret_weights]
+    if synthetic_public:
+        raise UserError(f"{str(path)!r}: synthetic weight {synthetic_public[0]!r} is not a secret weight")
+    _check_encodable(store, secret_weights, FixedPoint(frac_bits))
     nodes = parse_nodes(model.graph)
     missing = unsupported(nodes, lambda name: levels.get(name) == "secret")
     if missing:
@@ -178,7 +197,7 @@ def load_model(
     recorded = _recorded_ranges(meta, folder / "puma.json")
     try:
         plan = plan_kernels(
-            nodes, lambda name: levels.get(name) == "secret", recorded, frac_bits, msb_bits, weights=_constants(model)
+            nodes, lambda name: levels.get(name) == "secret", recorded, frac_bits, msb_bits, weights=_constants(model, store)
         )
     except RangeError as e:
         raise UserError(str(e)) from None
@@ -197,8 +216,9 @@ def load_model(
         "approx": fits,
         "ranges": "recorded" if recorded else "defaults",
         "plan": plan,
+        "synthetic_weights": any(store.synthetic(name) for name in secret_weights),
     }
-    return model, info, secret_weights
+    return model, info, secret_weights, store
 
 
 def _check_opset(model: onnx.ModelProto, path: Path) -> None:
@@ -301,33 +321,36 @@ def _recorded_ranges(meta: dict, meta_file: Path) -> dict | None:
     return nodes or None
 
 
-def _constants(model: onnx.ModelProto) -> Callable[[str], np.ndarray]:
+def _constants(model: onnx.ModelProto, store: TensorStore) -> Callable[[str], np.ndarray]:
     """name -> array for initializers and Constant outputs, through Identity nodes (exporters alias
     equal weights that way); read on demand, the owner plans with them. KeyError for anything else."""
-    tensors = {t.name: t for t in model.graph.initializer}
+    tensors = {}
     for node in model.graph.node:
         if node.op_type == "Constant":
             tensors.update({node.output[0]: a.t for a in node.attribute if a.name == "value"})
     alias = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity"}
 
     def value(name: str) -> np.ndarray:
-        while name not in tensors and name in alias:
+        while name not in tensors and name not in store.tensors and name in alias:
             name = alias[name]
-        return numpy_helper.to_array(tensors[name])
+        return numpy_helper.to_array(tensors[name]) if name in tensors else store.read(name)
 
     return value
 
 
-def _check_encodable(model: onnx.ModelProto, names: set[str], fxp: FixedPoint) -> None:
-    """Every secret weight fits the fixed-point range, checked before any share moves."""
-    for t in model.graph.initializer:
-        if t.name in names:
-            worst = float(np.abs(numpy_helper.to_array(t)).max(initial=0.0))
-            if not worst < fxp.bound:
-                raise UserError(
-                    f"weight {t.name!r} does not fit fixed point with {fxp.frac_bits} fractional bits "
-                    f"(|x| < {fxp.bound:.4g})"
-                )
+def _check_encodable(store: TensorStore, names: list[str], fxp: FixedPoint) -> None:
+    """Every secret weight fits the fixed-point range, checked before any share moves (one weight
+    read at a time)."""
+    for name in names:
+        try:
+            worst = store.bound(name)
+        except StoreError as e:
+            raise UserError(str(e)) from None
+        if not worst < fxp.bound:
+            raise UserError(
+                f"weight {name!r} does not fit fixed point with {fxp.frac_bits} fractional bits "
+                f"(|x| < {fxp.bound:.4g})"
+            )
 
 
 def _vocab_limits(model: onnx.ModelProto) -> dict[str, int]:
@@ -341,8 +364,9 @@ def _vocab_limits(model: onnx.ModelProto) -> dict[str, int]:
     return limits
 
 
-def skeleton(model: onnx.ModelProto, secret_weights: list[str]) -> tuple[bytes, list]:
-    """The model without its secret initializers (bytes), and their (name, shape) list.
+def skeleton(model: onnx.ModelProto, secret_weights: list[str], store: TensorStore | None = None) -> tuple[bytes, list]:
+    """The model without its secret initializers (bytes), and their (name, shape) list; public
+    initializers kept in external data are read in (`store`).
 
     Built field by field: copying the whole model first would hold every weight twice.
     """
@@ -350,7 +374,9 @@ def skeleton(model: onnx.ModelProto, secret_weights: list[str]) -> tuple[bytes, 
     graph = onnx.GraphProto(name=model.graph.name)
     for field in ("node", "input", "output", "value_info"):
         getattr(graph, field).extend(getattr(model.graph, field))
-    graph.initializer.extend(t for t in model.graph.initializer if t.name not in secret)
+    graph.initializer.extend(
+        (store.embedded(t.name) if store is not None else t) for t in model.graph.initializer if t.name not in secret
+    )
     light = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name, graph=graph)
     light.opset_import.extend(model.opset_import)
     light.functions.extend(model.functions)
@@ -634,6 +660,12 @@ class Started:
     setup_s: float
     setup: Cost
     online_from: Cost  # the counters when the weights were shared
+    manifest: list  # the secret weights' (name, shape), public
+
+    def streamed(self) -> tuple[Cost, float]:
+        """What sharing streamed weights has cost this rank so far: (counters, seconds)."""
+        stream = self.executor.stream
+        return (Cost(), 0.0) if stream is None else (stream.cost, stream.time_s)
 
 
 def start(
@@ -658,10 +690,11 @@ def start(
             return load_model(opts.model, opts.frac_bits, party.msb_bits, opts.all_logits)
 
     loaded = agree(comm, OWNER, load)
-    light = manifest = info = None
+    light = manifest = info = store = None
     if r == OWNER:
-        model, info, secret_weights = loaded
-        light, manifest = skeleton(model, secret_weights)
+        model, info, secret_weights, store = loaded
+        light, manifest = skeleton(model, secret_weights, store)
+        del model, loaded
         if info["ranges"] == "defaults":
             print(
                 f"puma-onnx: {info['name']} has no recorded activation ranges (puma-onnx export records them): "
@@ -680,28 +713,86 @@ def start(
     )
     raw, extra = taken if r == CLIENT else (None, None)
     feeds = make_feeds(comm, raw, info)
+    executor = Executor(party, onnx.load_from_string(light), {}, approx.lookup(info["approx"]), info["plan"])
+    groups, starts = layer_groups(manifest, executor.first_use, lambda i: layer_of(executor.nodes[i].name))
+    streamed = weight_bytes(manifest, CLIENT) > opts.weight_budget
+    hosts = gather_json(comm, {"host": os.uname().nodename, "available": _available_bytes()}, OWNER)
+    needs = memory_needs(manifest, groups, streamed)
+    agree(comm, OWNER, lambda: check_memory(hosts, needs, streamed))
     before_setup = comm.stats.snapshot()
 
     setup_start = time.perf_counter()
-    initializers = {t.name: t for t in model.graph.initializer} if r == OWNER else {}
-    if r == OWNER:
-        del model, loaded
-
-    def weight(name: str) -> np.ndarray:
-        return numpy_helper.to_array(initializers.pop(name))
-
-    weights = share_weights(party, manifest, weight)
-    initializers.clear()
+    values = store.read if r == OWNER else None
+    if streamed:
+        executor.stream = WeightStream(party, manifest, values, groups, starts)
+    else:
+        executor.weights = share_weights(party, manifest, values, groups)
     setup_s = time.perf_counter() - setup_start
     after_setup = comm.stats.snapshot()
-    executor = Executor(party, onnx.load_from_string(light), weights, approx.lookup(info["approx"]), info["plan"])
-    return Started(party, info, executor, raw, feeds, extra, began, setup_s, after_setup - before_setup, after_setup)
+    return Started(
+        party, info, executor, raw, feeds, extra, began, setup_s, after_setup - before_setup, after_setup, manifest
+    )
+
+
+# What a rank keeps per weight, resident: the owner its float32 weights, the client (rank 1) x_1, the
+# helper nothing (it regenerates its components from keys).
+KEPT_BYTES = {OWNER: 4, CLIENT: 8, HELPER: 0}
+# A rank's memory beside its weights: the interpreter, onnx and numpy, the graph, activations (a rough
+# floor, for the check before any share moves).
+BASE_BYTES = 1 << 30
+
+
+def weight_bytes(manifest: list, rank: int, indices=None) -> int:
+    """Bytes `rank` keeps for the weights (all, or the manifest `indices`) while they are shared."""
+    chosen = range(len(manifest)) if indices is None else indices
+    return KEPT_BYTES[rank] * sum(int(np.prod(manifest[i][1], dtype=np.int64)) for i in chosen)
+
+
+def memory_needs(manifest: list, groups: list[list[int]], streamed: bool) -> list[int]:
+    """Each rank's rough peak: BASE_BYTES, its kept weights (all, or the largest group when streamed),
+    and a product's temporaries over the largest weight (its operand and float64 limbs, 32 bytes per
+    weight)."""
+    largest = max((int(np.prod(shape, dtype=np.int64)) for _, shape in manifest), default=0)
+    needs = []
+    for rank in (OWNER, CLIENT, HELPER):
+        kept = max((weight_bytes(manifest, rank, g) for g in groups), default=0) if streamed else weight_bytes(manifest, rank)
+        needs.append(BASE_BYTES + kept + 32 * largest)
+    return needs
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(hosts: list[dict], needs: list[int], streamed: bool) -> None:
+    """The ranks on each host need no more memory than it has available (`hosts[r]`: rank r's host
+    name and available bytes): a clear error before any share moves instead of an out-of-memory kill."""
+    by_host: dict[str, list[int]] = {}
+    for rank, seen in enumerate(hosts):
+        by_host.setdefault(seen["host"], []).append(rank)
+    for host, ranks in by_host.items():
+        available = hosts[ranks[0]]["available"]
+        need = sum(needs[r] for r in ranks)
+        if available is not None and need > available:
+            hint = "" if streamed else "; a smaller --weight-budget streams the weights layer by layer"
+            raise UserError(
+                f"ranks {', '.join(map(str, ranks))} on {host} need about {need / 2**30:.1f} GiB "
+                f"and {available / 2**30:.1f} GiB is available{hint}"
+            )
 
 
 def costs(comm: Communicator, started: Started, stats: list, extra: dict | None = None) -> list | None:
     """Every rank's online and setup counters, memory and per-op bytes (`stats`), and its `extra`
     (JSON-able), at the client."""
-    online = comm.stats.snapshot() - started.online_from
+    streamed, streamed_s = started.streamed()
+    online = comm.stats.snapshot() - started.online_from - streamed
     mine = {
         **(extra or {}),
         "trace": [[round(c, 6), int(b)] for c, b in comm.trace],
@@ -709,7 +800,9 @@ def costs(comm: Communicator, started: Started, stats: list, extra: dict | None 
         "bytes_online": online.bytes,
         "rounds_online": online.rounds,
         "messages_online": online.messages,
-        "bytes_setup": started.setup.bytes,
+        "bytes_setup": started.setup.bytes + streamed.bytes,
+        "rounds_setup": started.setup.rounds + streamed.rounds,
+        "weights_s": round(started.setup_s + streamed_s, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "op_bytes": [s.bytes for s in stats],
         "by_protocol": {k: [c.bytes, c.rounds] for k, c in comm.stats.by_protocol().items()},
@@ -718,20 +811,30 @@ def costs(comm: Communicator, started: Started, stats: list, extra: dict | None 
 
 
 def base_report(started: Started, everyone: list, opts: RunOptions, online_s: float, stats: list) -> dict:
-    """The report's keys every command shares (see the README), at the client."""
+    """The report's keys every command shares (see the README), at the client. `online_s` is the
+    walk's wall time; time spent sharing streamed weights in it is reported under `weights`."""
     info = started.info
+    streamed_s = started.streamed()[1]
     return {
         "model": info["name"],
         "inputs": {name: list(v.shape) for name, v in started.raw.items()},
         "wall_s": round(time.perf_counter() - started.start, 3),
         "setup_s": round(started.setup_s, 3),
-        "online_s": round(online_s, 3),
+        "online_s": round(online_s - streamed_s, 3),
         "bytes_sent": [e["bytes_online"] for e in everyone],
         "bytes_sent_total": sum(e["bytes_online"] for e in everyone),
         "rounds": [e["rounds_online"] for e in everyone],
         "messages": [e["messages_online"] for e in everyone],
         "setup_bytes_sent": [e["bytes_setup"] for e in everyone],
         "peak_rss_mb": [e["peak_rss_mb"] for e in everyone],
+        "weights": {
+            "mode": "streamed" if started.executor.stream is not None else "resident",
+            "synthetic": info.get("synthetic_weights", False),
+            "count": sum(int(np.prod(shape, dtype=np.int64)) for _, shape in started.manifest),
+            "bytes_sent": sum(e["bytes_setup"] for e in everyone),
+            "rounds": max(e["rounds_setup"] for e in everyone),
+            "time_s": max(e["weights_s"] for e in everyone),
+        },
         "frac_bits": opts.frac_bits,
         "approx": info["approx"],
         "ranges": info["ranges"],

@@ -12,7 +12,8 @@ with AES-NI) and, on the owner, one encoding.
 
 Security is that of `arith.share`: rank 1 sees x_1, masked by x_0 whose key it
 lacks; rank 2 sees x_0 and x_2, both independent of W.
-Cost: 1 round per weight, 8 bytes per weight from the owner, once.
+Cost: 8 bytes per weight from the owner, once (or once per walk when streamed), in
+one round per group of weights shared together (`share_weights`, `WeightStream`).
 
 Products with a weight (`matmul_part`) use that the owner knows W: with x shared
 as (x_0, x_1, x_2), x W = (x_0 + x_1) W + x_2 (W_1 + W_2) + x_2 W_0, one ring
@@ -23,11 +24,12 @@ The three additive parts then go through the truncation, which masks them.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .comm import PARTIES
+from .comm import PARTIES, Cost
 from .party import Party
 from .prg import PRG, SEED_BYTES
 from .ring import FixedPoint, ring_matmul
@@ -131,7 +133,8 @@ class WeightShare:
 
 
 # Weights kept resident for generation while they take at most this many bytes per rank (GPT-2 base and
-# SmolLM2-135M: about 2 GB; larger models regenerate their components per step, as one pass does).
+# SmolLM2-135M: about 2 GB; larger models regenerate their components per step, as one pass does);
+# `--weight-budget` sets it.
 RESIDENT_BYTES = 4 << 30
 
 
@@ -164,21 +167,126 @@ def weight_seeds(party: Party) -> tuple[bytes | None, bytes]:
     return None, seed_2
 
 
-def share_weights(party: Party, manifest: list, values) -> dict[str, WeightShare]:
-    """Share each (name, shape) of the manifest; `values(name)` gives the owner its float array."""
-    seed_0, seed_2 = weight_seeds(party)
+# A group's x_1 goes to rank 1 in messages of at most this many words (1 GiB), well under MPI's 2^31 count.
+MESSAGE_WORDS = 1 << 27
+
+
+def share_weights(
+    party: Party, manifest: list, values, groups: list[list[int]] | None = None, seeds=None
+) -> dict[str, WeightShare]:
+    """Share the (name, shape) entries of the manifest; `values(name)` gives the owner its float array.
+
+    `groups` lists manifest indices shared together (default: all of them): the owner sends a
+    group's x_1 to rank 1 in one message (or a few of MESSAGE_WORDS), and rank 1 keeps views into
+    it. `seeds` (from `weight_seeds`) lets a stream share its groups one at a time under the same
+    keys, so every group's shares are those of one sharing of the whole model.
+    Cost: 8 bytes per weight from the owner, one round per group (per MESSAGE_WORDS words).
+    """
+    seed_0, seed_2 = seeds or weight_seeds(party)
     comm, r = party.comm, party.rank
+    groups = [list(range(len(manifest)))] if groups is None else groups
     out = {}
     with comm.tag("share_weights"):
-        for index, (name, shape) in enumerate(manifest):
-            shape = tuple(shape)
-            kept = None
-            if r == OWNER:
-                kept = np.asarray(values(name), dtype=np.float32)
-                comm.exchange({1: _encode_minus_streams(party.fxp, kept, [seed_0, seed_2], index)}, {})
-            elif r == 1:
-                kept = comm.exchange({}, {OWNER: (shape, np.uint64)})[OWNER]
-            else:
-                comm.exchange({}, {})
-            out[name] = WeightShare(index, shape, r, kept, seed_0, seed_2, party.fxp)
+        for group in groups:
+            for part in _messages([(i, tuple(manifest[i][1])) for i in group]):
+                sizes = [int(np.prod(shape, dtype=np.int64)) for _, shape in part]
+                kept_floats = {}
+                if r == OWNER:
+                    buffer = np.empty(sum(sizes), np.uint64)
+                    at = 0
+                    for (index, shape), size in zip(part, sizes):
+                        name = manifest[index][0]
+                        kept_floats[index] = np.asarray(values(name), dtype=np.float32).reshape(shape)
+                        buffer[at : at + size] = _encode_minus_streams(
+                            party.fxp, kept_floats[index], [seed_0, seed_2], index
+                        ).reshape(-1)
+                        at += size
+                    comm.exchange({1: buffer}, {})
+                    del buffer
+                elif r == 1:
+                    buffer = comm.exchange({}, {OWNER: ((sum(sizes),), np.uint64)})[OWNER]
+                else:
+                    comm.exchange({}, {})
+                at = 0
+                for (index, shape), size in zip(part, sizes):
+                    kept = kept_floats.get(index) if r == OWNER else (buffer[at : at + size].reshape(shape) if r == 1 else None)
+                    at += size
+                    out[manifest[index][0]] = WeightShare(index, shape, r, kept, seed_0, seed_2, party.fxp)
     return out
+
+
+def _messages(entries: list[tuple[int, tuple[int, ...]]]) -> list[list[tuple[int, tuple[int, ...]]]]:
+    """The group's entries in runs of at most MESSAGE_WORDS words (a larger weight goes alone)."""
+    out, run, words = [], [], 0
+    for index, shape in entries:
+        size = int(np.prod(shape, dtype=np.int64))
+        if run and words + size > MESSAGE_WORDS:
+            out.append(run)
+            run, words = [], 0
+        run.append((index, shape))
+        words += size
+    if run:
+        out.append(run)
+    return out
+
+
+def layer_groups(manifest: list, first_use: dict[str, int], layer_of_node) -> tuple[list[list[int]], list[int]]:
+    """Manifest indices grouped by the transformer layer of their first reader (weights read first
+    outside any layer form one group per reading node), and each group's first node index, in walk
+    order. Weights no node reads are left out. `layer_of_node(i)` is node i's layer or None."""
+    by_key: dict[object, list[int]] = {}
+    starts: dict[object, int] = {}
+    for index, (name, _) in enumerate(manifest):
+        node = first_use.get(name)
+        if node is None:
+            continue
+        layer = layer_of_node(node)
+        key = ("layer", layer) if layer is not None else ("node", node)
+        by_key.setdefault(key, []).append(index)
+        starts[key] = min(starts.get(key, node), node)
+    keys = sorted(by_key, key=lambda k: starts[k])
+    return [by_key[k] for k in keys], [starts[k] for k in keys]
+
+
+@dataclass
+class WeightStream:
+    """Weights shared layer by layer during the walk, instead of all before it.
+
+    Before the walk reaches the first node of a group (`arrive`), the owner reads that group's
+    weights (one at a time from its `TensorStore`) and shares them; the executor forgets each
+    weight after its last reader, so a rank holds about one layer's weights at a time. Each walk
+    (a generation step) shares again under the same keys: the same shares, 8 bytes per weight
+    from the owner again. `cost` and `time_s` add up what the sharing took (`comm.untraced`: the
+    network trace is the online protocol's).
+    """
+
+    party: Party
+    manifest: list
+    values: object  # name -> float array, on the owner
+    groups: list[list[int]]
+    starts: list[int]
+    seeds: tuple | None = None
+    time_s: float = 0.0
+    cost: Cost = field(default_factory=Cost)
+
+    def __post_init__(self):
+        self.seeds = self.seeds or weight_seeds(self.party)
+        self._at = {}
+        for group, start in zip(self.groups, self.starts):
+            self._at.setdefault(start, []).append(group)
+
+    def arrive(self, node_index: int, env: dict) -> None:
+        """Share the groups whose first reader is node `node_index` into `env`."""
+        groups = self._at.get(node_index)
+        if not groups:
+            return
+        comm = self.party.comm
+        start, before = time.perf_counter(), comm.stats.snapshot()
+        with comm.untraced():
+            env.update(share_weights(self.party, self.manifest, self.values, groups, self.seeds))
+        self.cost += comm.stats.snapshot() - before
+        self.time_s += time.perf_counter() - start
+
+    def largest_group(self) -> int:
+        """Weights in the largest group (what a rank holds at once)."""
+        return max((sum(int(np.prod(self.manifest[i][1], dtype=np.int64)) for i in g) for g in self.groups), default=0)

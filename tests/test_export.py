@@ -35,7 +35,8 @@ def feeds_for(session, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 # The real models are checked against their own reference in their tests (minilm below, smollm2 in test_smollm2).
-@pytest.mark.parametrize("name", sorted(set(REGISTRY) - {"minilm", "smollm2"}))
+# llama-7b is too large for the suite (tests/passes/test_registry_rewrite.py).
+@pytest.mark.parametrize("name", sorted(set(REGISTRY) - {"minilm", "smollm2", "llama-7b"}))
 def test_registry_model_matches_pytorch(exported, name):
     import onnxruntime as ort
     import torch

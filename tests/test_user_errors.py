@@ -200,7 +200,7 @@ def test_a_seven_token_text_runs_as_seven_tokens_and_the_output_keeps_its_name(b
 def test_truncate_cuts_a_long_text_and_says_so(bad, capsys):
     from puma_onnx.runtime.session import RunOptions, UserError, load_model, read_ids
 
-    _, info, _ = load_model(bad["minilm"])
+    _, info, _, _ = load_model(bad["minilm"])
     info = {**info, "max_positions": 8}
     with pytest.raises(UserError, match="the text has 2002 tokens; minilm allows at most 8"):
         read_ids(RunOptions(model="", text=bad["long"]), info)

@@ -24,10 +24,23 @@ def test_materialized_shares_open_to_the_weights():
             assert np.abs(opened[name] - value).max() <= 2.0**-19
 
 
-def test_sharing_costs_one_round_and_eight_bytes_per_weight_from_the_owner():
+def test_sharing_costs_one_round_per_group_and_eight_bytes_per_weight_from_the_owner(monkeypatch):
     results = run_parties(share_and_open)
-    assert results[0][1].bytes == 8 * (12 + 2) and results[0][1].rounds == 2
+    assert results[0][1].bytes == 8 * (12 + 2) and results[0][1].rounds == 1
     assert results[1][1].bytes == 0 and results[2][1].bytes == 0
+
+    def in_groups(party, groups):
+        before = party.comm.stats.snapshot()
+        shared = share_weights(party, MANIFEST, lambda name: W[name] if party.rank == 0 else None, groups)
+        return party.comm.stats.snapshot() - before, {n: party.fxp.decode(arith.reveal(party, w.materialize())) for n, w in shared.items()}
+
+    cost, opened = run_parties(in_groups, [[0], [1]])[0]
+    assert cost.rounds == 2 and cost.bytes == 8 * 14 and set(opened) == {"a", "b"}
+    monkeypatch.setattr("puma_onnx.runtime.weights.MESSAGE_WORDS", 10)  # the 12-word weight goes alone
+    cost, opened = run_parties(in_groups, None)[0]
+    assert cost.rounds == 2 and cost.bytes == 8 * 14
+    for name, value in W.items():
+        assert np.abs(opened[name] - value).max() <= 2.0**-19
 
 
 def test_rank_two_keeps_nothing_and_the_owner_keeps_floats():
