@@ -121,7 +121,9 @@ def main() -> None:
               f"{r['rounds']:7d} {lan} {str(r['peak_rss_gb']):>22} {r['disk_mb']:8.2f}")
     for setting, (seconds, gb) in PUMA_TABLE_5.items():
         print(f"PUMA table 5, {setting}: {seconds} s, {gb} GB (3 x 128 threads, 1 TB RAM each)")
-    (args.out / "llama7b.json").write_text(json.dumps(rows, indent=2) + "\n")
+    saved = args.out / "llama7b.json"  # rows of earlier runs at other depths are kept
+    earlier = {int(k): v for k, v in json.loads(saved.read_text()).items()} if saved.exists() else {}
+    saved.write_text(json.dumps({**earlier, **rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -233,15 +233,17 @@ def _messages(entries: list[tuple[int, tuple[int, ...]]]) -> list[list[tuple[int
 def layer_groups(manifest: list, first_use: dict[str, int], layer_of_node) -> tuple[list[list[int]], list[int]]:
     """Manifest indices grouped by the transformer layer of their first reader (weights read first
     outside any layer form one group per reading node), and each group's first node index, in walk
-    order. Weights no node reads are left out. `layer_of_node(i)` is node i's layer or None."""
+    order. Weights no node reads (a graph output that is a weight) come first, before node 0.
+    `layer_of_node(i)` is node i's layer or None."""
     by_key: dict[object, list[int]] = {}
     starts: dict[object, int] = {}
     for index, (name, _) in enumerate(manifest):
         node = first_use.get(name)
         if node is None:
-            continue
-        layer = layer_of_node(node)
-        key = ("layer", layer) if layer is not None else ("node", node)
+            key, node = ("unread",), 0
+        else:
+            layer = layer_of_node(node)
+            key = ("layer", layer) if layer is not None else ("node", node)
         by_key.setdefault(key, []).append(index)
         starts[key] = min(starts.get(key, node), node)
     keys = sorted(by_key, key=lambda k: starts[k])
