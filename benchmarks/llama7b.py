@@ -1,15 +1,18 @@
 """LLaMA-7B, 8 tokens in, 1 out, on this machine: weights streamed layer by layer, synthetic weights.
 
-    .venv/bin/python benchmarks/llama7b.py [--layers 2 4 32] [--out /tmp/llama7b] [--plaintext]
+    .venv/bin/python benchmarks/llama7b.py [--layers 2 4 32] [--out /tmp/llama7b] [--plaintext] [--half]
 
 Exports `llama-7b` (LLaMA-7B's configuration, synthetic weights: the owner generates each
 weight from the seed when it shares it, runtime/store.py) at each depth at full width, runs
 `mpirun -n 3 puma-onnx run --weight-budget 0` on the same 8 token ids, and prints per depth:
 online time, weight-sharing time, bytes and rounds, online bytes and rounds, peak RSS per rank,
 disk used; then the per-layer figures from the 2- and 4-layer runs and, when 32 layers were not
-run, their extrapolation to 32 (labelled). `--plaintext` also times onnxruntime on the 2- and
-4-layer models with their weights written out (2.7 and 4.3 GB of disk, deleted after) for the
-ratio to plaintext, extrapolated to 32 layers the same way. Not a test: nothing here asserts.
+run, their extrapolation to 32 (labelled). `--plaintext` also runs onnxruntime on each model with its
+weights written out (deleted after): float32 up to 4 layers (2.7 and 4.3 GB); with `--half`, at every
+depth, float16 weights cast to float32 at each use (synthetic weights are float16 numbers, so these
+are the same weights; 13.5 GB at 32 layers, run without graph optimisations, which would fold the
+casts into 27 GB). It prints the time, the ratio, and the secure logits' largest error against
+onnxruntime's. Not a test: nothing here asserts.
 """
 
 from __future__ import annotations
@@ -42,11 +45,11 @@ def disk_bytes(folder: Path) -> int:
 
 def secure(folder: Path, out: Path) -> dict:
     np.save(out / "ids.npy", IDS)
-    report = out / f"{folder.name}.report.json"
+    report, logits = out / f"{folder.name}.report.json", out / f"{folder.name}.logits.npz"
     started = time.perf_counter()
     subprocess.run(
         [MPIEXEC, "-n", "3", sys.executable, "-m", "puma_onnx", "run", str(folder), "--input-ids", str(out / "ids.npy"),
-         "--weight-budget", "0", "--timeout", "1800", "--report", str(report)],
+         "--weight-budget", "0", "--timeout", "1800", "--report", str(report), "--output", str(logits)],
         check=True,
     )
     r = json.loads(report.read_text())
@@ -66,30 +69,34 @@ def secure(folder: Path, out: Path) -> dict:
     }
 
 
-def plaintext_s(folder: Path, out: Path) -> float:
-    """onnxruntime on the model with its weights written out: median of 3 runs after a warm-up."""
+def plaintext(folder: Path, out: Path, half: bool) -> tuple[float, np.ndarray]:
+    """onnxruntime on the model with its weights written out (float16 behind casts with `half`): the
+    median of 3 runs after a warm-up, and the last position's logits."""
     import onnxruntime as ort
 
     from puma_onnx.runtime.session import model_feeds, past_inputs
     from puma_onnx.synthetic import materialize
 
     path = out / f"{folder.name}.materialized.onnx"
-    materialize(folder / "model.puma.onnx", path)
+    materialize(folder / "model.puma.onnx", path, half=half)
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        if half:  # graph optimisations would fold the casts into float32 copies of every weight
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         inputs = session.get_inputs()
         feeds = model_feeds([i.name for i in inputs], IDS, past=past_inputs((i.name, i.shape) for i in inputs))
-        session.run(None, feeds)
+        logits = session.run(["logits"], feeds)[0][:, -1:]
         times = []
         for _ in range(3):
             start = time.perf_counter()
-            session.run(None, feeds)
+            session.run(["logits"], feeds)
             times.append(time.perf_counter() - start)
         del session
     finally:
         path.unlink(missing_ok=True)
         Path(str(path) + ".data").unlink(missing_ok=True)
-    return float(np.median(times))
+    return float(np.median(times)), logits
 
 
 def main() -> None:
@@ -97,16 +104,25 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4, 32])
     parser.add_argument("--out", type=Path, default=Path("/tmp/llama7b"))
     parser.add_argument("--plaintext", action="store_true")
+    parser.add_argument("--half", action="store_true")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows = {}
     for layers in args.layers:
         folder = export(layers, args.out)
         rows[layers] = {**secure(folder, args.out), "layers": layers}
-        if args.plaintext and layers <= 4:
-            rows[layers]["plaintext_s"] = plaintext_s(folder, args.out)
+        secure_logits = np.load(args.out / f"{folder.name}.logits.npz")["logits"]
+        for half in ([False] if layers <= 4 else []) + ([True] if args.half else []):
+            if not args.plaintext:
+                break
+            seconds, logits = plaintext(folder, args.out, half)
+            key = "plaintext_half" if half else "plaintext"
+            rows[layers][f"{key}_s"] = seconds
+            rows[layers][f"{key}_ratio"] = round(rows[layers]["online_s"] / seconds, 1)
+            rows[layers][f"{key}_max_abs_err"] = float(np.abs(secure_logits - logits).max())
+            rows[layers]["max_abs_logit"] = float(np.abs(logits).max())
         print(json.dumps(rows[layers]), flush=True)
-    keys = ["online_s", "weights_s", "weights_gb", "online_gb", "rounds", "lan_s", "plaintext_s"]
+    keys = ["online_s", "weights_s", "weights_gb", "online_gb", "rounds", "lan_s", "plaintext_s", "plaintext_half_s"]
     if 2 in rows and 4 in rows:
         per_layer = {k: (rows[4][k] - rows[2][k]) / 2 for k in keys if rows[4].get(k) is not None and rows[2].get(k) is not None}
         print("per layer (from 2 and 4 layers):", json.dumps({k: round(v, 4) for k, v in per_layer.items()}))

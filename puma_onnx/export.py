@@ -335,8 +335,13 @@ def prepare(
 
 def synthesize(out_dir: str | Path) -> dict:
     """Make OUT_DIR's rewritten model synthetic at the depth puma.json asks for: secret matrices become
-    seeded recipes, the last built layer is repeated, the built model's weight files are removed, and
-    the copied layers take the recorded ranges of the layer they copy. Returns the metadata."""
+    seeded recipes, the last built layer is repeated, the built model's files are removed (the
+    synthetic model.puma.onnx replaces them). Returns the metadata.
+
+    The recorded ranges stay valid for the built layers only (they see the same inputs at any depth):
+    the copies and everything after them (the final norm, the head) lose theirs and run on the
+    kernels' default domains, which cover LLaMA-family outliers. (Copying the layer's own ranges would
+    be wrong: random-init activations grow with depth, by about 7 in mean square a layer for LLaMA-7B.)"""
     import onnx
 
     from puma_onnx.passes import analyze
@@ -359,12 +364,17 @@ def synthesize(out_dir: str | Path) -> dict:
         if path.name.startswith(("model.onnx", REWRITTEN_FILE)):
             path.unlink()
     onnx.save(model, str(rewritten))
-    nodes = meta.get("ranges", {}).get("nodes", {})
-    for copy, source in sources.items():
-        if source in nodes:
-            nodes[copy] = nodes[source]
-    if sources:
-        meta["ranges"]["source"] += f"; layers {plan['built_layers']}-{plan['layers'] - 1} copy layer {plan['built_layers'] - 1}'s"
+    ranges = meta.get("ranges")
+    if sources and ranges:
+        built = {n.name for n in model.graph.node if n.name not in sources}
+        first_copy = next(i for i, n in enumerate(model.graph.node) if n.name in sources)
+        before = {n.name for n in list(model.graph.node)[:first_copy]} & built
+        ranges["nodes"] = {name: seen for name, seen in ranges["nodes"].items() if name in before}
+        ranges["source"] += (
+            f"; layers {plan['built_layers']}-{plan['layers'] - 1} and the nodes after them: default domains"
+        )
+    inputs, outputs = _io_table(rewritten)
+    meta["inputs"], meta["outputs"] = inputs, outputs
     plan["fp32_bytes"] = synthetic_bytes(model)
     meta["num_layers"] = plan["layers"]
     meta_file.write_text(json.dumps(meta, indent=2) + "\n")

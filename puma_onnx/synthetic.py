@@ -5,10 +5,11 @@ its disk, and with random weights nothing is lost by not writing them: `export
 --synthetic-weights` exports a few layers at full width with real random weights,
 rewrites them, then
 
-1. turns every secret matrix (an initializer of two or more dimensions) into a
-   synthetic weight (`runtime/store.py`): its recipe (normal values with the
-   tensor's standard deviation, or its constant) and a seed, no data; vectors
-   (norm weights) keep their values;
+1. turns every secret matrix that looks like random initialisation (an
+   initializer of two or more dimensions with mean near 0) into a synthetic
+   weight (`runtime/store.py`): its recipe (normal values with the tensor's
+   standard deviation, or its constant) and a seed, no data; vectors (norm
+   weights) and structured matrices keep their values;
 2. repeats the last exported layer up to the requested depth (`clone_layers`):
    its nodes, its own weights (as new synthetic weights), its past/present inputs
    and outputs, with the residual stream chained through the copies.
@@ -39,12 +40,16 @@ class CloneError(Exception):
 
 
 def make_synthetic(model: onnx.ModelProto, secret: set[str], seed: int) -> int:
-    """Turn the secret matrices of `model` (loaded with its data) into synthetic weights; returns
-    how many."""
+    """Turn the secret random-init matrices of `model` (loaded with its data) into synthetic weights;
+    returns how many. A matrix whose mean is not within a tenth of its standard deviation of 0 (a
+    table of cosines, say) is structure, not noise, and keeps its values."""
     count = 0
     for tensor in model.graph.initializer:
         if tensor.name in secret and len(tensor.dims) >= 2 and not is_synthetic(tensor):
-            synthetic_recipe(tensor, seed, numpy_helper.to_array(tensor))
+            values = numpy_helper.to_array(tensor).astype(np.float64)
+            if abs(values.mean()) > 0.1 * values.std():
+                continue
+            synthetic_recipe(tensor, seed, values)
             count += 1
     return count
 
@@ -97,6 +102,9 @@ def clone_layers(model: onnx.ModelProto, layers: int) -> dict[str, str]:
     if len(outputs) != 1:
         raise CloneError(f"layer {last} hands {len(outputs)} tensors to the rest of the graph, not one residual stream")
     (out,) = outputs
+    early = [nodes[u].name for u in users[out] if u not in member_set and u < max(members)]
+    if early:
+        raise CloneError(f"{early[0]!r} reads layer {last}'s output before the layer ends")
     residual = back(out)
     if residual not in produced_by or layer_of(nodes[produced_by[residual]].name) != last - 1:
         raise CloneError(f"layer {last}'s input {residual!r} is not the output of layer {last - 1}")
@@ -158,13 +166,26 @@ def _renamed_value(value: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto
     return out
 
 
-def materialize(path: str | Path, out_path: str | Path) -> None:
+def materialize(path: str | Path, out_path: str | Path, half: bool = False) -> None:
     """Write the model at `path` with its synthetic weights generated, as external data beside
-    `out_path` (for onnxruntime; only for models that fit)."""
+    `out_path`, for onnxruntime. With `half`, they are stored as float16 (exactly: synthetic values
+    are float16 numbers) behind a Cast to float32 at each use, so LLaMA-7B's weights take 13.5 GB
+    of disk and memory instead of 27; run it without graph optimisations, which would fold the casts."""
     model = onnx.load(str(path), load_external_data=False)
+    casts = []
     for tensor in model.graph.initializer:
         if is_synthetic(tensor):
-            tensor.CopyFrom(numpy_helper.from_array(generate(tensor), tensor.name))
+            values = generate(tensor)
+            if half:
+                name = tensor.name
+                tensor.CopyFrom(numpy_helper.from_array(values.astype(np.float16), name + "/float16"))
+                casts.append(onnx.helper.make_node("Cast", [name + "/float16"], [name], to=onnx.TensorProto.FLOAT))
+            else:
+                tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+    if casts:
+        nodes = casts + list(model.graph.node)
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
     onnx.save(model, str(out_path), save_as_external_data=True, location=Path(out_path).name + ".data")
 
 

@@ -673,10 +673,13 @@ def start(
     opts: RunOptions,
     client_input: Callable[[dict], tuple[dict, object]],
     check: Callable[[dict], None] | None = None,
+    cached_bytes: int = 0,
 ) -> Started:
     """Setup up to the first walk: keys, the model (owner), its public parts, the client's input
     (`client_input(info)` -> (raw inputs, anything else), run on the client), the shared weights.
     `check(info)` runs on every rank on the public model info and raises UserError alike everywhere.
+    `cached_bytes` per weight and rank are what the walks will cache beside resident weights
+    (generation's `keep_resident`), for the memory check.
 
     Every check, the owner's and the client's, happens before the weights are shared.
     """
@@ -695,6 +698,9 @@ def start(
         model, info, secret_weights, store = loaded
         light, manifest = skeleton(model, secret_weights, store)
         del model, loaded
+        # The owner's budget decides for all ranks (a rank streaming while another does not would
+        # fall out of step).
+        info["streamed"] = weight_bytes(manifest, CLIENT) > opts.weight_budget
         if info["ranges"] == "defaults":
             print(
                 f"puma-onnx: {info['name']} has no recorded activation ranges (puma-onnx export records them): "
@@ -715,16 +721,17 @@ def start(
     feeds = make_feeds(comm, raw, info)
     executor = Executor(party, onnx.load_from_string(light), {}, approx.lookup(info["approx"]), info["plan"])
     groups, starts = layer_groups(manifest, executor.first_use, lambda i: layer_of(executor.nodes[i].name))
-    streamed = weight_bytes(manifest, CLIENT) > opts.weight_budget
+    streamed = info["streamed"]
     hosts = gather_json(comm, {"host": os.uname().nodename, "available": _available_bytes()}, OWNER)
-    needs = memory_needs(manifest, groups, streamed)
+    needs = memory_needs(manifest, groups, streamed, 0 if streamed else cached_bytes)
     agree(comm, OWNER, lambda: check_memory(hosts, needs, streamed))
     before_setup = comm.stats.snapshot()
 
     setup_start = time.perf_counter()
     values = store.read if r == OWNER else None
     if streamed:
-        executor.stream = WeightStream(party, manifest, values, groups, starts)
+        last_use = {name: i for i, n in enumerate(executor.nodes) for name in n.inputs}
+        executor.stream = WeightStream(party, manifest, values, groups, starts, last_use)
     else:
         executor.weights = share_weights(party, manifest, values, groups)
     setup_s = time.perf_counter() - setup_start
@@ -748,14 +755,19 @@ def weight_bytes(manifest: list, rank: int, indices=None) -> int:
     return KEPT_BYTES[rank] * sum(int(np.prod(manifest[i][1], dtype=np.int64)) for i in chosen)
 
 
-def memory_needs(manifest: list, groups: list[list[int]], streamed: bool) -> list[int]:
-    """Each rank's rough peak: BASE_BYTES, its kept weights (all, or the largest group when streamed),
-    and a product's temporaries over the largest weight (its operand and float64 limbs, 32 bytes per
-    weight)."""
+def memory_needs(manifest: list, groups: list[list[int]], streamed: bool, cached_bytes: int = 0) -> list[int]:
+    """Each rank's rough peak: BASE_BYTES, its kept weights (all, or the two largest groups when
+    streamed: a group's weights read again later, a tied embedding say, outlive it), `cached_bytes`
+    per weight (resident only), and a product's temporaries over the largest weight (its operand and
+    float64 limbs, 32 bytes per weight)."""
+    count = sum(int(np.prod(shape, dtype=np.int64)) for _, shape in manifest)
     largest = max((int(np.prod(shape, dtype=np.int64)) for _, shape in manifest), default=0)
     needs = []
     for rank in (OWNER, CLIENT, HELPER):
-        kept = max((weight_bytes(manifest, rank, g) for g in groups), default=0) if streamed else weight_bytes(manifest, rank)
+        if streamed:
+            kept = sum(sorted((weight_bytes(manifest, rank, g) for g in groups), reverse=True)[:2])
+        else:
+            kept = weight_bytes(manifest, rank) + cached_bytes * count
         needs.append(BASE_BYTES + kept + 32 * largest)
     return needs
 

@@ -10,8 +10,9 @@ LLaMA-7B whose 27 GB of fp32 random weights would not fit this machine's disk an
 memory) has no data at all: its external-data entry names the location
 `puma-synthetic` and a recipe, a constant (`puma_fill`) or normal values
 (`puma_std`, drawn from numpy's PCG64 seeded with `puma_seed` and the CRC-32 of the
-weight's name). The owner generates it when it is shared, the same values every
-time. Such weights are random and public in distribution; the secure protocol
+weight's name, then rounded to float16, so that a half-precision copy of the model holds
+exactly the same weights; `synthetic.materialize`). The owner generates it when it is
+shared, the same values every time. Such weights are random and public in distribution; the secure protocol
 treats them exactly like real ones, and the report flags the run as synthetic.
 """
 
@@ -70,7 +71,16 @@ def generate(tensor: onnx.TensorProto) -> np.ndarray:
     rng = np.random.default_rng([int(recipe["puma_seed"]), zlib.crc32(tensor.name.encode())])
     out = rng.standard_normal(shape, dtype=np.float32)
     out *= np.float32(float(recipe["puma_std"]))
-    return out
+    return out.astype(np.float16).astype(np.float32)  # float16 values: a half-precision copy is exact
+
+
+def _check_recipe(tensor: onnx.TensorProto) -> None:
+    recipe = _entries(tensor)
+    try:
+        int(recipe["puma_seed"])
+        float(recipe["puma_fill"] if "puma_fill" in recipe else recipe["puma_std"])
+    except (KeyError, ValueError):
+        raise StoreError(f"synthetic weight {tensor.name!r} has a malformed recipe: {recipe}") from None
 
 
 def synthetic_bound(tensor: onnx.TensorProto) -> float:
@@ -95,9 +105,13 @@ class TensorStore:
         return any(is_synthetic(t) for t in self.tensors.values())
 
     def check(self) -> None:
-        """Every external data file exists and holds its tensors' bytes (StoreError naming the file)."""
+        """Every external data entry is well formed and its file exists and holds its tensor's bytes
+        (StoreError naming the weight and the file)."""
         for tensor in self.tensors.values():
-            if not is_external(tensor) or is_synthetic(tensor):
+            if not is_external(tensor):
+                continue
+            if is_synthetic(tensor):
+                _check_recipe(tensor)
                 continue
             path, offset, length = self._where(tensor)
             if not path.is_file():
@@ -110,14 +124,25 @@ class TensorStore:
                 )
 
     def _where(self, tensor: onnx.TensorProto) -> tuple[Path, int, int]:
+        """(file, offset, length) of an external tensor, checked: a relative location inside the model's
+        folder (symbolic links in it may point anywhere), integer offset and length, the length the
+        tensor's shape and type need."""
         entries = _entries(tensor)
         location = entries.get("location", "")
-        path = (self.folder / location).resolve()
-        if not location or Path(location).is_absolute() or self.folder.resolve() not in path.parents:
+        parts = Path(location).parts
+        if not location or Path(location).is_absolute() or ".." in parts:
             raise StoreError(f"weight {tensor.name!r} names external data outside the model's folder: {location!r}")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
         needed = int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize
-        return path, int(entries.get("offset", 0)), int(entries.get("length", needed))
+        try:
+            offset, length = int(entries.get("offset", 0)), int(entries.get("length", needed))
+        except ValueError:
+            raise StoreError(f"weight {tensor.name!r}: its external data offset or length is not an integer") from None
+        if offset < 0 or length != needed:
+            raise StoreError(
+                f"weight {tensor.name!r}: external data at offset {offset}, {length} bytes; its shape needs {needed}"
+            )
+        return self.folder / location, offset, length
 
     def read(self, name: str) -> np.ndarray:
         """Weight `name`'s values, freshly read (the caller owns the array; nothing is cached)."""
@@ -126,11 +151,9 @@ class TensorStore:
             return generate(tensor)
         if not is_external(tensor):
             return numpy_helper.to_array(tensor)
-        path, offset, length = self._where(tensor)
+        path, offset, _ = self._where(tensor)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
         count = int(np.prod(tensor.dims, dtype=np.int64))
-        if length != count * dtype.itemsize:
-            raise StoreError(f"weight {tensor.name!r}: {length} bytes of external data for {count} {dtype} values")
         with open(path, "rb") as f:
             f.seek(offset)
             out = np.fromfile(f, dtype=dtype, count=count)

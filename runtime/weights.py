@@ -138,11 +138,15 @@ class WeightShare:
 RESIDENT_BYTES = 4 << 30
 
 
+# What `keep_resident` caches per weight and rank: a weight is read as a share, 16 bytes, or as a matmul
+# operand, 8 (a tied embedding as both).
+CACHED_BYTES = 24
+
+
 def keep_resident(weights: dict[str, WeightShare], budget: int = RESIDENT_BYTES) -> bool:
-    """Mark every weight resident when its kept forms fit the budget, counted at 24 bytes per weight (a
-    weight is read as a share, 16 bytes, or as a matmul operand, 8, a tied embedding as both); all ranks
-    decide alike from the public shapes. Returns whether they were marked."""
-    total = 24 * sum(int(np.prod(w.shape)) for w in weights.values())
+    """Mark every weight resident when its kept forms fit the budget, counted at CACHED_BYTES per
+    weight; all ranks decide alike from the public shapes. Returns whether they were marked."""
+    total = CACHED_BYTES * sum(int(np.prod(w.shape)) for w in weights.values())
     if total > budget:
         return False
     for w in weights.values():
@@ -172,13 +176,14 @@ MESSAGE_WORDS = 1 << 27
 
 
 def share_weights(
-    party: Party, manifest: list, values, groups: list[list[int]] | None = None, seeds=None
+    party: Party, manifest: list, values, groups: list[list[int]] | None = None, seeds=None, alone=frozenset()
 ) -> dict[str, WeightShare]:
     """Share the (name, shape) entries of the manifest; `values(name)` gives the owner its float array.
 
     `groups` lists manifest indices shared together (default: all of them): the owner sends a
     group's x_1 to rank 1 in one message (or a few of MESSAGE_WORDS), and rank 1 keeps views into
-    it. `seeds` (from `weight_seeds`) lets a stream share its groups one at a time under the same
+    it, except for the manifest indices in `alone`, which it copies out (a weight that outlives its
+    group would otherwise keep the whole message alive). `seeds` (from `weight_seeds`) lets a stream share its groups one at a time under the same
     keys, so every group's shares are those of one sharing of the whole model.
     Cost: 8 bytes per weight from the owner, one round per group (per MESSAGE_WORDS words).
     """
@@ -209,7 +214,12 @@ def share_weights(
                     comm.exchange({}, {})
                 at = 0
                 for (index, shape), size in zip(part, sizes):
-                    kept = kept_floats.get(index) if r == OWNER else (buffer[at : at + size].reshape(shape) if r == 1 else None)
+                    kept = None
+                    if r == OWNER:
+                        kept = kept_floats.get(index)
+                    elif r == 1:
+                        kept = buffer[at : at + size].reshape(shape)
+                        kept = kept.copy() if index in alone else kept
                     at += size
                     out[manifest[index][0]] = WeightShare(index, shape, r, kept, seed_0, seed_2, party.fxp)
     return out
@@ -267,6 +277,7 @@ class WeightStream:
     values: object  # name -> float array, on the owner
     groups: list[list[int]]
     starts: list[int]
+    last_use: dict[str, int] = field(default_factory=dict)  # name -> index of its last reader
     seeds: tuple | None = None
     time_s: float = 0.0
     cost: Cost = field(default_factory=Cost)
@@ -274,8 +285,14 @@ class WeightStream:
     def __post_init__(self):
         self.seeds = self.seeds or weight_seeds(self.party)
         self._at = {}
-        for group, start in zip(self.groups, self.starts):
+        self._alone = set()  # weights read after the last first-use of their group's layer: copied out
+        for k, (group, start) in enumerate(zip(self.groups, self.starts)):
             self._at.setdefault(start, []).append(group)
+            ends = self.starts[k + 1] if k + 1 < len(self.starts) else None
+            for i in group:
+                last = self.last_use.get(self.manifest[i][0], start)
+                if ends is not None and last >= ends:
+                    self._alone.add(i)
 
     def arrive(self, node_index: int, env: dict) -> None:
         """Share the groups whose first reader is node `node_index` into `env`."""
@@ -285,10 +302,6 @@ class WeightStream:
         comm = self.party.comm
         start, before = time.perf_counter(), comm.stats.snapshot()
         with comm.untraced():
-            env.update(share_weights(self.party, self.manifest, self.values, groups, self.seeds))
+            env.update(share_weights(self.party, self.manifest, self.values, groups, self.seeds, self._alone))
         self.cost += comm.stats.snapshot() - before
         self.time_s += time.perf_counter() - start
-
-    def largest_group(self) -> int:
-        """Weights in the largest group (what a rank holds at once)."""
-        return max((sum(int(np.prod(self.manifest[i][1], dtype=np.int64)) for i in g) for g in self.groups), default=0)
