@@ -234,8 +234,8 @@ export.help = (export.help or "") + ", ".join(REGISTRY) + "."
 
 @main.command()
 @click.argument("model")
-@click.option("--text", help="Input text (client side), tokenized with the model's tokenizer.")
-@click.option("--input-ids", type=click.Path(dir_okay=False), help="Token ids as a .npy file of shape (S,) or (1, S).")
+@click.option("--text", multiple=True, help="Input text (client side), tokenized with the model's tokenizer; several --text make a batch, padded to the longest.")
+@click.option("--input-ids", type=click.Path(dir_okay=False), help="Token ids as a .npy file of shape (S,) or (B, S) (a batch).")
 @click.option("--seq-len", type=int, help="Feed N random token ids.")
 @click.option("--output", type=click.Path(dir_okay=False), help="Write every graph output to this .npz (client).")
 @click.option("--report", type=click.Path(dir_okay=False), help="Write time, bytes, rounds, memory and per-op costs as JSON.")
@@ -261,7 +261,7 @@ def run(
     from puma_onnx.runtime.session import RunOptions
 
     opts = RunOptions(
-        model=model, text=text, input_ids=input_ids, seq_len=seq_len, output=output,
+        model=model, text=(text[0] if len(text) == 1 else text) or None, input_ids=input_ids, seq_len=seq_len, output=output,
         report=report, profile=profile, frac_bits=frac_bits, all_logits=all_logits, truncate=truncate,
         timeout=timeout, networks=networks, simulate_network=simulate_network, weight_budget=weight_budget,
     )

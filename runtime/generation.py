@@ -136,6 +136,8 @@ def prompt_input(opts: GenerateOptions, info: dict) -> tuple[dict, Prompt]:
     if limit is not None and opts.max_new_tokens >= limit:
         raise UserError(f"--max-new-tokens {opts.max_new_tokens} leaves no room for a prompt in {info['name']}'s {limit} positions")
     ids, _, _ = read_ids(opts, info, new_tokens=opts.max_new_tokens)
+    if ids.shape[0] != 1:
+        raise UserError(f"generate takes one prompt; --input-ids holds {ids.shape[0]} (a batch runs with `run`)")
     names = [n for n in info["inputs"] if n not in info["past"]]
     return model_feeds(names, ids), Prompt(ids[0].tolist(), opts.max_new_tokens, opts.temperature)
 

@@ -68,7 +68,7 @@ class UserError(Exception):
 @dataclass
 class RunOptions:
     model: str
-    text: str | None = None
+    text: str | tuple[str, ...] | None = None  # several texts: a batch, padded (`read_ids`)
     input_ids: str | None = None
     seq_len: int | None = None
     output: str | None = None
@@ -391,38 +391,55 @@ _NPY_MAGIC = b"\x93NUMPY"
 
 
 def _tokenize(opts: RunOptions, info: dict, limit: int, allows: str):
-    """The text's ids, mask and token types, never padded; longer than `limit` is an error (`allows`
-    says why) unless --truncate, which says on the client's stderr what it dropped."""
+    """The texts' ids, masks and token types, (B, S); never padded beyond the longest text; longer than
+    `limit` is an error (`allows` says why) unless --truncate, which says on the client's stderr what
+    it dropped. Several texts are padded to the longest with id 0 and mask 0: on the right, or on the
+    left for a decoder (so that the last position, the one the LM head reads, is every row's own)."""
     if info["tokenizer"] is None:
         raise UserError(f"model {info['name']!r} has no tokenizer; use --input-ids or --seq-len")
-    try:
-        opts.text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UserError("--text is not valid UTF-8") from None
+    texts = [opts.text] if isinstance(opts.text, str) else list(opts.text)
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError("--text is not valid UTF-8") from None
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_str(info["tokenizer"])
     tokenizer.no_padding()
     tokenizer.no_truncation()
-    encoding = tokenizer.encode(opts.text)
+    rows = [_encode(tokenizer, text, opts.truncate, limit, allows) for text in texts]
+    width = max(len(r.ids) for r in rows)
+    out = np.zeros((3, len(rows), width), dtype=np.int64)  # ids, mask, token types
+    for b, r in enumerate(rows):
+        at = slice(width - len(r.ids), width) if info.get("decoder") else slice(0, len(r.ids))
+        out[:, b, at] = [r.ids, r.attention_mask, r.type_ids]
+    return out[0], out[1], out[2]
+
+
+def _encode(tokenizer, text: str, truncate: bool, limit: int, allows: str):
+    """One text's encoding, cut to `limit` tokens with --truncate (said on stderr), else an error."""
+    encoding = tokenizer.encode(text)
     if len(encoding.ids) > limit:
-        if not opts.truncate:
+        if not truncate:
             raise UserError(f"the text has {len(encoding.ids)} tokens; {allows} (--truncate cuts it)")
         try:
             tokenizer.enable_truncation(limit)
-            cut = tokenizer.encode(opts.text)
+            cut = tokenizer.encode(text)
+            tokenizer.no_truncation()
         except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own kinds
             raise UserError(f"cannot cut the text to {limit} tokens: {e}") from None
         if not 0 < len(cut.ids) <= limit:  # its special tokens alone take more than the limit
             raise UserError(f"cannot cut the text to {limit} tokens; {allows}")
         print(f"puma-onnx: the text has {len(encoding.ids)} tokens; kept the first {len(cut.ids)} (--truncate)", file=sys.stderr)
         encoding = cut
-    as_row = lambda values: np.array([values], dtype=np.int64)  # noqa: E731
-    return as_row(encoding.ids), as_row(encoding.attention_mask), as_row(encoding.type_ids)
+    if not encoding.ids:
+        raise UserError("the input has no tokens")
+    return encoding
 
 
 def _load_ids(path: str) -> np.ndarray:
-    """--input-ids: a .npy file of integers, shape (S,) or (1, S), read without pickles and memory-mapped
+    """--input-ids: a .npy file of integers, shape (S,) or (B, S) (a batch), read without pickles and memory-mapped
     (nothing of the size its header claims is allocated before the caller checks the length)."""
     try:
         with open(path, "rb") as f:
@@ -440,8 +457,8 @@ def _load_ids(path: str) -> np.ndarray:
         raise UserError(f"--input-ids must hold integers, got dtype {ids.dtype}")
     if ids.ndim == 1:
         ids = ids[None, :]
-    if ids.ndim != 2 or ids.shape[0] != 1:
-        raise UserError(f"--input-ids must have shape (S,) or (1, S), got {ids.shape}")
+    if ids.ndim != 2 or ids.shape[0] < 1:
+        raise UserError(f"--input-ids must have shape (S,) or (B, S), got {ids.shape}")
     return ids
 
 
@@ -452,8 +469,9 @@ MAX_TOKENS = 1 << 17
 def read_ids(
     opts: RunOptions, info: dict, new_tokens: int = 0
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """(ids, attention mask or None, token type ids or None), ids shaped (1, S); the length is checked
-    before anything of its size is allocated, with room left for `new_tokens` (generation)."""
+    """(ids, attention mask or None, token type ids or None), ids shaped (B, S) (B > 1: a batch, from
+    several texts or an ids file of that shape); the length is checked before anything of its size is
+    allocated, with room left for `new_tokens` (generation)."""
     given = [o for o in ("text", "input_ids", "seq_len") if getattr(opts, o) is not None]
     if len(given) != 1:
         raise UserError("give exactly one of --text, --input-ids or --seq-len")
@@ -577,7 +595,8 @@ def make_feeds(comm: Communicator, raw: dict | None, info: dict) -> dict:
             feeds[name] = np.array(d["data"], dtype=np.int64).reshape(d["shape"])
         else:
             feeds[name] = Private(CLIENT, tuple(d["shape"]), raw[name] if comm.rank == CLIENT else None)
-    return {**feeds, **empty_cache(info)}
+    batch = next((v.shape[0] for v in feeds.values() if len(v.shape) == 2), 1)  # (B, S) inputs
+    return {**feeds, **empty_cache(info, batch)}
 
 
 # ----------------------------------------------------------------------------- the run
