@@ -32,6 +32,8 @@ TESTS = [
     "tests/runtime/test_arith.py",
     "tests/runtime/test_compare.py",
     "tests/runtime/test_weights.py",
+    "tests/runtime/test_store.py",
+    "tests/runtime/test_comm.py",
     "tests/runtime/test_ranges.py",
     "tests/passes/test_functions.py",
     "tests/passes/test_layer_norm.py",

@@ -63,3 +63,24 @@ def test_shape_mismatch_is_reported():
     comms[1]._boxes[(1, 0)].put(np.zeros(3, np.uint64))
     with pytest.raises(RuntimeError, match="disagree"):
         comms[0].exchange({}, {1: ((4,), np.uint64)})
+
+
+def test_untraced_rounds_stay_out_of_the_trace_and_compute_around_them_stays_in():
+    import time
+
+    def prog(party):
+        comm = party.comm
+        before = comm.stats.snapshot()
+        comm.begin_trace()
+        comm.exchange({party.next: np.zeros(2, np.uint64)}, {party.prev: ((2,), np.uint64)})
+        time.sleep(0.05)  # computed before the weights arrive: counts for the next traced round
+        with comm.untraced():
+            for _ in range(3):
+                comm.exchange({party.next: np.zeros(1000, np.uint64)}, {party.prev: ((1000,), np.uint64)})
+            time.sleep(0.2)  # sharing work: not online compute
+        comm.exchange({party.next: np.zeros(4, np.uint64)}, {party.prev: ((4,), np.uint64)})
+        return comm.trace, comm.stats.snapshot() - before
+
+    trace, total = run_parties(prog)[0]
+    assert [b for _, b in trace] == [16, 32] and total.rounds == 5  # counted, but not traced
+    assert 0.05 <= trace[1][0] < 0.2

@@ -16,7 +16,6 @@ from puma_onnx.runtime.generation import GenerateOptions, generate as secure_gen
 from puma_onnx.runtime.party import Party
 from puma_onnx.runtime.session import CLIENT, REWRITTEN_FILE, RunOptions, check_memory, memory_needs
 from puma_onnx.runtime.store import TensorStore, generate, is_synthetic
-from puma_onnx.runtime.weights import layer_groups
 from puma_onnx.synthetic import materialize
 from tests.runtime.test_session import ids_file, run_threads
 from tests.test_run_mpi import ort_outputs
@@ -182,14 +181,6 @@ def test_generation_with_streamed_synthetic_weights_follows_the_plaintext_loop(s
     # Every step shares the weights again, outside its own row: the rows are the resident run's.
     assert streamed["weights"]["bytes_sent"] == 3 * resident["weights"]["bytes_sent"]
     assert [s["bytes"] for s in streamed["steps"]] == [s["bytes"] for s in resident["steps"]]
-
-def test_layer_groups_follow_the_first_reader_and_share_unread_weights_first():
-    manifest = [("emb", [4, 2]), ("w0", [2, 2]), ("b0", [2]), ("w1", [2, 2]), ("head", [2, 4]), ("output", [3])]
-    first_use = {"emb": 0, "w0": 1, "b0": 2, "w1": 3, "head": 5}
-    layers = [None, 0, 0, 1, None, None]
-    groups, starts = layer_groups(manifest, first_use, lambda i: layers[i])
-    assert sorted(groups[:2]) == [[0], [5]] and groups[2:] == [[1, 2], [3], [4]] and starts == [0, 0, 1, 3, 5]
-
 
 def test_the_memory_check_counts_the_ranks_that_share_a_host():
     manifest = [("a", [1 << 20, 64]), ("b", [1 << 20, 64]), ("c", [1 << 20, 64])]  # 3 x 64 Mi weights

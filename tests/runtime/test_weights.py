@@ -122,3 +122,13 @@ def test_a_transposed_weight_reads_the_same_components_transposed_and_shares_its
     assert np.abs(opened_t - W["a"].T).max() <= 2.0**-19
     # t stands for W^T (4 x 3): x (2 x 4) @ t, from W's own operand read transposed.
     assert np.abs(product - x @ W["a"].T).max() <= 2.0**-16
+
+
+def test_a_weight_that_outlives_its_group_is_copied_out_of_the_message_on_rank_one():
+    def prog(party):
+        shared = share_weights(party, MANIFEST, lambda name: W[name] if party.rank == 0 else None, alone={0})
+        return shared["a"].kept, shared["b"].kept
+
+    a, b = run_parties(prog)[1]
+    # "b" is a view of the received message; "a", read in later layers, must not keep the message alive.
+    assert b.base is not None and a.base is None and not np.shares_memory(a, b.base)
