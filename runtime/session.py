@@ -742,7 +742,9 @@ def start(
     groups, starts = layer_groups(manifest, executor.first_use, lambda i: layer_of(executor.nodes[i].name))
     streamed = info["streamed"]
     hosts = gather_json(comm, {"host": os.uname().nodename, "available": _available_bytes()}, OWNER)
-    needs = memory_needs(manifest, groups, streamed, 0 if streamed else cached_bytes)
+    count = sum(int(np.prod(shape, dtype=np.int64)) for _, shape in manifest)
+    cached = cached_bytes if not streamed and cached_bytes * count <= opts.weight_budget else 0  # as keep_resident
+    needs = memory_needs(manifest, groups, streamed, cached)
     agree(comm, OWNER, lambda: check_memory(hosts, needs, streamed))
     before_setup = comm.stats.snapshot()
 

@@ -183,8 +183,9 @@ def share_weights(
     `groups` lists manifest indices shared together (default: all of them): the owner sends a
     group's x_1 to rank 1 in one message (or a few of MESSAGE_WORDS), and rank 1 keeps views into
     it, except for the manifest indices in `alone`, which it copies out (a weight that outlives its
-    group would otherwise keep the whole message alive). `seeds` (from `weight_seeds`) lets a stream share its groups one at a time under the same
-    keys, so every group's shares are those of one sharing of the whole model.
+    group would otherwise keep the whole message alive). `seeds` (from `weight_seeds`) lets a
+    stream share its groups one at a time under the same keys, so every group's shares are those
+    of one sharing of the whole model.
     Cost: 8 bytes per weight from the owner, one round per group (per MESSAGE_WORDS words).
     """
     seed_0, seed_2 = seeds or weight_seeds(party)
@@ -285,7 +286,7 @@ class WeightStream:
     def __post_init__(self):
         self.seeds = self.seeds or weight_seeds(self.party)
         self._at = {}
-        self._alone = set()  # weights read after the last first-use of their group's layer: copied out
+        self._alone = set()  # weights still read after the next group arrives: copied out on rank 1
         for k, (group, start) in enumerate(zip(self.groups, self.starts)):
             self._at.setdefault(start, []).append(group)
             ends = self.starts[k + 1] if k + 1 < len(self.starts) else None
