@@ -49,16 +49,18 @@ def _stream(seed: bytes, index: int, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _encode_minus_streams(
-    fxp: FixedPoint, plain: np.ndarray, seeds: list[bytes], index: int, checked: bool = False
+    fxp: FixedPoint, plain: np.ndarray, seeds: list[bytes], index: int, checked: bool = False, out=None
 ) -> np.ndarray:
-    """encode(plain) - stream(seed_1) - stream(seed_2) - ..., built CHUNK words at a time; `checked` skips
-    the range test (the weight was encoded once already, when it was shared)."""
+    """encode(plain) - stream(seed_1) - stream(seed_2) - ..., built CHUNK words at a time (into `out`, a
+    flat uint64 array, when given); `checked` skips the range test (the weight was checked before it
+    was shared). A uint64 `plain` is already encoded."""
     flat = plain.reshape(-1)
-    out = np.empty(flat.size, dtype=np.uint64)
+    out = np.empty(flat.size, dtype=np.uint64) if out is None else out
     streams = [PRG(seed, stream=index) for seed in seeds]
     for lo in range(0, flat.size, CHUNK):
         piece = out[lo : lo + CHUNK]
-        piece[...] = fxp.encode(flat[lo : lo + CHUNK], checked=checked)
+        chunk = flat[lo : lo + CHUNK]
+        piece[...] = chunk if chunk.dtype == np.uint64 else fxp.encode(chunk, checked=checked)
         for prg in streams:
             piece -= prg.words(piece.size)
     return out.reshape(plain.shape)
@@ -76,7 +78,7 @@ class WeightShare:
     index: int
     shape: tuple[int, ...]
     rank: int
-    kept: np.ndarray | None  # the float weights on the owner, x_1 on rank 1, None on rank 2
+    kept: np.ndarray | None  # the owner's weights (float32, or encoded: uint64), x_1 on rank 1, None on rank 2
     seed_0: bytes | None  # key of x_0 (ranks 0 and 2)
     seed_2: bytes  # key of x_2 (all ranks)
     fxp: FixedPoint
@@ -126,7 +128,7 @@ class WeightShare:
 
     def _operand(self) -> np.ndarray:
         if self.rank == OWNER:  # checked when it was shared
-            return self.fxp.encode(self.kept, checked=True)
+            return self.kept if self.kept.dtype == np.uint64 else self.fxp.encode(self.kept, checked=True)
         if self.rank == 1:
             return self.kept + self._x2()
         return self._x0()
@@ -176,7 +178,8 @@ MESSAGE_WORDS = 1 << 27
 
 
 def share_weights(
-    party: Party, manifest: list, values, groups: list[list[int]] | None = None, seeds=None, alone=frozenset()
+    party: Party, manifest: list, values, groups: list[list[int]] | None = None, seeds=None, alone=frozenset(),
+    encoded: bool = False,
 ) -> dict[str, WeightShare]:
     """Share the (name, shape) entries of the manifest; `values(name)` gives the owner its float array.
 
@@ -185,7 +188,9 @@ def share_weights(
     it, except for the manifest indices in `alone`, which it copies out (a weight that outlives its
     group would otherwise keep the whole message alive). `seeds` (from `weight_seeds`) lets a
     stream share its groups one at a time under the same keys, so every group's shares are those
-    of one sharing of the whole model.
+    of one sharing of the whole model. With `encoded`, the owner keeps its weights encoded (8 bytes
+    a weight instead of 4): a streamed weight is read once, and encoding it again in its product
+    would put that work in the online phase.
     Cost: 8 bytes per weight from the owner, one round per group (per MESSAGE_WORDS words).
     """
     seed_0, seed_2 = seeds or weight_seeds(party)
@@ -203,9 +208,11 @@ def share_weights(
                     for (index, shape), size in zip(part, sizes):
                         name = manifest[index][0]
                         kept_floats[index] = np.asarray(values(name), dtype=np.float32).reshape(shape)
-                        buffer[at : at + size] = _encode_minus_streams(
-                            party.fxp, kept_floats[index], [seed_0, seed_2], index
-                        ).reshape(-1)
+                        if encoded:  # (checked before any share moved, in load_model)
+                            kept_floats[index] = party.fxp.encode(kept_floats[index], checked=True)
+                        _encode_minus_streams(
+                            party.fxp, kept_floats[index], [seed_0, seed_2], index, out=buffer[at : at + size]
+                        )
                         at += size
                     comm.exchange({1: buffer}, {})
                     del buffer
@@ -303,6 +310,8 @@ class WeightStream:
         comm = self.party.comm
         start, before = time.perf_counter(), comm.stats.snapshot()
         with comm.untraced():
-            env.update(share_weights(self.party, self.manifest, self.values, groups, self.seeds, self._alone))
+            env.update(
+                share_weights(self.party, self.manifest, self.values, groups, self.seeds, self._alone, encoded=True)
+            )
         self.cost += comm.stats.snapshot() - before
         self.time_s += time.perf_counter() - start
