@@ -763,17 +763,19 @@ def start(
 
 
 # What a rank keeps per weight, resident: the owner its float32 weights, the client (rank 1) x_1, the
-# helper nothing (it regenerates its components from keys).
+# helper nothing (it regenerates its components from keys). Streamed, the owner keeps them encoded.
 KEPT_BYTES = {OWNER: 4, CLIENT: 8, HELPER: 0}
+STREAMED_BYTES = {OWNER: 8, CLIENT: 8, HELPER: 0}
 # A rank's memory beside its weights: the interpreter, onnx and numpy, the graph, activations (a rough
 # floor, for the check before any share moves).
 BASE_BYTES = 1 << 30
 
 
-def weight_bytes(manifest: list, rank: int, indices=None) -> int:
+def weight_bytes(manifest: list, rank: int, indices=None, streamed: bool = False) -> int:
     """Bytes `rank` keeps for the weights (all, or the manifest `indices`) while they are shared."""
     chosen = range(len(manifest)) if indices is None else indices
-    return KEPT_BYTES[rank] * sum(int(np.prod(manifest[i][1], dtype=np.int64)) for i in chosen)
+    per_weight = (STREAMED_BYTES if streamed else KEPT_BYTES)[rank]
+    return per_weight * sum(int(np.prod(manifest[i][1], dtype=np.int64)) for i in chosen)
 
 
 def memory_needs(manifest: list, groups: list[list[int]], streamed: bool, cached_bytes: int = 0) -> list[int]:
@@ -786,7 +788,7 @@ def memory_needs(manifest: list, groups: list[list[int]], streamed: bool, cached
     needs = []
     for rank in (OWNER, CLIENT, HELPER):
         if streamed:
-            kept = sum(sorted((weight_bytes(manifest, rank, g) for g in groups), reverse=True)[:2])
+            kept = sum(sorted((weight_bytes(manifest, rank, g, streamed=True) for g in groups), reverse=True)[:2])
         else:
             kept = weight_bytes(manifest, rank) + cached_bytes * count
         needs.append(BASE_BYTES + kept + 32 * largest)
