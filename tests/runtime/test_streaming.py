@@ -187,6 +187,7 @@ def test_the_memory_check_counts_the_ranks_that_share_a_host():
     groups = [[0], [1], [2]]
     resident, streamed = memory_needs(manifest, groups, False), memory_needs(manifest, groups, True)
     assert resident[1] - streamed[1] == 8 * (1 << 26)  # streaming keeps two groups, not three
+    assert streamed[0] - resident[0] == 8 * 2 * (1 << 26) - 4 * 3 * (1 << 26)  # the owner: encoded, 8 B a weight
     cached = memory_needs(manifest, groups, False, cached_bytes=24)
     assert [c - r for c, r in zip(cached, resident)] == [24 * 3 * (1 << 26)] * 3  # generation's caches
     one_host = [{"host": "h", "available": sum(resident) - 1}] * 3
