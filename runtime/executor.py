@@ -100,20 +100,18 @@ class Executor:
         self.public = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         self.output_names = [o.name for o in graph.output]
         self._public_ops = PublicOps(self.model)
-        self._last_use = {}
-        for i, node in enumerate(self.nodes):
-            for name in node.inputs:
-                self._last_use[name] = i
-        self.layers = sorted({layer_of(n.name) for n in self.nodes} - {None})
-        self.first_use = {}
+        # Per value name, the index of the first and of the last node that reads it.
+        self.first_use, self.last_use = {}, {}
         for i, node in enumerate(self.nodes):
             for name in node.inputs:
                 self.first_use.setdefault(name, i)
+                self.last_use[name] = i
+        self.layers = sorted({layer_of(n.name) for n in self.nodes} - {None})
         # Nodes whose outputs are answers only (no later node reads them, and not a decoder's cache, which
         # stays secret for the next step): their products may stay untruncated (`kernels.Unscaled`).
         answers = {name for name in self.output_names if not name.startswith(PRESENT_PREFIX)}
         self._final = [
-            all(name in answers and self._last_use.get(name, -1) <= i for name in n.outputs if name)
+            all(name in answers and self.last_use.get(name, -1) <= i for name in n.outputs if name)
             for i, n in enumerate(self.nodes)
         ]
 
@@ -147,7 +145,7 @@ class Executor:
                 if name:
                     env[name] = value
             for name in node.inputs:
-                if name and self._last_use.get(name) == i and name not in keep and name not in self.public:
+                if name and self.last_use.get(name) == i and name not in keep and name not in self.public:
                     env.pop(name, None)
         return {name: env[name] for name in self.output_names}
 

@@ -55,7 +55,7 @@ from .session import (
     start,
 )
 from .shares import AShare
-from .weights import CACHED_BYTES, keep_resident
+from .weights import keep_resident
 from .wire import broadcast_flag, broadcast_json
 
 
@@ -213,7 +213,7 @@ def _summed(runs: list[list[OpStats]]) -> list[OpStats]:
 def generate(comm: Communicator, opts: GenerateOptions) -> dict | None:
     """Secure generation on this rank; the client returns the report (with the answer), the others None."""
     started: Started = start(
-        comm, opts, lambda info: prompt_input(opts, info), check=check_decoder, cached_bytes=CACHED_BYTES
+        comm, opts, lambda info: prompt_input(opts, info), check=check_decoder, caches=True
     )
     comm.begin_trace()  # the online rounds start here (the prompt's public parameters are one)
     party, info, executor = started.party, started.info, started.executor

@@ -48,7 +48,7 @@ from .ranges import RANGE_KEYS, RangeError, plan_kernels
 from .ring import FixedPoint
 from .shares import AShare
 from .store import StoreError, TensorStore, is_external, is_synthetic
-from .weights import WeightShare, WeightStream, layer_groups, share_weights
+from .weights import CACHED_BYTES, WeightShare, WeightStream, caches_fit, layer_groups, share_weights
 from .wire import broadcast_bytes, broadcast_json, gather_json
 
 OWNER, CLIENT, HELPER = 0, 1, 2
@@ -692,13 +692,13 @@ def start(
     opts: RunOptions,
     client_input: Callable[[dict], tuple[dict, object]],
     check: Callable[[dict], None] | None = None,
-    cached_bytes: int = 0,
+    caches: bool = False,
 ) -> Started:
     """Setup up to the first walk: keys, the model (owner), its public parts, the client's input
     (`client_input(info)` -> (raw inputs, anything else), run on the client), the shared weights.
     `check(info)` runs on every rank on the public model info and raises UserError alike everywhere.
-    `cached_bytes` per weight and rank are what the walks will cache beside resident weights
-    (generation's `keep_resident`), for the memory check.
+    `caches`: the walks will cache the weights' forms beside resident weights when they fit
+    (generation's `keep_resident`); the memory check counts them.
 
     Every check, the owner's and the client's, happens before the weights are shared.
     """
@@ -743,7 +743,7 @@ def start(
     streamed = info["streamed"]
     hosts = gather_json(comm, {"host": os.uname().nodename, "available": _available_bytes()}, OWNER)
     count = sum(int(np.prod(shape, dtype=np.int64)) for _, shape in manifest)
-    cached = cached_bytes if not streamed and cached_bytes * count <= opts.weight_budget else 0  # as keep_resident
+    cached = CACHED_BYTES if caches and not streamed and caches_fit(count, opts.weight_budget) else 0
     needs = memory_needs(manifest, groups, streamed, cached)
     agree(comm, OWNER, lambda: check_memory(hosts, needs, streamed))
     before_setup = comm.stats.snapshot()
@@ -751,8 +751,7 @@ def start(
     setup_start = time.perf_counter()
     values = store.read if r == OWNER else None
     if streamed:
-        last_use = {name: i for i, n in enumerate(executor.nodes) for name in n.inputs}
-        executor.stream = WeightStream(party, manifest, values, groups, starts, last_use)
+        executor.stream = WeightStream(party, manifest, values, groups, starts, executor.last_use)
     else:
         executor.weights = share_weights(party, manifest, values, groups)
     setup_s = time.perf_counter() - setup_start

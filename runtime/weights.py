@@ -145,11 +145,15 @@ RESIDENT_BYTES = 4 << 30
 CACHED_BYTES = 24
 
 
+def caches_fit(count: int, budget: int = RESIDENT_BYTES) -> bool:
+    """Whether `keep_resident` keeps `count` weights' forms within `budget` bytes per rank."""
+    return CACHED_BYTES * count <= budget
+
+
 def keep_resident(weights: dict[str, WeightShare], budget: int = RESIDENT_BYTES) -> bool:
-    """Mark every weight resident when its kept forms fit the budget, counted at CACHED_BYTES per
-    weight; all ranks decide alike from the public shapes. Returns whether they were marked."""
-    total = CACHED_BYTES * sum(int(np.prod(w.shape)) for w in weights.values())
-    if total > budget:
+    """Mark every weight resident when its kept forms fit the budget (`caches_fit`); all ranks decide
+    alike from the public shapes. Returns whether they were marked."""
+    if not caches_fit(sum(int(np.prod(w.shape)) for w in weights.values()), budget):
         return False
     for w in weights.values():
         w.resident = True
