@@ -305,3 +305,73 @@ def generate(
         weight_budget=weight_budget,
     )
     sys.exit(launch(opts, "generate"))
+
+
+@main.command()
+@click.argument("model")
+@click.option("--listen", "listen", multiple=True, required=True, help="HOST:PORT to answer clients on: once (rank i takes PORT + i) or three times (rank 0's first).")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM certificate chain: serve HTTPS (with --tls-key).")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="PEM private key of --tls-cert.")
+@click.option("--max-batch", default=16, show_default=True, type=int, help="Run queries that arrive together as one batch of at most this many inputs.")
+@click.option("--batch-window", default=0.0, show_default=True, type=float, help="Seconds a batch that is not full waits for more queries.")
+@click.option("--query-wait", default=30.0, show_default=True, type=float, help="Seconds a query may wait for its piece on the other ranks before its error reply.")
+@click.option("--frac-bits", default=18, show_default=True, type=click.IntRange(16, 20), help="Fractional bits of the fixed-point encoding.")
+@TIMEOUT_OPTION
+@WEIGHT_BUDGET_OPTION
+def serve(model, listen, tls_cert, tls_key, max_batch, batch_window, query_wait, frac_bits, timeout, weight_budget) -> None:
+    """A secure inference service: mpirun -n 3 puma-onnx serve MODEL --listen HOST:PORT.
+
+    Rank 0 reads MODEL and shares the weights once; then every rank answers clients outside the ranks
+    (puma-onnx query, or puma_onnx.Client) over HTTP(S) on its own address, until SIGINT or SIGTERM
+    (to mpirun) stops all three with exit code 0. The wire protocol is in the README.
+    """
+    from puma_onnx.runtime.launch import launch
+    from puma_onnx.runtime.service import ServeOptions
+
+    opts = ServeOptions(
+        model=model, listen=tuple(listen), tls_cert=tls_cert, tls_key=tls_key, max_batch=max_batch,
+        batch_window_s=batch_window, query_wait_s=query_wait, frac_bits=frac_bits, timeout=timeout, weight_budget=weight_budget, progress=False,
+    )
+    sys.exit(launch(opts, "serve"))
+
+
+@main.command()
+@click.option("--servers", required=True, help="The three ranks' HOST:PORT (or URLs), comma-separated, rank 0 first; or rank 0's alone.")
+@click.option("--text", multiple=True, help="A text to send (tokenized here); several make a batch.")
+@click.option("--input-ids", type=click.Path(dir_okay=False), help="Token ids as a .npy file of shape (S,) or (B, S).")
+@click.option("--output", type=click.Path(dir_okay=False), help="Write every output to this .npz.")
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), help="CA bundle (PEM) that signed the servers' certificates: use HTTPS.")
+@click.option("--timeout", default=600.0, show_default=True, type=float, help="Seconds to wait for the answer.")
+def query(servers, text, input_ids, output, tls_ca, timeout) -> None:
+    """Ask a running service (puma-onnx serve); the ids are shared here, no rank sees them or the outputs."""
+    import httpx
+    import numpy as np
+
+    from puma_onnx.client import Client, ServiceError
+    from puma_onnx.runtime.session import UserError, _load_ids
+
+    if bool(text) == bool(input_ids):
+        fail("give --text (once or more) or --input-ids")
+    try:
+        with Client(servers, ca=tls_ca, timeout=timeout) as client:
+            if text:
+                feeds = {k: v for k, v in client.tokenize(text).items() if k in client.model["inputs"]}
+            else:
+                feeds = {"input_ids": _load_ids(input_ids)}
+            answer = client.query(feeds)
+    except (ServiceError, ValueError, UserError) as e:
+        fail(str(e))
+    except httpx.HTTPError as e:
+        fail(f"cannot reach the service: {e}")
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in answer.outputs.items())
+    b = answer.batch
+    print(
+        f"puma-onnx: answered: {shapes}; batch of {b['inputs']} inputs x {b['tokens']} tokens "
+        f"({b['queries']} queries), {b['online_s']:.2f} s online, {b['bytes'] / 1e6:.1f} MB, {b['rounds']} rounds",
+        file=sys.stderr,
+    )
+    if output:
+        np.savez(output, **answer.outputs)
+    else:
+        for name, value in answer.outputs.items():
+            print(f"{name} {list(value.shape)}: {np.array2string(value.reshape(-1)[:8], precision=4)} ...")

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import arith
 from .comm import PARTIES
+from .onehot import OneHotShare
 from .party import Party
 from .ring import ring_matmul
 from .shares import AShare
@@ -71,3 +73,33 @@ def embedding(party: Party, table: AShare, ids: np.ndarray | None, owner: int, s
         got = comm.exchange({party.prev: part}, {party.next: (part.shape, U64)})
         out = AShare(part, got[party.next])
     return out.reshape(shape + (hidden,))
+
+
+# Rows of a one-hot share multiplied at a time: 256 x 2V words (125 MB for V = 30,522) at most.
+SHARED_BLOCK_ROWS = 256
+
+
+def shared_embedding(party: Party, table: AShare, sources: list[tuple[OneHotShare, np.ndarray]], rows: int) -> AShare:
+    """Rows of `table` (V x H) for ids an outside client sent as shares of their one-hot rows (onehot.py).
+
+    `sources` places each query's one-hot share at flat row positions of the (rows x H) answer; rows no
+    query fills (padding) are zero. Idea: the one-hot E and the table T are both replicated shares, so
+    E @ T is one replicated product (Araki et al. 2016): rank i's additive part is
+    [E_i, E_{i+1}] @ [[T_i + T_{i+1}], [T_i]], computed a block of rows at a time (no message), then
+    every part is reshared at once with a fresh zero-sharing. No truncation: E holds integers.
+    Rounds 1. Bytes: 8 per output element (rows x H x 8 per rank). Work: every rank multiplies
+    n x 2V by 2V x H in the ring, where n counts the real tokens (3x the work of `embedding`, where the
+    client is a rank and gathers its own rows).
+    """
+    vocab, hidden = table.shape
+    right = np.concatenate([table.first + table.second, table.first], axis=0)
+    parts = np.zeros((rows, hidden), dtype=U64)
+    for onehot, positions in sources:
+        if onehot.vocab != vocab or positions.shape != (onehot.rows,):
+            raise ValueError(f"a one-hot share of {onehot.rows} x {onehot.vocab} does not fit a {vocab}-row table")
+        for start, block in onehot.blocks(SHARED_BLOCK_ROWS):
+            left = np.concatenate([block.first, block.second], axis=1)
+            parts[positions[start : start + block.shape[0]]] = ring_matmul(left, right)
+    with party.comm.tag("embedding"):
+        (out,) = arith.reshare_parts(party, [parts])
+    return out

@@ -8,6 +8,7 @@ values only run in plaintext (see `executor.PublicOps`). Inputs arrive as:
   Scaled       a secret times a public scalar, not yet multiplied out,
   Unscaled     a product not yet truncated (the last node before a graph output),
   Private      a client input only its owner rank knows (token ids).
+  SharedIds    token ids a client outside the ranks sent as shares of their one-hot rows.
 `Context.secret` turns any secret kind into an AShare.
 Shape-only ops (Shape, Size) give public outputs. Every other kernel returns
 secret outputs. The costs are those of the protocols each kernel calls; shape
@@ -37,6 +38,16 @@ class Private:
     shape: tuple[int, ...]
     value: np.ndarray | None
     shared: AShare | None = None  # its secret share, once an op needed one
+
+
+@dataclass
+class SharedIds:
+    """Token ids (public shape) that clients outside the ranks sent as replicated shares of their one-hot
+    rows (onehot.py). A batch may hold several queries: `sources` pairs each one's share with the flat
+    positions its rows take; the other positions are padding."""
+
+    shape: tuple[int, ...]
+    sources: list
 
 
 @dataclass
@@ -154,7 +165,7 @@ class Context:
 
 
 def is_secret(v) -> bool:
-    return isinstance(v, (AShare, Private, WeightShare, Scaled, Unscaled))
+    return isinstance(v, (AShare, Private, SharedIds, WeightShare, Scaled, Unscaled))
 
 
 def integral(c: np.ndarray) -> bool:
@@ -498,6 +509,10 @@ def rms_norm(ctx, node, x, scale_):
 
 
 def embedding_kernel(ctx, node, table, ids):
+    if isinstance(ids, SharedIds):
+        rows = int(np.prod(ids.shape, dtype=np.int64))
+        out = embedding.shared_embedding(ctx.party, ctx.secret(table), ids.sources, rows)
+        return (out.reshape(tuple(ids.shape) + (out.shape[-1],)),)
     if isinstance(ids, Private):
         return (embedding.embedding(ctx.party, ctx.secret(table), ids.value, ids.owner, ids.shape),)
     if isinstance(ids, AShare):

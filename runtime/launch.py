@@ -1,4 +1,4 @@
-"""`puma-onnx run` and `generate` on one MPI rank: checks, error handling, the client's files (`reports`).
+"""`puma-onnx run`, `generate` and `serve` on one MPI rank: checks, error handling, the client's files (`reports`).
 
 Three ranks share the machine's cores, so each rank's BLAS gets one thread
 unless the user set OPENBLAS_NUM_THREADS / OMP_NUM_THREADS: more threads per rank
@@ -33,7 +33,7 @@ def error(message: str) -> None:
 
 
 def launch(opts: RunOptions, command: str = "run") -> int:
-    """Run this rank's part of `command` (run or generate); returns the exit code. An unexpected error
+    """Run this rank's part of `command` (run, generate or serve); returns the exit code. An unexpected error
     aborts the whole MPI job."""
     from mpi4py import MPI
 
@@ -50,6 +50,10 @@ def launch(opts: RunOptions, command: str = "run") -> int:
         from .generation import generate as program
 
         done = finish_generate
+    elif command == "serve":
+        from .service import serve as program
+
+        done = None
     else:
         program, done = run, finish_run
     comm = MPIComm(world, timeout=opts.timeout)
@@ -79,7 +83,7 @@ def launch(opts: RunOptions, command: str = "run") -> int:
         comm.end_job(ending.notice, wait=ENDING_WAIT_S)
         return _abort(world, ending.code)
     _ignore_signals()  # the job is done: writing the client's files is not interrupted halfway
-    if rank == CLIENT:
+    if rank == CLIENT and done is not None:
         done(report, opts)
     return 0
 

@@ -54,3 +54,12 @@ def broadcast_flag(comm: Communicator, flag: bool, root: int) -> bool:
         comm.exchange({r: np.array([flag], np.uint8) for r in others}, {})
         return bool(flag)
     return bool(comm.exchange({}, {root: ((1,), np.uint8)})[root][0])
+
+
+def allgather_json(comm: Communicator, obj) -> list:
+    """Every rank's JSON-able object, as a list by rank, on every rank. 2 rounds."""
+    others = [r for r in range(PARTIES) if r != comm.rank]
+    data = np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8)
+    sizes = comm.exchange({r: np.array([data.size], dtype=np.int64) for r in others}, {r: ((1,), np.int64) for r in others})
+    got = comm.exchange({r: data for r in others}, {r: ((int(sizes[r][0]),), np.uint8) for r in others})
+    return [obj if r == comm.rank else json.loads(got[r].tobytes()) for r in range(PARTIES)]

@@ -14,7 +14,7 @@ import inspect
 import textwrap
 from dataclasses import dataclass
 
-from puma_onnx.runtime import arith, embedding, weights
+from puma_onnx.runtime import arith, embedding, onehot, weights
 
 
 @dataclass(frozen=True)
@@ -72,5 +72,16 @@ MUTANTS = {
             ("return party.prg_next.words(SEED_BYTES, np.uint8).tobytes(), seed_2", "return seed_2, seed_2"),
         ),
         "x_0 from the common key: rank 1 regenerates it and unmasks W from x_1",
+    ),
+}
+
+
+# The outside client's sharing (no protocol among the ranks: tests/runtime/test_onehot.py checks it).
+CLIENT_MUTANTS = {
+    "onehot_one_seed_twice": Mutant(
+        onehot,
+        "split",
+        (("s = seeds or (new_seed(), new_seed())", "s = seeds or (new_seed(),) * 2"),),
+        "X0 and X1 from one seed: X2 = E - 2 X1 shows the one-hot's low bit to ranks 1 and 2",
     ),
 }

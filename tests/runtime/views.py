@@ -111,15 +111,12 @@ class Verdict:
 def views(monkeypatch, protocol, secret, observer: int, fixed: dict[str, bytes], runs: int = RUNS) -> np.ndarray:
     """How many of `runs` runs set each bit of the observer's view of protocol(party, secret), over fresh
     foreign keys."""
-    counts = None
-    for _ in range(runs):
+
+    def view():
         keys = keys_for(observer, fixed)
-        seen = record(monkeypatch, lambda: run_parties(lambda p: protocol(p, secret), keys=keys))
-        bits = _bits(seen[observer]).astype(np.int64)
-        if counts is not None and counts.shape != bits.shape:
-            raise AssertionError("the view's length varies between runs: the protocol is not deterministic in shape")
-        counts = bits if counts is None else counts + bits
-    return counts
+        return record(monkeypatch, lambda: run_parties(lambda p: protocol(p, secret), keys=keys))[observer]
+
+    return bit_counts(view, runs)
 
 
 def leaks(monkeypatch, protocol, secrets: tuple, observer: int, runs: int = RUNS, seed: int = 0) -> Verdict:
@@ -131,6 +128,22 @@ def leaks(monkeypatch, protocol, secrets: tuple, observer: int, runs: int = RUNS
     rng = np.random.default_rng(seed)
     fixed = {name: rng.bytes(SEED_BYTES) for name in KEY_NAMES}
     ca, cb = (views(monkeypatch, protocol, s, observer, fixed, runs) for s in secrets)
+    return compare(ca, cb, runs)
+
+
+def bit_counts(view, runs: int = RUNS) -> np.ndarray:
+    """How many of `runs` calls of view() (a list of arrays) set each bit of it (with derived words, `_bits`)."""
+    counts = None
+    for _ in range(runs):
+        bits = _bits(view()).astype(np.int64)
+        if counts is not None and counts.shape != bits.shape:
+            raise AssertionError("the view's length varies between runs: the protocol is not deterministic in shape")
+        counts = bits if counts is None else counts + bits
+    return counts
+
+
+def compare(ca: np.ndarray, cb: np.ndarray, runs: int = RUNS) -> Verdict:
+    """Whether bit counts of the views under two secrets (`views`, `bit_counts`) tell the secrets apart."""
     if ca.shape != cb.shape:
         return Verdict(True, 0.0, ca.size, 0, True)  # even the view's size tells the secrets apart
     d = np.abs(ca - cb)

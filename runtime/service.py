@@ -1,0 +1,543 @@
+"""`puma-onnx serve`: weights shared once, then queries from clients outside the three ranks.
+
+Each rank answers HTTP (uvicorn running a starlette app, TLS from the standard certificate options)
+in a thread of its own; its main thread keeps MPI. A client (`puma_onnx.client`) sends every rank
+the same public part of a query and that rank's piece of the shared one-hot ids (`onehot.py`); each
+rank answers with an additive component of every output, re-randomised, and the client adds the
+three. No rank sees a token id or an output. The wire format is in the README ("Wire protocol").
+
+The ranks agree on what to run by a tick, every TICK_S while idle: each sends the others the queries
+it holds (id, digest of the public part, age) and whether it is stopping (`allgather_json`, 2 rounds).
+A query all three hold with the same digest is ready; ready queries run in rank 0's order of arrival,
+batched up to --max-batch inputs (padded to the longest: right for encoders, left for decoders); a
+batch that is not full waits up to --batch-window for more. A
+query that only some ranks received within QUERY_WAIT_S, or whose public parts differ, gets an error
+reply on every rank that holds it. A stop (SIGINT or SIGTERM on any rank) ends the loop on all three
+after the batch in hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .comm import Communicator
+from .executor import PRESENT_PREFIX
+from .kernels import Context, Scaled, SharedIds, Unscaled
+from .onehot import DENSE, OneHotShare, Piece, held
+from .session import RunOptions, UserError, empty_cache, model_feeds, start
+from .shares import AShare
+from .weights import WeightShare
+from .wire import allgather_json
+
+TICK_S = 0.02
+QUERY_WAIT_S = 30.0
+DEFAULT_PORT = 8600
+DEFAULT_MAX_BATCH = 16
+QUERY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+API = "/v1"
+
+
+@dataclass
+class ServeOptions(RunOptions):
+    listen: tuple[str, ...] = ()  # one HOST:PORT for all (rank i takes PORT + i), or one per rank
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_batch: int = DEFAULT_MAX_BATCH
+    batch_window_s: float = 0.0  # a batch that is not full waits this long for more queries
+    query_wait_s: float = QUERY_WAIT_S
+
+
+def listen_address(listen: tuple[str, ...], rank: int) -> tuple[str, int]:
+    """This rank's (host, port): the rank-th of three addresses, or one address's port + rank."""
+    if len(listen) not in (1, 3):
+        raise UserError(f"give --listen once (rank i takes PORT + i) or three times (one per rank), got {len(listen)}")
+    text = listen[rank] if len(listen) == 3 else listen[0]
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise UserError(f"--listen {text!r} is not HOST:PORT")
+    port = int(port) + (rank if len(listen) == 1 else 0)
+    if not 0 < port < 65536:
+        raise UserError(f"--listen {text!r}: port {port} is out of range")
+    return host.strip("[]"), port
+
+
+# ----------------------------------------------------------------------------- queries
+
+
+@dataclass
+class Query:
+    """One client query as this rank received it."""
+
+    qid: str
+    shape: tuple[int, int]  # (B, S)
+    public: dict[str, np.ndarray]  # attention_mask, token_type_ids: (B, S)
+    digest: str  # of the public part: the three ranks must have received the same
+    piece: Piece
+    arrived: float = field(default_factory=time.monotonic)
+    reply: object = None  # callable(status, body), thread-safe; set by the HTTP handler
+
+
+def _public_part(meta: dict, names: list[str], shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    out = {}
+    for name in ("attention_mask", "token_type_ids"):
+        if name not in meta or meta[name] is None:
+            out[name] = np.ones(shape, np.int64) if name == "attention_mask" else np.zeros(shape, np.int64)
+            continue
+        try:
+            value = np.array(meta[name], dtype=np.int64)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"{name} must be a (B, S) array of integers") from None
+        if value.shape != shape:
+            raise ValueError(f"{name} has shape {list(value.shape)}, the ids {list(shape)}")
+        if value.size and (value.min() < 0 or value.max() > 1):
+            raise ValueError(f"{name} must hold 0 and 1 only")
+        out[name] = value
+    if not out["attention_mask"].any(axis=1).all():
+        raise ValueError("every input needs at least one token with attention_mask 1")
+    return out
+
+
+def parse_query(meta, share: bytes | None, rank: int, model: dict) -> Query:
+    """A query from its JSON part and this rank's binary share; ValueError names what is wrong."""
+    if not isinstance(meta, dict):
+        raise ValueError("the meta part must be a JSON object")
+    qid = meta.get("query")
+    if not isinstance(qid, str) or not QUERY_ID.fullmatch(qid):
+        raise ValueError("query must be an id of 1 to 64 letters, digits, '-' or '_'")
+    ids = meta.get("input_ids")
+    if not isinstance(ids, dict):
+        raise ValueError("input_ids must be an object with shape and seeds")
+    shape = ids.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d >= 1 for d in shape)):
+        raise ValueError("input_ids.shape must be [B, S] with B, S >= 1")
+    batch, length = shape
+    if batch > model["max_batch"]:
+        raise ValueError(f"the query holds {batch} inputs; this service takes at most {model['max_batch']} (--max-batch)")
+    if model["max_positions"] is not None and length > model["max_positions"]:
+        raise ValueError(f"the input has {length} tokens; {model['name']} allows at most {model['max_positions']}")
+    seeds = ids.get("seeds")
+    if not isinstance(seeds, dict):
+        raise ValueError("input_ids.seeds must map component numbers to hex seeds")
+    try:
+        seeds = {int(k): bytes.fromhex(v) for k, v in seeds.items()}
+    except (TypeError, ValueError):
+        raise ValueError("input_ids.seeds must map component numbers to hex seeds") from None
+    vocab = model["vocab_size"]
+    dense = None
+    if DENSE in held(rank):
+        if not share:
+            raise ValueError(f"rank {rank} needs the binary part 'share' (component {DENSE} of the one-hot ids)")
+        if len(share) != batch * length * vocab * 8:
+            raise ValueError(
+                f"the share must hold {batch} x {length} x {vocab} uint64 words ({batch * length * vocab * 8} bytes), "
+                f"got {len(share)} bytes"
+            )
+        dense = np.frombuffer(share, dtype="<u8").reshape(batch * length, vocab)
+    elif share:
+        raise ValueError(f"rank {rank} takes no binary share")
+    piece = Piece(rank, seeds, dense)
+    OneHotShare(piece, batch * length, vocab)  # checks the seeds
+    public = _public_part(meta, model["inputs"], (batch, length))
+    digest = hashlib.sha256(
+        json.dumps({"query": qid, "shape": shape, **{k: v.tolist() for k, v in public.items()}}).encode()
+    ).hexdigest()
+    return Query(qid, (batch, length), public, digest, piece)
+
+
+class Inbox:
+    """The queries this rank holds, shared by the HTTP thread (adds) and the MPI loop (takes)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._queries: dict[str, Query] = {}
+        self._rejected: dict[str, str] = {}
+
+    def add(self, query: Query) -> bool:
+        with self._lock:
+            if query.qid in self._queries:
+                return False
+            self._queries[query.qid] = query
+            return True
+
+    def reject(self, qid: str, reason: str) -> None:
+        """A query this rank refused: the others drop it too (`decide`)."""
+        with self._lock:
+            self._rejected[qid] = reason
+
+    def summary(self) -> dict:
+        now = time.monotonic()
+        with self._lock:
+            rejected, self._rejected = self._rejected, {}
+            return {
+                "pending": [[q.qid, q.digest, round(now - q.arrived, 3), q.shape[0]] for q in self._queries.values()],
+                "rejected": rejected,
+            }
+
+    def take(self, qid: str) -> Query | None:
+        with self._lock:
+            return self._queries.pop(qid, None)
+
+    def drain(self) -> list[Query]:
+        with self._lock:
+            out, self._queries = list(self._queries.values()), {}
+            return out
+
+
+def decide(
+    views: list[dict], max_batch: int, wait_s: float, window_s: float = 0.0
+) -> tuple[list[str], dict[str, tuple[int, str]]]:
+    """From every rank's summary (the same list on every rank): the next batch (query ids, in rank 0's
+    order of arrival) and the queries to drop, with the HTTP status and reason of their error reply.
+    A batch that is not full waits until its oldest query has waited `window_s` at rank 0, so that
+    queries arriving together run together. A pure function, so the ranks agree."""
+    held_by = [{qid: (digest, age, batch) for qid, digest, age, batch in v["pending"]} for v in views]
+    dropped: dict[str, tuple[int, str]] = {}
+    for rank, v in enumerate(views):
+        for qid, reason in v["rejected"].items():
+            dropped.setdefault(qid, (400, f"rank {rank} refused the query: {reason}"))
+    everywhere = set(held_by[0]) & set(held_by[1]) & set(held_by[2])
+    for qid in sorted(set().union(*held_by) - everywhere):
+        age = max(h[qid][1] for h in held_by if qid in h)
+        if age > wait_s:
+            missing = [r for r in range(3) if qid not in held_by[r]]
+            dropped.setdefault(qid, (504, f"rank(s) {missing} did not receive the query within {wait_s:g} s"))
+    for qid in sorted(everywhere):
+        if len({h[qid][0] for h in held_by}) != 1:
+            dropped.setdefault(qid, (400, "the three ranks received different public inputs for this query"))
+    ready = sorted((q for q in everywhere if q not in dropped), key=lambda q: (-held_by[0][q][1], q))
+    batch, inputs, full = [], 0, False
+    for qid in ready:
+        size = held_by[0][qid][2]
+        if batch and inputs + size > max_batch:
+            full = True
+            break
+        batch.append(qid)
+        inputs += size
+    if batch and not full and inputs < max_batch and held_by[0][batch[0]][1] < window_s:
+        return [], dropped
+    return batch, dropped
+
+
+# ----------------------------------------------------------------------------- one batch
+
+
+def batch_feeds(info: dict, queries: list[Query]) -> tuple[dict, list[tuple[int, int, slice]]]:
+    """The executor's feeds for queries run together, and where each query's rows are: (first row,
+    rows, the columns of its own tokens). Inputs are padded to the longest with mask 0 and zero one-hot
+    rows: on the right, or on the left for a decoder (its last position is every row's own)."""
+    total = sum(q.shape[0] for q in queries)
+    width = max(q.shape[1] for q in queries)
+    mask = np.zeros((total, width), np.int64)
+    types = np.zeros((total, width), np.int64)
+    sources, places, row = [], [], 0
+    for q in queries:
+        batch, length = q.shape
+        cols = slice(width - length, width) if info["decoder"] else slice(0, length)
+        mask[row : row + batch, cols] = q.public["attention_mask"]
+        types[row : row + batch, cols] = q.public["token_type_ids"]
+        flat = ((row + np.arange(batch))[:, None] * width + np.arange(width)[cols][None, :]).reshape(-1)
+        sources.append((OneHotShare(q.piece, batch * length, info["vocab_size"]), flat))
+        places.append((row, batch, cols))
+        row += batch
+    names = [n for n in info["inputs"] if n not in info["past"]]
+    feeds = model_feeds(names, np.zeros((total, width), np.int64), mask, types)
+    feeds["input_ids"] = SharedIds((total, width), sources)
+    return {**feeds, **empty_cache(info, total)}, places
+
+
+def output_components(party, outputs: dict) -> dict[str, dict]:
+    """Each graph output as this rank's additive component (its first share component plus a fresh
+    zero-sharing, so the three sum to the value and reveal nothing else) and the public scale that
+    turns the ring value into the answer; a public output as it is. The cache (present.*) stays."""
+    out = {}
+    for name, value in outputs.items():
+        if name.startswith(PRESENT_PREFIX):
+            continue
+        scale = 2.0 ** -party.fxp.frac_bits
+        if isinstance(value, Unscaled):
+            value, scale = value.share, 2.0 ** -(party.fxp.frac_bits + value.bits)
+        elif isinstance(value, Scaled):
+            value, scale = value.share, value.factor * scale
+        elif isinstance(value, WeightShare):
+            value = Context(party).secret(value)
+        if isinstance(value, AShare):
+            out[name] = {"component": value.first + party.zero_share(value.shape), "scale": scale}
+        elif isinstance(value, np.ndarray):
+            out[name] = {"value": value}
+        else:
+            raise UserError(f"output {name!r} is a client input passed through; nothing to compute")
+    return out
+
+
+def sequence_axes(graph_outputs, inputs) -> dict[str, int]:
+    """For each graph output, the axis that runs along the input's tokens (same symbolic dim as
+    input_ids' second one), so that a query cut from a padded batch gets its own positions back."""
+    ids = next((i for i in inputs if i.name == "input_ids"), None)
+    if ids is None or len(ids.type.tensor_type.shape.dim) < 2:
+        return {}
+    seq = ids.type.tensor_type.shape.dim[1].dim_param
+    axes = {}
+    for o in graph_outputs:
+        for axis, d in enumerate(o.type.tensor_type.shape.dim):
+            if axis > 0 and seq and d.dim_param == seq:
+                axes[o.name] = axis
+    return axes
+
+
+def _encode_array(a: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<")).tobytes()).decode()
+
+
+def reply_body(qid: str, components: dict, place: tuple[int, int, slice], axes: dict, batch: dict) -> dict:
+    """The JSON answer to one query: its rows (and own positions) of every output."""
+    row, count, cols = place
+    outputs = {}
+    for name, c in components.items():
+        array = c.get("component", c.get("value"))
+        if array.ndim == 0 or array.shape[0] < row + count:  # not batched along axis 0: the same for all
+            part = array
+        else:
+            part = array[row : row + count]
+            if name in axes:
+                index = [slice(None)] * part.ndim
+                index[axes[name]] = cols
+                part = part[tuple(index)]
+        if "component" in c:
+            outputs[name] = {"shape": list(part.shape), "dtype": "uint64", "scale": c["scale"], "component": _encode_array(part)}
+        else:
+            part = np.asarray(part)
+            outputs[name] = {"shape": list(part.shape), "dtype": str(part.dtype), "value": _encode_array(part)}
+    return {"query": qid, "outputs": outputs, "batch": batch}
+
+
+# ----------------------------------------------------------------------------- HTTP
+
+
+def model_card(info: dict, opts: ServeOptions, rank: int, output_names: list[str]) -> dict:
+    """What GET /v1/model answers: the public facts a client needs."""
+    return {
+        "name": info["name"],
+        "rank": rank,
+        "decoder": info["decoder"],
+        "inputs": [n for n in info["inputs"] if n not in info["past"]],
+        "outputs": [n for n in output_names if not n.startswith(PRESENT_PREFIX)],
+        "vocab_size": info["vocab_size"],
+        "max_positions": info["max_positions"],
+        "max_batch": opts.max_batch,
+        "frac_bits": opts.frac_bits,
+        "tokenizer": info["tokenizer"] is not None,
+        "padding_side": "left" if info["decoder"] else "right",
+    }
+
+
+def make_app(inbox: Inbox, card: dict, tokenizer: str | None):
+    """The starlette app of one rank: GET /v1/model, GET /v1/tokenizer, POST /v1/run."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    rank = card["rank"]
+
+    async def model(request: Request):
+        return JSONResponse(card)
+
+    async def tokenizer_json(request: Request):
+        if tokenizer is None:
+            return JSONResponse({"error": f"{card['name']} has no tokenizer"}, status_code=404)
+        return Response(tokenizer, media_type="application/json")
+
+    async def run(request: Request):
+        try:
+            async with request.form(max_files=1, max_fields=1, max_part_size=64 << 20) as form:
+                meta_text = form.get("meta")
+                if not isinstance(meta_text, str):
+                    raise ValueError("the form needs a field 'meta' (JSON)")
+                upload = form.get("share")
+                share = await upload.read() if upload is not None and not isinstance(upload, str) else None
+            meta = json.loads(meta_text)
+        except (ValueError, KeyError) as e:  # json.JSONDecodeError is a ValueError; so are form errors
+            return JSONResponse({"error": f"malformed query: {e}"}, status_code=400)
+        except Exception as e:  # noqa: BLE001 - multipart parsing raises its own kinds
+            return JSONResponse({"error": f"malformed query: {type(e).__name__}: {e}"}, status_code=400)
+        qid = meta.get("query") if isinstance(meta, dict) else None
+        try:
+            query = parse_query(meta, share, rank, card)
+        except ValueError as e:
+            if isinstance(qid, str) and QUERY_ID.fullmatch(qid):
+                inbox.reject(qid, str(e))
+            return JSONResponse({"error": str(e)}, status_code=400)
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+
+        def reply(status: int, body: dict) -> None:
+            loop.call_soon_threadsafe(lambda: answer.done() or answer.set_result((status, body)))
+
+        query.reply = reply
+        if not inbox.add(query):
+            return JSONResponse({"error": f"query {query.qid!r} is already pending"}, status_code=409)
+        status, body = await answer
+        return JSONResponse(body, status_code=status)
+
+    return Starlette(
+        routes=[
+            Route(f"{API}/model", model),
+            Route(f"{API}/tokenizer", tokenizer_json),
+            Route(f"{API}/run", run, methods=["POST"]),
+        ]
+    )
+
+
+class HttpThread:
+    """uvicorn serving the app in a thread (it installs no signal handlers off the main thread)."""
+
+    def __init__(self, app, host: str, port: int, cert: str | None, key: str | None):
+        import uvicorn
+
+        config = uvicorn.Config(
+            app, host=host, port=port, ssl_certfile=cert, ssl_keyfile=key, log_level="warning", access_log=False,
+            lifespan="off", timeout_graceful_shutdown=2,
+        )
+        self.server = uvicorn.Server(config)
+        self.failed: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="puma-onnx-http", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.server.run()
+        except BaseException as e:  # noqa: BLE001 - reported by `start`
+            self.failed = e
+
+    def start(self, wait_s: float = 10.0) -> None:
+        """Start and wait until it listens; UserError if it cannot (address in use, bad certificate)."""
+        self.thread.start()
+        deadline = time.monotonic() + wait_s
+        while not self.server.started and self.thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not self.server.started:
+            self.stop()
+            raise UserError(f"cannot serve on {self.server.config.host}:{self.server.config.port}: " + (
+                f"{self.failed}" if self.failed else "the HTTP server did not start (address in use or bad TLS files?)"
+            ))
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=5.0)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class StopFlag:
+    """SIGINT and SIGTERM set it; the loop ends at the next tick on every rank."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, self._set)
+
+    def _set(self, number, frame) -> None:
+        self.signal = number
+
+
+def serve(comm: Communicator, opts: ServeOptions) -> dict | None:
+    """This rank's part of the service: share the weights, listen, answer until stopped."""
+    if not 1 <= opts.max_batch <= 4096:
+        raise UserError(f"--max-batch must be in [1, 4096], got {opts.max_batch}")
+    if not 0 <= opts.batch_window_s <= 60 or not 0 < opts.query_wait_s <= 3600:
+        raise UserError("--batch-window must be in [0, 60] s and --query-wait in (0, 3600] s")
+    if (opts.tls_cert is None) != (opts.tls_key is None):
+        raise UserError("give both --tls-cert and --tls-key, or neither")
+    host, port = listen_address(opts.listen, comm.rank)
+    started = start(comm, opts, lambda info: ({}, None))
+    party, info, executor = started.party, started.info, started.executor
+    vocab = info["vocab"].get("input_ids")
+    if vocab is None:
+        raise UserError(f"{info['name']} has no embedding table of input_ids to serve")
+    info = {**info, "vocab_size": vocab}
+    light = executor.model
+    card = model_card(info, opts, comm.rank, executor.output_names)
+    axes = sequence_axes(light.graph.output, light.graph.input)
+    inbox = Inbox()
+    http = HttpThread(make_app(inbox, card, info["tokenizer"]), host, port, opts.tls_cert, opts.tls_key)
+    agree_all(comm, http.start)
+    stop = StopFlag()
+    scheme = "https" if opts.tls_cert else "http"
+    say(
+        f"rank {comm.rank} serves {info['name']} at {scheme}://{host}:{port}{API} "
+        f"(weights shared in {started.setup_s:.1f} s; this rank sent {started.setup.bytes / 1e6:.0f} MB)"
+    )
+    answered = 0
+    try:
+        while True:
+            with comm.untraced(), comm.tag("service"):
+                views = allgather_json(comm, {**inbox.summary(), "stop": stop.signal is not None})
+            if any(v["stop"] for v in views):
+                break
+            batch, dropped = decide(views, opts.max_batch, opts.query_wait_s, opts.batch_window_s)
+            for qid, (status, reason) in dropped.items():
+                query = inbox.take(qid)
+                if query is not None:
+                    query.reply(status, {"error": reason})
+            if not batch:
+                time.sleep(TICK_S)
+                continue
+            answered += run_batch(party, executor, info, [inbox.take(q) for q in batch], axes)
+    finally:
+        for query in inbox.drain():
+            query.reply(503, {"error": "the service is stopping"})
+        http.stop()
+    say(f"rank {comm.rank} stopped after {answered} queries")
+    return None
+
+
+def say(line: str) -> None:
+    """One line on stderr in a single write, so that the ranks' lines do not interleave."""
+    sys.stderr.flush()
+    os.write(2, f"puma-onnx: {line}\n".encode(errors="backslashreplace"))
+
+
+def agree_all(comm: Communicator, step) -> None:
+    """step() on every rank; a UserError on any rank stops all three with its line."""
+    error = None
+    try:
+        step()
+    except UserError as e:
+        error = str(e)
+    errors = [e for e in (v["error"] for v in allgather_json(comm, {"error": error})) if e]
+    if errors:
+        raise UserError(errors[0])
+
+
+def run_batch(party, executor, info: dict, queries: list[Query], axes: dict) -> int:
+    """Run queries together and reply to each with its part of every output; returns how many."""
+    comm = party.comm
+    feeds, places = batch_feeds(info, queries)
+    before, began = comm.stats.snapshot(), time.perf_counter()
+    comm.begin_trace()
+    outputs = executor.run(feeds)
+    components = output_components(party, outputs)
+    cost = comm.stats.snapshot() - before
+    batch = {
+        "queries": len(queries),
+        "inputs": int(feeds["input_ids"].shape[0]),
+        "tokens": int(feeds["input_ids"].shape[1]),
+        "online_s": round(time.perf_counter() - began, 4),
+        "bytes": int(cost.bytes),
+        "rounds": int(cost.rounds),
+    }
+    for query, place in zip(queries, places):
+        query.reply(200, reply_body(query.qid, components, place, axes, batch))
+    return len(queries)
