@@ -27,6 +27,8 @@ from puma_onnx.runtime.onehot import split
 
 RANKS = 3
 API = "/v1"
+# What the three ranks' model cards must agree on.
+MODEL_KEYS = ("name", "decoder", "inputs", "outputs", "vocab_size", "max_positions", "max_batch", "frac_bits", "padding_side")
 
 
 class ServiceError(RuntimeError):
@@ -89,7 +91,7 @@ class Client:
         for rank, card in enumerate(cards):
             if card.get("rank") != rank:
                 raise ServiceError(f"address {rank} answers as rank {card.get('rank')}: list the servers rank 0 first")
-        if len({json.dumps({k: v for k, v in c.items() if k != "rank"}, sort_keys=True) for c in cards}) != 1:
+        if len({json.dumps({k: v for k, v in c.items() if k in MODEL_KEYS}, sort_keys=True) for c in cards}) != 1:
             raise ServiceError("the three servers describe different models")
         return cards[0]
 

@@ -166,6 +166,11 @@ def _mul_parts(x: AShare, y: AShare) -> np.ndarray:
     return x.first * (y.first + y.second) + x.second * y.first
 
 
+def matmul_local(x: AShare, y: AShare) -> np.ndarray:
+    """This rank's additive part of x @ y (no message); `reshare_parts` makes a share of the parts."""
+    return _matmul_parts(x, y)
+
+
 def _matmul_parts(x: AShare, y: AShare) -> np.ndarray:
     # The two products of the three-term sum in one ring matmul over a doubled inner dimension.
     if x.ndim < 2 or y.ndim < 2:

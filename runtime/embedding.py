@@ -16,6 +16,7 @@ from .onehot import OneHotShare
 from .party import Party
 from .ring import ring_matmul
 from .shares import AShare
+from .weights import WeightShare, matmul_part
 
 U64 = np.uint64
 
@@ -75,31 +76,36 @@ def embedding(party: Party, table: AShare, ids: np.ndarray | None, owner: int, s
     return out.reshape(shape + (hidden,))
 
 
-# Rows of a one-hot share multiplied at a time: 256 x 2V words (125 MB for V = 30,522) at most.
+# Rows of a one-hot share multiplied at a time: 256 x V words (62 MB for V = 30,522) at most.
 SHARED_BLOCK_ROWS = 256
 
 
-def shared_embedding(party: Party, table: AShare, sources: list[tuple[OneHotShare, np.ndarray]], rows: int) -> AShare:
+def shared_embedding(
+    party: Party, table: AShare | WeightShare, sources: list[tuple[OneHotShare, np.ndarray]], rows: int
+) -> AShare:
     """Rows of `table` (V x H) for ids an outside client sent as shares of their one-hot rows (onehot.py).
 
     `sources` places each query's one-hot share at flat row positions of the (rows x H) answer; rows no
-    query fills (padding) are zero. Idea: the one-hot E and the table T are both replicated shares, so
-    E @ T is one replicated product (Araki et al. 2016): rank i's additive part is
-    [E_i, E_{i+1}] @ [[T_i + T_{i+1}], [T_i]], computed a block of rows at a time (no message), then
-    every part is reshared at once with a fresh zero-sharing. No truncation: E holds integers.
-    Rounds 1. Bytes: 8 per output element (rows x H x 8 per rank). Work: every rank multiplies
-    n x 2V by 2V x H in the ring, where n counts the real tokens (3x the work of `embedding`, where the
-    client is a rank and gathers its own rows).
+    query fills (padding) are zero. Idea: E @ T is a replicated product (Araki et al. 2016) of the shared
+    one-hot E and the table. A shared weight T (weights.py: x_2 from the common key) needs one ring
+    product per rank, `matmul_part`; a general share two, [E_i, E_{i+1}] @ [[T_i + T_{i+1}], [T_i]]. Each
+    rank computes its additive part a block of rows at a time (no message), then every part is reshared
+    at once with a fresh zero-sharing. No truncation: E holds integers.
+    Rounds 1. Bytes: 8 per output element (rows x H x 8 per rank). Work: every rank multiplies n x V by
+    V x H in the ring once (n real tokens): 3 such products in all, against 2 for `embedding`, where the
+    client is a rank and gathers its own rows.
     """
-    vocab, hidden = table.shape
-    right = np.concatenate([table.first + table.second, table.first], axis=0)
+    vocab, hidden = table.value_shape if isinstance(table, WeightShare) else table.shape
     parts = np.zeros((rows, hidden), dtype=U64)
     for onehot, positions in sources:
         if onehot.vocab != vocab or positions.shape != (onehot.rows,):
             raise ValueError(f"a one-hot share of {onehot.rows} x {onehot.vocab} does not fit a {vocab}-row table")
         for start, block in onehot.blocks(SHARED_BLOCK_ROWS):
-            left = np.concatenate([block.first, block.second], axis=1)
-            parts[positions[start : start + block.shape[0]]] = ring_matmul(left, right)
+            if isinstance(table, WeightShare):
+                part = matmul_part(block, table)
+            else:
+                part = arith.matmul_local(block, table)
+            parts[positions[start : start + block.shape[0]]] = part
     with party.comm.tag("embedding"):
         (out,) = arith.reshare_parts(party, [parts])
     return out

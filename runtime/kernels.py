@@ -511,7 +511,8 @@ def rms_norm(ctx, node, x, scale_):
 def embedding_kernel(ctx, node, table, ids):
     if isinstance(ids, SharedIds):
         rows = int(np.prod(ids.shape, dtype=np.int64))
-        out = embedding.shared_embedding(ctx.party, ctx.secret(table), ids.sources, rows)
+        weight = table if isinstance(table, WeightShare) else ctx.secret(table)
+        out = embedding.shared_embedding(ctx.party, weight, ids.sources, rows)
         return (out.reshape(tuple(ids.shape) + (out.shape[-1],)),)
     if isinstance(ids, Private):
         return (embedding.embedding(ctx.party, ctx.secret(table), ids.value, ids.owner, ids.shape),)

@@ -70,13 +70,17 @@ def self_signed(folder: Path) -> tuple[Path, Path]:
 class Service:
     """A running `puma-onnx serve`; its stderr is collected line by line."""
 
-    def __init__(self, folder: Path, *extra: str, tls: tuple[Path, Path] | None = None):
+    def __init__(
+        self, folder: Path, *extra: str, tls: tuple[Path, Path] | None = None, hosts=None
+    ):
         self.ports = free_ports(3)
-        self.servers = [f"127.0.0.1:{p}" for p in self.ports]
+        addresses = hosts.addresses if hosts else ["127.0.0.1"] * 3
+        self.servers = [f"{a}:{p}" for a, p in zip(addresses, self.ports)]
         listen = [a for s in self.servers for a in ("--listen", s)]
         tls_args = ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])] if tls else []
+        spread = hosts.mpiexec_args() if hosts else []
         self.proc = subprocess.Popen(
-            [MPIEXEC, "-n", "3", *PUMA, "serve", str(folder), *listen, *tls_args, *extra],
+            [MPIEXEC, *spread, "-n", "3", *PUMA, "serve", str(folder), *listen, *tls_args, *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
         )
         self.lines: list[str] = []
@@ -260,3 +264,32 @@ def test_a_rank_that_dies_ends_the_service_with_an_error(minilm):
         assert svc.proc.wait(timeout=60) != 0
     finally:
         svc.kill()
+
+
+def test_three_hosts_in_network_namespaces_give_the_answer_of_one_host(minilm, reference, tmp_path):
+    """Each rank in a network namespace of its own address (mpiexec -hosts with a launcher that enters
+    it); the client, outside, reaches each rank at its address."""
+    from tests.netns import Hosts, can_make_namespaces
+
+    from puma_onnx import Client
+
+    why = can_make_namespaces()
+    if why:
+        pytest.skip(why)
+    hosts = Hosts(tmp_path)
+    svc = None
+    try:
+        svc = Service(minilm, hosts=hosts)
+        svc.wait_for(" serves ", 3, START_S)
+        for rank, address in enumerate(hosts.addresses):
+            assert any(f"rank {rank} serves minilm at http://{address}:" in line for line in svc.lines), svc.lines
+        with Client(svc.servers) as client:
+            got = client.embed(TEXTS[1])
+        want = np.stack([w["sentence_embedding"][0] for w in reference(TEXTS[1])])
+        assert np.abs(got - want).max() <= 2e-4
+        svc.proc.send_signal(signal.SIGTERM)
+        assert svc.proc.wait(timeout=30) == 0
+    finally:
+        if svc is not None:
+            svc.kill()
+        hosts.close()

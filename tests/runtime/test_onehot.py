@@ -8,6 +8,7 @@ from puma_onnx.runtime import arith, onehot
 from puma_onnx.runtime.comm import run_parties
 from puma_onnx.runtime.embedding import shared_embedding
 from puma_onnx.runtime.onehot import OneHotShare, Piece, check_piece, split
+from puma_onnx.runtime.weights import share_weights
 
 from .helpers import cost_of, share_fx
 from .leaky import CLIENT_MUTANTS
@@ -98,12 +99,16 @@ def test_the_view_test_catches_a_client_that_uses_one_seed_twice(monkeypatch):
         assert verdict.leaks and verdict.split, (observer, verdict)
 
 
-def _embed(queries, rows, table_owner=0):
-    """Each rank's (opened rows, cost) of shared_embedding over `queries` [(ids, flat positions)]."""
+def _embed(queries, rows, table_owner=0, weight=False):
+    """Each rank's (opened rows, cost) of shared_embedding over `queries` [(ids, flat positions)], with the
+    table an AShare from `table_owner` or (`weight`) a WeightShare as the owner shares model weights."""
     pieces = [split(ids, VOCAB) for ids, _ in queries]
 
     def prog(p):
-        table = share_fx(p, TABLE, table_owner)
+        if weight:
+            table = share_weights(p, [("table", TABLE.shape)], lambda name: TABLE.astype(np.float32))["table"]
+        else:
+            table = share_fx(p, TABLE, table_owner)
         sources = [(OneHotShare(pc[p.rank], ids.size, VOCAB), pos) for (ids, pos), pc in zip(queries, pieces)]
         out, cost = cost_of(p, lambda: shared_embedding(p, table, sources, rows))
         return p.fxp.decode(arith.reveal(p, out)), cost
@@ -111,7 +116,8 @@ def _embed(queries, rows, table_owner=0):
     return run_parties(prog)
 
 
-def test_shared_embedding_places_each_query_and_leaves_padding_zero():
+@pytest.mark.parametrize("weight", [False, True])
+def test_shared_embedding_places_each_query_and_leaves_padding_zero(weight):
     first = np.array([3, VOCAB - 1, 0])
     second = np.array([7, 7])
     rows = 8
@@ -119,8 +125,8 @@ def test_shared_embedding_places_each_query_and_leaves_padding_zero():
     want = np.zeros((rows, HIDDEN))
     want[[0, 1, 2]] = TABLE[first]
     want[[5, 6]] = TABLE[second]
-    want = np.rint(want * 2**18) / 2**18
-    for got, cost in _embed(queries, rows, table_owner=2):
+    want = np.rint(want.astype(np.float32).astype(np.float64) * 2**18) / 2**18 if weight else np.rint(want * 2**18) / 2**18
+    for got, cost in _embed(queries, rows, table_owner=2, weight=weight):
         assert np.array_equal(got, want)
         assert cost.rounds == 1
         assert cost.bytes == rows * HIDDEN * 8  # the reshare only: the client's pieces came from outside
