@@ -11,7 +11,8 @@ many threads (queries that wait while a batch runs go together into the next one
 the service's --batch-window, 0 by default). Prints one table: client latency, inputs
 per minute, the batch's online seconds, bytes and rounds per input, what the client uploads, and the
 online time as a ratio to onnxruntime plaintext on the same batch, measured in the same run (this
-machine's speed drifts 2-3x between hours). Not a test: nothing here asserts on time.
+machine's speed drifts 2-3x between hours), and the time per input the network model predicts at
+PUMA's LAN and a WAN (runtime/network.py: measured compute, bytes / bandwidth, rounds x RTT). Not a test: nothing here asserts on time.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def row(name: str, label: str, inputs: int, latency: float, batch: dict, upload:
         "mb_per_input": round(batch["bytes"] / batch["inputs"] / 1e6, 1), "rounds": batch["rounds"],
         "upload_mb_per_input": round(upload / inputs / 1e6, 1), "plaintext_s": round(plain, 4),
         "online_over_plaintext": round(batch["online_s"] / plain, 1),
+        "lan_s_per_input": round(batch["network_estimates"]["LAN"] / batch["inputs"], 3),
+        "wan_s_per_input": round(batch["network_estimates"]["WAN"] / batch["inputs"], 3),
     }
 
 
@@ -105,8 +108,10 @@ def bench(name: str, out: Path, batches: list[int], tokens: int, repeats: int, w
                 answers = list(pool.map(lambda i: client.query({"input_ids": ids[i : i + 1]}), range(b)))
             wall = time.perf_counter() - began
             runs = {json.dumps(a.batch, sort_keys=True) for a in answers}  # each batch's own figures
-            batch = {k: sum(json.loads(r)[k] for r in runs) for k in ("online_s", "bytes", "inputs")}
-            batch["rounds"] = sum(json.loads(r)["rounds"] for r in runs)
+            batch = {k: sum(json.loads(r)[k] for r in runs) for k in ("online_s", "bytes", "inputs", "rounds")}
+            batch["network_estimates"] = {
+                link: sum(json.loads(r)["network_estimates"][link] for r in runs) for link in ("LAN", "WAN")
+            }
             label = f"{b} x 1 at once ({len(runs)} batches)"
             rows.append(row(name, label, b, wall, batch, 16 * ids.size * vocab, plain))
             print(json.dumps(rows[-1]), flush=True)
@@ -134,12 +139,12 @@ def main() -> None:
         table += rows
     (args.out / "service.json").write_text(json.dumps(table, indent=1))
     print("| model | queries x inputs | latency s | inputs/min | online s | online s/input | MB/input (3 ranks) | "
-          "rounds | client upload MB/input | online / onnxruntime plaintext |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "rounds | client upload MB/input | online / onnxruntime plaintext | s/input at LAN / WAN (model) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
         print(f"| {r['model']} | {r['queries']} | {r['latency_s']:.2f} | {r['inputs_per_min']:.0f} | {r['online_s']:.2f} | "
               f"{r['online_s_per_input']:.2f} | {r['mb_per_input']:.0f} | {r['rounds']} | {r['upload_mb_per_input']:.0f} | "
-              f"{r['online_over_plaintext']:.0f}x |")
+              f"{r['online_over_plaintext']:.0f}x | {r['lan_s_per_input']:.2f} / {r['wan_s_per_input']:.2f} |")
 
 
 if __name__ == "__main__":

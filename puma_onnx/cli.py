@@ -339,11 +339,18 @@ def serve(model, listen, tls_cert, tls_key, max_batch, batch_window, query_wait,
 @click.option("--servers", required=True, help="The three ranks' HOST:PORT (or URLs), comma-separated, rank 0 first; or rank 0's alone.")
 @click.option("--text", multiple=True, help="A text to send (tokenized here); several make a batch.")
 @click.option("--input-ids", type=click.Path(dir_okay=False), help="Token ids as a .npy file of shape (S,) or (B, S).")
-@click.option("--output", type=click.Path(dir_okay=False), help="Write every output to this .npz.")
+@click.option("--output", type=click.Path(dir_okay=False), help="Write every output to this .npz (with --max-new-tokens: the answer, as JSON).")
 @click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), help="CA bundle (PEM) that signed the servers' certificates: use HTTPS.")
+@click.option("--max-new-tokens", type=int, help="Generate this many tokens (a decoder's service); the text streams to stdout.")
+@click.option("--chat", is_flag=True, help="With --max-new-tokens: wrap the prompt in the model's chat template.")
+@click.option("--temperature", type=float, help="With --max-new-tokens: sample at this temperature in [0.01, 100] (default greedy).")
 @click.option("--timeout", default=600.0, show_default=True, type=float, help="Seconds to wait for the answer.")
-def query(servers, text, input_ids, output, tls_ca, timeout) -> None:
-    """Ask a running service (puma-onnx serve); the ids are shared here, no rank sees them or the outputs."""
+def query(servers, text, input_ids, output, tls_ca, max_new_tokens, chat, temperature, timeout) -> None:
+    """Ask a running service (puma-onnx serve); the ids are shared here, no rank sees them or the outputs.
+
+    Writes the outputs to --output (.npz), or with --max-new-tokens prints the new text as it comes and
+    writes the prompt ids, new ids and text to --output (.json).
+    """
     import httpx
     import numpy as np
 
@@ -352,8 +359,28 @@ def query(servers, text, input_ids, output, tls_ca, timeout) -> None:
 
     if bool(text) == bool(input_ids):
         fail("give --text (once or more) or --input-ids")
+    if max_new_tokens is None and (chat or temperature is not None):
+        fail("--chat and --temperature go with --max-new-tokens")
     try:
         with Client(servers, ca=tls_ca, timeout=timeout) as client:
+            if max_new_tokens is not None:
+                if len(text) > 1:
+                    fail("generation takes one prompt: give --text once")
+                prompt = text[0] if text else _load_ids(input_ids)
+                answer = client.generate(
+                    prompt, max_new_tokens, temperature, chat,
+                    on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()),
+                )
+                print(flush=True)
+                c = answer.pop("cost")
+                print(
+                    f"puma-onnx: {len(answer['new_ids'])} new tokens after {len(answer['prompt_ids'])}: "
+                    f"{c['online_s']:.2f} s online, {c['bytes'] / 1e6:.1f} MB, {c['rounds']} rounds",
+                    file=sys.stderr,
+                )
+                if output:
+                    Path(output).write_text(json.dumps(answer, indent=1))
+                return
             if text:
                 feeds = {k: v for k, v in client.tokenize(text).items() if k in client.model["inputs"]}
             else:

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import base64
 import json
+import queue
 import secrets
 import ssl
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -173,23 +175,10 @@ class Client:
 
     def query(self, feeds: dict) -> Answer:
         """One query: every output of the model for the feeds, and its batch's cost."""
-        feeds = self._check(feeds)
-        ids = feeds["input_ids"]
-        pieces = split(ids, self.model["vocab_size"])
-        qid = secrets.token_hex(16)
-        public = {k: v.tolist() for k, v in feeds.items() if k != "input_ids"}
+        forms = self._forms(self._check(feeds))
 
         def send(rank: int) -> dict:
-            piece = pieces[rank]
-            meta = {
-                "query": qid,
-                "input_ids": {"shape": list(ids.shape), "seeds": {str(k): s.hex() for k, s in piece.seeds.items()}},
-                **public,
-            }
-            parts = {"meta": (None, json.dumps(meta), "application/json")}
-            if piece.dense is not None:
-                parts["share"] = ("share", piece.dense.astype("<u8").tobytes(), "application/octet-stream")
-            return self._json(self._http[rank].post(f"{API}/run", files=parts))
+            return self._json(self._http[rank].post(f"{API}/run", files=forms[rank]))
 
         replies = self._each(send)
         outputs = {}
@@ -205,8 +194,106 @@ class Client:
             "online_s": max(b["online_s"] for b in batches),
             "bytes": sum(b["bytes"] for b in batches),
             "rounds": batches[0]["rounds"],
+            "network_estimates": batches[0].get("network_estimates"),
         }
         return Answer(outputs, cost)
+
+    def _forms(self, feeds: dict, extra: dict | None = None) -> list[dict]:
+        """Each rank's multipart form for the checked feeds: the public part and its piece of the ids."""
+        ids = feeds["input_ids"]
+        pieces = split(ids, self.model["vocab_size"])
+        public = {"query": secrets.token_hex(16), **{k: v.tolist() for k, v in feeds.items() if k != "input_ids"}, **(extra or {})}
+        dense = next(p.dense for p in pieces if p.dense is not None).astype("<u8").tobytes()  # X2, for ranks 1 and 2
+        forms = []
+        for piece in pieces:
+            meta = {**public, "input_ids": {"shape": list(ids.shape), "seeds": {str(k): s.hex() for k, s in piece.seeds.items()}}}
+            parts = {"meta": (None, json.dumps(meta), "application/json")}
+            if piece.dense is not None:
+                parts["share"] = ("share", dense, "application/octet-stream")
+            forms.append(parts)
+        return forms
+
+    def generate(
+        self, prompt, max_new_tokens: int = 16, temperature: float | None = None, chat: bool = False, on_text=None
+    ) -> dict:
+        """Text generation by a decoder service: `prompt` is a text (tokenized here; `chat` wraps it in the
+        model's chat template) or a 1-D array of ids. The ranks choose every token inside MPC and send
+        this client its id in shares, one line per token as it comes; `on_text(piece)` gets the new text
+        as it decodes. Returns prompt_ids, new_ids, text and what the generation cost the ranks."""
+        if not self.model["decoder"]:
+            raise ServiceError(f"{self.model['name']} is an encoder: it cannot generate")
+        if isinstance(prompt, str):
+            if chat:
+                from puma_onnx.runtime.generation import render_chat
+
+                if not self.model.get("chat_template"):
+                    raise ValueError(f"{self.model['name']} has no chat template")
+                prompt = render_chat(self.model["chat_template"], prompt)
+            ids = np.array([self.tokenizer.encode(prompt).ids], np.int64)
+        else:
+            ids = np.asarray(prompt, np.int64).reshape(1, -1)
+        limit = self.model["max_positions"]
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if limit is not None and ids.shape[1] + max_new_tokens > limit:
+            raise ValueError(
+                f"the prompt has {ids.shape[1]} tokens; {self.model['name']} allows at most {limit - max_new_tokens} "
+                f"before {max_new_tokens} new ones"
+            )
+        forms = self._forms(self._check({"input_ids": ids}), {"generate": {"max_new_tokens": max_new_tokens, "temperature": temperature}})
+        lines: queue.Queue = queue.Queue()
+
+        def listen(rank: int) -> None:
+            try:
+                with self._http[rank].stream("POST", f"{API}/generate", files=forms[rank]) as response:
+                    if response.status_code != 200:
+                        response.read()
+                        lines.put((rank, "error", self._error_text(response)))
+                        return
+                    for line in response.iter_lines():
+                        if line:
+                            lines.put((rank, "line", json.loads(line)))
+            except Exception as e:  # noqa: BLE001 - reported in the caller's thread
+                lines.put((rank, "error", f"{type(e).__name__}: {e}"))
+
+        threads = [threading.Thread(target=listen, args=(r,), daemon=True) for r in range(RANKS)]
+        for t in threads:
+            t.start()
+        tokens: dict[int, list] = {}
+        ends: dict[int, dict] = {}
+        new_ids: list[int] = []
+        decoded = ""
+        while len(ends) < RANKS:
+            rank, kind, body = lines.get()
+            if kind == "error":
+                raise ServiceError(body)
+            if body.get("done"):
+                ends[rank] = body
+                continue
+            parts = tokens.setdefault(body["step"], [])
+            parts.append(_decode(body["token"], "component"))
+            while len(tokens.get(len(new_ids), [])) == RANKS:  # the next token's three components are in
+                new_ids.append(int(sum(tokens.pop(len(new_ids))).view(np.int64).reshape(-1)[0]))
+                if on_text is not None and self.model["tokenizer"]:
+                    text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+                    if not text.endswith("\ufffd"):
+                        on_text(text[len(decoded) :])
+                        decoded = text
+        for t in threads:
+            t.join()
+        text = self.tokenizer.decode(new_ids, skip_special_tokens=True) if self.model["tokenizer"] else None
+        batch = ends[0]["batch"]
+        cost = {**batch, "bytes": sum(e["batch"]["bytes"] for e in ends.values()),
+                "online_s": max(e["batch"]["online_s"] for e in ends.values())}
+        cost.pop("steps", None)
+        return {"prompt_ids": ids[0].tolist(), "new_ids": new_ids, "text": text, "cost": cost}
+
+    @staticmethod
+    def _error_text(response) -> str:
+        try:
+            return response.json().get("error", f"HTTP {response.status_code}")
+        except ValueError:
+            return f"HTTP {response.status_code}"
 
     def run(self, feeds: dict, output_names: list[str] | None = None) -> dict[str, np.ndarray]:
         """The outputs for `feeds` (input_ids, optional attention_mask and token_type_ids; (B, S) or (S,)),

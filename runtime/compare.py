@@ -101,15 +101,49 @@ def argmax(party: Party, x: AShare, bits: int | None = None) -> tuple[AShare, AS
     bytes per compared pair 31.6 (msb) + 56 (mul_bit: the bit's word once, two terms) over the three
     ranks: about 4.4 MB for 50,257 entries. PUMA / SPU's argmax in its text_generation.
     """
+    with party.comm.tag("argmax"):
+        x, index, _ = _tournament(party, x, bits)
+    return x, index
+
+
+def argmax_onehot(party: Party, x: AShare, bits: int | None = None) -> tuple[AShare, AShare]:
+    """(index, one-hot) of the first maximum of a 1-D x: the index as `argmax`, and an integer share of
+    the one-hot row with a 1 at that index (what an embedding lookup of the chosen token multiplies).
+
+    Idea: after `argmax`'s tournament, walk its levels back down from the winner's [1]: a pair's share of
+    the one-hot p splits into p (1 - [b won]) for its first entry and p [b won] for its second, with the
+    comparison bits the tournament kept (one mul_bit per pair; an odd one out keeps p).
+    Rounds: argmax's, plus 2 per level (mul_bit); bytes: argmax's, plus 32 per compared pair over the
+    three ranks (about 0.8 MB more for 50,257 entries). This repository's construction.
+    """
+    with party.comm.tag("argmax"):
+        _, index, levels = _tournament(party, x, bits)
+        zero = np.zeros(1, np.uint64)
+        onehot = arith.add_public(party, AShare(zero, zero.copy()), np.ones(1, np.int64))
+        for h, later in reversed(levels):
+            pairs = onehot[:h]
+            second = mul_bit(party, later, pairs)
+            first = arith.sub(pairs, second)
+            woven = AShare(
+                np.stack([first.first, second.first], axis=-1).reshape(-1),
+                np.stack([first.second, second.second], axis=-1).reshape(-1),
+            )
+            onehot = concat([woven, onehot[h:]])
+    return index, onehot
+
+
+def _tournament(party: Party, x: AShare, bits: int | None):
+    """argmax's levels: (max, index, each level's comparison bits [a < b] of its pairs)."""
     if x.ndim != 1:
         raise ValueError(f"argmax takes a 1-D share, got shape {x.shape}")
     index = arith.add_public(party, AShare(np.zeros(x.size, np.uint64), np.zeros(x.size, np.uint64)), np.arange(x.size))
-    with party.comm.tag("argmax"):
-        while x.size > 1:
-            h = x.size // 2
-            a, b, ia, ib = x[0 : 2 * h : 2], x[1 : 2 * h : 2], index[0 : 2 * h : 2], index[1 : 2 * h : 2]
-            later = msb(party, arith.sub(a, b), bits=bits)  # [a < b]: the later neighbour wins
-            dx, di = mul_bit(party, [later, later], [arith.sub(b, a), arith.sub(ib, ia)])
-            x = concat([arith.add(a, dx), x[2 * h :]])
-            index = concat([arith.add(ia, di), index[2 * h :]])
-    return x, index
+    levels = []
+    while x.size > 1:
+        h = x.size // 2
+        a, b, ia, ib = x[0 : 2 * h : 2], x[1 : 2 * h : 2], index[0 : 2 * h : 2], index[1 : 2 * h : 2]
+        later = msb(party, arith.sub(a, b), bits=bits)  # [a < b]: the later neighbour wins
+        dx, di = mul_bit(party, [later, later], [arith.sub(b, a), arith.sub(ib, ia)])
+        x = concat([arith.add(a, dx), x[2 * h :]])
+        index = concat([arith.add(ia, di), index[2 * h :]])
+        levels.append((h, later))
+    return x, index, levels

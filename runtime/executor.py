@@ -18,7 +18,7 @@ import onnx
 from onnx import numpy_helper
 
 from . import approx
-from .kernels import KERNELS, PRIVATE_LOCAL, Context, KernelError, Node, Private, is_secret
+from .kernels import FLAT_ORDER, KERNELS, PRIVATE_LOCAL, Context, KernelError, Node, Private, SharedIds, is_secret
 from .party import Party
 
 # A decoder's key/value cache outputs (they stay secret: the next step reads them).
@@ -154,6 +154,8 @@ class Executor:
             return self._public_ops.run(index, inputs)
         if node.key in PRIVATE_LOCAL and all(isinstance(v, Private) for v in inputs if is_secret(v)):
             return self._run_private(index, inputs)
+        if node.key in FLAT_ORDER and isinstance(inputs[0], SharedIds):
+            return self._run_shared_ids(index, inputs)
         kernel = KERNELS.get(node.key)
         if kernel is None:
             raise KernelError(f"{node.describe()} has a secret input and no secure kernel")
@@ -161,6 +163,14 @@ class Executor:
         while inputs and inputs[-1] is None:
             inputs.pop()
         return list(kernel(ctx, node, *inputs))
+
+    def _run_shared_ids(self, index: int, inputs: list) -> list:
+        """A reshape of ids an outside client shared (`kernels.SharedIds`): the same rows in the same
+        order under a new public shape, found by running the op on zeros."""
+        ids = inputs[0]
+        plain = [np.zeros(ids.shape, dtype=np.int64)] + inputs[1:]
+        (out,) = self._public_ops.run(index, plain)
+        return [SharedIds(tuple(np.shape(out)), ids.sources)]
 
     def _run_private(self, index: int, inputs: list) -> list:
         """A data-movement op on the client's private value: its owner runs it in the clear.

@@ -28,6 +28,7 @@ plus the argmax, ceil(log2 V) levels of 8 rounds (128 for GPT-2) and about 4.4 M
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -281,3 +282,69 @@ def generate(comm: Communicator, opts: GenerateOptions) -> dict | None:
     report["resident_weights"] = resident
     report["outputs"] = streamer.result()
     return report
+
+
+# ----------------------------------------------------------------------------- for a client outside the ranks
+
+
+class OneHotRows:
+    """A one-hot share computed inside MPC (`compare.argmax_onehot`), in the form that
+    `embedding.shared_embedding` reads (as `onehot.OneHotShare` gives a client's)."""
+
+    def __init__(self, share: AShare):
+        self.share = share
+        self.rows, self.vocab = share.shape
+
+    def blocks(self, size: int):
+        for start in range(0, self.rows, size):
+            yield start, self.share[start : start + size]
+
+
+def generate_shared(party, executor, info: dict, feeds: dict, context: int, max_new_tokens: int,
+                    temperature: float | None, emit) -> list[dict]:
+    """Generation for a client outside the ranks (`puma-onnx serve`): `feeds` hold its prompt (one row,
+    as `SharedIds`), `context` its length. No token is opened to any rank: the chosen token comes out of
+    `compare.argmax_onehot` as an index share, which `emit(step, index)` sends on to the client, and a
+    one-hot share, which is the next step's input ids (the embedding multiplies it by the table, as it
+    does the client's one-hot). With an end-of-sequence token, the ranks open one bit per step, whether
+    the token is one, so that they stop: the number of steps is public, as in `generate`. With a
+    temperature, the helper rank draws the Gumbel noise from os.urandom and shares it.
+    Cost per step beyond `generate`'s: the one-hot, 2 rounds and 32 bytes per compared pair a level
+    (about 0.8 MB for 50,257 entries), and 1 round for the end-of-sequence bit. Returns per step:
+    time_s, bytes and rounds on this rank, tokens_in_context."""
+    from .kernels import SharedIds
+
+    comm = party.comm
+    eos = info["eos_token_id"]
+    eos = sorted(set(eos if isinstance(eos, list) else [] if eos is None else [eos]))
+    noise_source = np.random.default_rng(int.from_bytes(os.urandom(16), "little")) if party.rank == HELPER else None
+    steps = []
+    for step in range(max_new_tokens):
+        began, before = time.perf_counter(), comm.stats.snapshot()
+        outputs = executor.run(feeds)
+        logits = Context(party).secret(outputs["logits"])
+        logits = logits.reshape(-1)[-logits.shape[-1] :]
+        scores = logits
+        if temperature is not None:
+            g = party.fxp.encode(gumbel(noise_source, logits.size)) if party.rank == HELPER else None
+            scores = arith.add(
+                arith.mul_public_fx(party, logits, np.float64(1.0 / temperature)), arith.share(party, g, HELPER, logits.shape)
+            )
+        with comm.tag("next_token"):
+            index, onehot = compare.argmax_onehot(party, scores)
+            emit(step, index)
+            done = step + 1 == max_new_tokens
+            ends = [e for e in eos if e < onehot.size]  # (ids past the vocabulary never come)
+            if ends and not done:
+                picked = onehot[np.array(ends)]
+                bit = AShare(picked.first.sum(keepdims=True), picked.second.sum(keepdims=True))
+                done = bool(arith.reveal(party, bit)[0])
+        cost = comm.stats.snapshot() - before
+        steps.append({"time_s": round(time.perf_counter() - began, 6), "bytes": cost.bytes, "rounds": cost.rounds,
+                      "tokens_in_context": context})
+        if done:
+            break
+        feeds = _step_feeds(info, None, context, outputs)
+        feeds["input_ids"] = SharedIds((1, 1), [(OneHotRows(onehot.reshape(1, -1)), np.zeros(1, np.int64))])
+        context += 1
+    return steps

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import network
 from .comm import Communicator
 from .executor import PRESENT_PREFIX
 from .kernels import Context, Scaled, SharedIds, Unscaled
@@ -85,8 +86,10 @@ class Query:
     public: dict[str, np.ndarray]  # attention_mask, token_type_ids: (B, S)
     digest: str  # of the public part: the three ranks must have received the same
     piece: Piece
+    generate: dict | None = None  # {"max_new_tokens", "temperature"} for a generation query
     arrived: float = field(default_factory=time.monotonic)
-    reply: object = None  # callable(status, body), thread-safe; set by the HTTP handler
+    reply: object = None  # callable(status, body): the answer or an error, thread-safe; set by the HTTP handler
+    emit: object = None  # callable(body): one streamed line of a generation, thread-safe
 
 
 def _public_part(meta: dict, names: list[str], shape: tuple[int, int]) -> dict[str, np.ndarray]:
@@ -109,8 +112,29 @@ def _public_part(meta: dict, names: list[str], shape: tuple[int, int]) -> dict[s
     return out
 
 
-def parse_query(meta, share: bytes | None, rank: int, model: dict) -> Query:
-    """A query from its JSON part and this rank's binary share; ValueError names what is wrong."""
+def _generation(meta: dict, model: dict, shape: tuple[int, int]) -> dict:
+    """The public parameters of a generation query; ValueError names what is wrong."""
+    params = meta.get("generate")
+    if not isinstance(params, dict):
+        raise ValueError("a generation query needs generate: {max_new_tokens, temperature}")
+    if not model["decoder"]:
+        raise ValueError(f"{model['name']} is an encoder: it has no LM head to generate with")
+    n, temperature = params.get("max_new_tokens"), params.get("temperature")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError("max_new_tokens must be an integer of at least 1")
+    if temperature is not None and (not isinstance(temperature, (int, float)) or not 0.01 <= temperature <= 100):
+        raise ValueError("temperature must be null (greedy) or in [0.01, 100]")
+    if shape[0] != 1:
+        raise ValueError(f"a generation query takes one prompt, got {shape[0]}")
+    limit = model["max_positions"]
+    if limit is not None and shape[1] + n > limit:
+        raise ValueError(f"the prompt has {shape[1]} tokens; {model['name']} allows at most {limit - n} before {n} new ones")
+    return {"max_new_tokens": n, "temperature": None if temperature is None else float(temperature)}
+
+
+def parse_query(meta, share: bytes | None, rank: int, model: dict, generate: bool = False) -> Query:
+    """A query (a generation with `generate`) from its JSON part and this rank's binary share; ValueError
+    names what is wrong."""
     if not isinstance(meta, dict):
         raise ValueError("the meta part must be a JSON object")
     qid = meta.get("query")
@@ -150,10 +174,11 @@ def parse_query(meta, share: bytes | None, rank: int, model: dict) -> Query:
     piece = Piece(rank, seeds, dense)
     OneHotShare(piece, batch * length, vocab)  # checks the seeds
     public = _public_part(meta, model["inputs"], (batch, length))
+    params = _generation(meta, model, (batch, length)) if generate else None
     digest = hashlib.sha256(
-        json.dumps({"query": qid, "shape": shape, **{k: v.tolist() for k, v in public.items()}}).encode()
+        json.dumps({"query": qid, "shape": shape, "generate": params, **{k: v.tolist() for k, v in public.items()}}).encode()
     ).hexdigest()
-    return Query(qid, (batch, length), public, digest, piece)
+    return Query(qid, (batch, length), public, digest, piece, params)
 
 
 class Inbox:
@@ -181,7 +206,10 @@ class Inbox:
         with self._lock:
             rejected, self._rejected = self._rejected, {}
             return {
-                "pending": [[q.qid, q.digest, round(now - q.arrived, 3), q.shape[0]] for q in self._queries.values()],
+                "pending": [
+                    [q.qid, q.digest, round(now - q.arrived, 3), q.shape[0], q.generate is not None]
+                    for q in self._queries.values()
+                ],
                 "rejected": rejected,
             }
 
@@ -201,8 +229,8 @@ def decide(
     """From every rank's summary (the same list on every rank): the next batch (query ids, in rank 0's
     order of arrival) and the queries to drop, with the HTTP status and reason of their error reply.
     A batch that is not full waits until its oldest query has waited `window_s` at rank 0, so that
-    queries arriving together run together. A pure function, so the ranks agree."""
-    held_by = [{qid: (digest, age, batch) for qid, digest, age, batch in v["pending"]} for v in views]
+    queries arriving together run together; a generation runs alone. A pure function, so the ranks agree."""
+    held_by = [{qid: (digest, age, batch, alone) for qid, digest, age, batch, alone in v["pending"]} for v in views]
     dropped: dict[str, tuple[int, str]] = {}
     for rank, v in enumerate(views):
         for qid, reason in v["rejected"].items():
@@ -219,10 +247,12 @@ def decide(
     ready = sorted((q for q in everywhere if q not in dropped), key=lambda q: (-held_by[0][q][1], q))
     batch, inputs, full = [], 0, False
     for qid in ready:
-        size = held_by[0][qid][2]
-        if batch and inputs + size > max_batch:
+        size, alone = held_by[0][qid][2:]
+        if batch and (alone or inputs + size > max_batch):
             full = True
             break
+        if alone:  # a generation runs on its own
+            return [qid], dropped
         batch.append(qid)
         inputs += size
     if batch and not full and inputs < max_batch and held_by[0][batch[0]][1] < window_s:
@@ -281,39 +311,39 @@ def output_components(party, outputs: dict) -> dict[str, dict]:
     return out
 
 
-def sequence_axes(graph_outputs, inputs) -> dict[str, int]:
-    """For each graph output, the axis that runs along the input's tokens (same symbolic dim as
-    input_ids' second one), so that a query cut from a padded batch gets its own positions back."""
+def output_layout(graph_outputs, inputs) -> dict[str, tuple[bool, int | None]]:
+    """For each graph output: whether its first axis is the batch (the same symbolic dim as input_ids'
+    first) and which axis runs along the tokens (as input_ids' second), so that a query cut from a
+    padded batch gets its own rows and positions back. An output without them is the same for all."""
     ids = next((i for i in inputs if i.name == "input_ids"), None)
-    if ids is None or len(ids.type.tensor_type.shape.dim) < 2:
-        return {}
-    seq = ids.type.tensor_type.shape.dim[1].dim_param
-    axes = {}
+    dims = [d.dim_param for d in ids.type.tensor_type.shape.dim] if ids is not None else []
+    batch, seq = (dims + ["", ""])[:2]
+    layout = {}
     for o in graph_outputs:
-        for axis, d in enumerate(o.type.tensor_type.shape.dim):
-            if axis > 0 and seq and d.dim_param == seq:
-                axes[o.name] = axis
-    return axes
+        params = [d.dim_param for d in o.type.tensor_type.shape.dim]
+        batched = bool(batch) and bool(params) and params[0] == batch
+        axis = next((a for a, d in enumerate(params) if a > 0 and seq and d == seq), None)
+        layout[o.name] = (batched, axis)
+    return layout
 
 
 def _encode_array(a: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<")).tobytes()).decode()
 
 
-def reply_body(qid: str, components: dict, place: tuple[int, int, slice], axes: dict, batch: dict) -> dict:
-    """The JSON answer to one query: its rows (and own positions) of every output."""
+def reply_body(qid: str, components: dict, place: tuple[int, int, slice], layout: dict, batch: dict) -> dict:
+    """The JSON answer to one query: its rows (and own positions) of every output (`output_layout`)."""
     row, count, cols = place
     outputs = {}
     for name, c in components.items():
-        array = c.get("component", c.get("value"))
-        if array.ndim == 0 or array.shape[0] < row + count:  # not batched along axis 0: the same for all
-            part = array
-        else:
-            part = array[row : row + count]
-            if name in axes:
-                index = [slice(None)] * part.ndim
-                index[axes[name]] = cols
-                part = part[tuple(index)]
+        part = c.get("component", c.get("value"))
+        batched, axis = layout.get(name, (False, None))
+        if batched:
+            part = part[row : row + count]
+        if axis is not None:
+            index = [slice(None)] * part.ndim
+            index[axis] = cols
+            part = part[tuple(index)]
         if "component" in c:
             outputs[name] = {"shape": list(part.shape), "dtype": "uint64", "scale": c["scale"], "component": _encode_array(part)}
         else:
@@ -338,15 +368,16 @@ def model_card(info: dict, opts: ServeOptions, rank: int, output_names: list[str
         "max_batch": opts.max_batch,
         "frac_bits": opts.frac_bits,
         "tokenizer": info["tokenizer"] is not None,
+        "chat_template": info["chat_template"],
         "padding_side": "left" if info["decoder"] else "right",
     }
 
 
 def make_app(inbox: Inbox, card: dict, tokenizer: str | None):
-    """The starlette app of one rank: GET /v1/model, GET /v1/tokenizer, POST /v1/run."""
+    """The starlette app of one rank: GET /v1/model, GET /v1/tokenizer, POST /v1/run, POST /v1/generate."""
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response
+    from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     rank = card["rank"]
@@ -359,7 +390,8 @@ def make_app(inbox: Inbox, card: dict, tokenizer: str | None):
             return JSONResponse({"error": f"{card['name']} has no tokenizer"}, status_code=404)
         return Response(tokenizer, media_type="application/json")
 
-    async def run(request: Request):
+    async def receive(request: Request, generate: bool):
+        """The query in a request, or the error response to send instead."""
         try:
             async with request.form(max_files=1, max_fields=1, max_part_size=64 << 20) as form:
                 meta_text = form.get("meta")
@@ -374,28 +406,57 @@ def make_app(inbox: Inbox, card: dict, tokenizer: str | None):
             return JSONResponse({"error": f"malformed query: {type(e).__name__}: {e}"}, status_code=400)
         qid = meta.get("query") if isinstance(meta, dict) else None
         try:
-            query = parse_query(meta, share, rank, card)
+            return parse_query(meta, share, rank, card, generate)
         except ValueError as e:
             if isinstance(qid, str) and QUERY_ID.fullmatch(qid):
                 inbox.reject(qid, str(e))
             return JSONResponse({"error": str(e)}, status_code=400)
-        loop = asyncio.get_running_loop()
-        answer = loop.create_future()
 
-        def reply(status: int, body: dict) -> None:
-            loop.call_soon_threadsafe(lambda: answer.done() or answer.set_result((status, body)))
-
-        query.reply = reply
+    async def admit(request: Request, generate: bool):
+        """(the queue the MPI loop's answers arrive in, None) once the inbox holds the query, or (None, the
+        error response to send instead). Answers: ("line", 200, body) lines, then ("end", status, body)."""
+        query = await receive(request, generate)
+        if not isinstance(query, Query):
+            return None, query
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        query.reply = lambda status, body: loop.call_soon_threadsafe(events.put_nowait, ("end", status, body))
+        query.emit = lambda body: loop.call_soon_threadsafe(events.put_nowait, ("line", 200, body))
         if not inbox.add(query):
-            return JSONResponse({"error": f"query {query.qid!r} is already pending"}, status_code=409)
-        status, body = await answer
+            return None, JSONResponse({"error": f"query {query.qid!r} is already pending"}, status_code=409)
+        return events, None
+
+    async def run(request: Request):
+        events, refusal = await admit(request, generate=False)
+        if refusal is not None:
+            return refusal
+        _, status, body = await events.get()
         return JSONResponse(body, status_code=status)
+
+    async def generate(request: Request):
+        """A generation streams one JSON line per new token, then a last line with the costs."""
+        events, refusal = await admit(request, generate=True)
+        if refusal is not None:
+            return refusal
+        first = await events.get()
+        if first[0] == "end" and first[1] != 200:
+            return JSONResponse(first[2], status_code=first[1])
+
+        async def lines():
+            event = first
+            while True:
+                yield json.dumps(event[-1]) + "\n"
+                if event[0] == "end":
+                    return
+                event = await events.get()
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
 
     return Starlette(
         routes=[
             Route(f"{API}/model", model),
             Route(f"{API}/tokenizer", tokenizer_json),
             Route(f"{API}/run", run, methods=["POST"]),
+            Route(f"{API}/generate", generate, methods=["POST"]),
         ]
     )
 
@@ -477,7 +538,7 @@ def serve(comm: Communicator, opts: ServeOptions) -> dict | None:
         "seconds": round(max(s for s, _, _ in shared), 3), "bytes": sum(b for _, b, _ in shared), "rounds": shared[0][2],
         "streamed": executor.stream is not None, "resident": resident,
     }
-    axes = sequence_axes(light.graph.output, light.graph.input)
+    layout = output_layout(light.graph.output, light.graph.input)
     inbox = Inbox()
     http = HttpThread(make_app(inbox, card, info["tokenizer"]), host, port, opts.tls_cert, opts.tls_key)
     agree_all(comm, http.start)
@@ -502,7 +563,11 @@ def serve(comm: Communicator, opts: ServeOptions) -> dict | None:
             if not batch:
                 time.sleep(TICK_S)
                 continue
-            answered += run_batch(party, executor, info, [inbox.take(q) for q in batch], axes)
+            queries = [inbox.take(q) for q in batch]
+            if queries[0].generate is not None:
+                answered += run_generation(party, executor, info, queries[0])
+            else:
+                answered += run_batch(party, executor, info, queries, layout)
     finally:
         for query in inbox.drain():
             query.reply(503, {"error": "the service is stopping"})
@@ -529,7 +594,7 @@ def agree_all(comm: Communicator, step) -> None:
         raise UserError(errors[0])
 
 
-def run_batch(party, executor, info: dict, queries: list[Query], axes: dict) -> int:
+def run_batch(party, executor, info: dict, queries: list[Query], layout: dict) -> int:
     """Run queries together and reply to each with its part of every output; returns how many."""
     comm = party.comm
     feeds, places = batch_feeds(info, queries)
@@ -538,14 +603,44 @@ def run_batch(party, executor, info: dict, queries: list[Query], axes: dict) -> 
     outputs = executor.run(feeds)
     components = output_components(party, outputs)
     cost = comm.stats.snapshot() - before
+    online_s = time.perf_counter() - began
+    with comm.untraced(), comm.tag("service"):  # every rank's rounds, for the network model (public figures)
+        everyone = allgather_json(comm, {"trace": comm.trace, "tail": comm.tail()})
     batch = {
         "queries": len(queries),
         "inputs": int(feeds["input_ids"].shape[0]),
         "tokens": int(feeds["input_ids"].shape[1]),
-        "online_s": round(time.perf_counter() - began, 4),
+        "online_s": round(online_s, 4),
         "bytes": int(cost.bytes),
         "rounds": int(cost.rounds),
+        "network_estimates": network.estimates([e["trace"] for e in everyone], [e["tail"] for e in everyone]),
     }
     for query, place in zip(queries, places):
-        query.reply(200, reply_body(query.qid, components, place, axes, batch))
+        query.reply(200, reply_body(query.qid, components, place, layout, batch))
     return len(queries)
+
+
+def run_generation(party, executor, info: dict, query: Query) -> int:
+    """A generation query: its prompt's walk, then one walk per new token; each token goes to the client
+    as this rank's additive component of its id (a line of the streamed answer), as it comes."""
+    from .generation import generate_shared
+
+    comm = party.comm
+    feeds, _ = batch_feeds(info, [query])
+    comm.begin_trace()
+
+    def emit(step: int, index: AShare) -> None:
+        component = index.first + party.zero_share(index.shape)
+        query.emit({"step": step, "token": {"shape": list(index.shape), "dtype": "uint64", "component": _encode_array(component)}})
+
+    began = time.perf_counter()
+    params = query.generate
+    steps = generate_shared(
+        party, executor, info, feeds, query.shape[1], params["max_new_tokens"], params["temperature"], emit
+    )
+    query.reply(200, {"query": query.qid, "done": True, "batch": {
+        "queries": 1, "inputs": 1, "tokens": query.shape[1], "new_tokens": len(steps),
+        "online_s": round(time.perf_counter() - began, 4), "bytes": int(sum(st["bytes"] for st in steps)),
+        "rounds": int(sum(st["rounds"] for st in steps)), "steps": steps,
+    }})
+    return 1

@@ -41,7 +41,7 @@ from puma_onnx.passes.secrecy import PUBLIC_INPUTS
 from . import approx, arith, network
 from .comm import Communicator, Cost
 from .executor import PRESENT_PREFIX, Executor, layer_of, parse_nodes, unsupported
-from .kernels import Context, Private, Scaled, Unscaled
+from .kernels import FLAT_ORDER, Context, Private, Scaled, Unscaled
 from .party import DEFAULT_MSB_BITS, Party
 from .positions import position_limit
 from .ranges import RANGE_KEYS, RangeError, plan_kernels
@@ -354,13 +354,19 @@ def _check_encodable(store: TensorStore, names: list[str], fxp: FixedPoint) -> N
 
 
 def _vocab_limits(model: onnx.ModelProto) -> dict[str, int]:
-    """For each graph input used as embedding ids: the number of rows of its table."""
+    """For each graph input used as embedding ids (directly, or through reshapes: GPT-2 flattens its
+    ids first): the number of rows of its table."""
     dims = {t.name: list(t.dims) for t in model.graph.initializer}
     inputs = {i.name for i in model.graph.input}
+    made_by = {out: n for n in model.graph.node for out in n.output}
     limits = {}
     for node in model.graph.node:
-        if node.domain == "puma" and node.op_type == "Embedding" and node.input[1] in inputs:
-            limits[node.input[1]] = int(dims[node.input[0]][0])
+        if node.domain == "puma" and node.op_type == "Embedding":
+            ids = node.input[1]
+            while ids in made_by and made_by[ids].domain == "" and ("", made_by[ids].op_type) in FLAT_ORDER:
+                ids = made_by[ids].input[0]
+            if ids in inputs:
+                limits[ids] = int(dims[node.input[0]][0])
     return limits
 
 

@@ -293,3 +293,44 @@ def test_three_hosts_in_network_namespaces_give_the_answer_of_one_host(minilm, r
         if svc is not None:
             svc.kill()
         hosts.close()
+
+
+def test_a_decoder_service_generates_the_greedy_ids_for_a_client_outside(exported, tmp_path):
+    """`Client.generate` and `query --max-new-tokens` against a llama-tiny service: the ids of the
+    plaintext greedy loop, streamed; an encoder-only request is refused with a reason."""
+    import json
+
+    from puma_onnx import Client
+    from puma_onnx.export import prepare
+    from puma_onnx.plaintext import generate as plaintext_generation
+
+    folder = exported("llama-tiny")
+    prepare(folder, warn=lambda msg: None)
+    ids = np.random.default_rng(9).integers(3, 1000, size=(1, 6), dtype=np.int64)
+    want, _ = plaintext_generation(folder / "model.puma.onnx", ids, 5)
+    svc = Service(folder)
+    try:
+        svc.wait_for(" serves ", 3, START_S)
+        with Client(svc.servers) as client:
+            assert client.model["decoder"] and client.model["padding_side"] == "left"
+            answer = client.generate(ids[0], max_new_tokens=5)
+            assert answer["new_ids"] == want and answer["prompt_ids"] == ids[0].tolist()
+            assert answer["cost"]["new_tokens"] == 5 and answer["cost"]["bytes"] > 0
+            with pytest.raises(ValueError, match="before 5 new ones"):
+                client.generate(np.ones(client.model["max_positions"], np.int64), max_new_tokens=5)
+            # A run query on a decoder gives the last position's logits, as `run` does.
+            logits = client.run({"input_ids": ids})["logits"]
+            assert logits.shape[:2] == (1, 1) and int(np.argmax(logits)) == want[0]
+        np.save(tmp_path / "ids.npy", ids)
+        out = tmp_path / "answer.json"
+        proc = subprocess.run(
+            [*PUMA, "query", "--servers", ",".join(svc.servers), "--input-ids", str(tmp_path / "ids.npy"),
+             "--max-new-tokens", "5", "--output", str(out)],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(out.read_text())["new_ids"] == want and "5 new tokens after 6" in proc.stderr
+        svc.proc.send_signal(signal.SIGINT)  # Ctrl-C on mpirun stops the service as SIGTERM does
+        assert svc.proc.wait(timeout=30) == 0, "".join(svc.lines)[-3000:]
+    finally:
+        svc.kill()

@@ -15,7 +15,7 @@ from puma_onnx.runtime.service import (
     listen_address,
     parse_query,
     reply_body,
-    sequence_axes,
+    output_layout,
 )
 from puma_onnx.runtime.session import UserError
 
@@ -85,36 +85,44 @@ def _view(pending, rejected=None, stop=False):
 
 def test_ready_queries_run_in_rank_0s_order_up_to_the_batch_limit():
     # (id, digest, age, inputs): a arrived first at rank 0, then b, then c.
-    held = [["a", "d", 3.0, 2], ["b", "d", 2.0, 2], ["c", "d", 1.0, 1]]
+    held = [["a", "d", 3.0, 2, False], ["b", "d", 2.0, 2, False], ["c", "d", 1.0, 1, False]]
     shuffled = [held[2], held[0], held[1]]
-    views = [_view(held), _view(shuffled), _view([[q, d, 0.1, n] for q, d, _, n in held])]
+    views = [_view(held), _view(shuffled), _view([[q, d, 0.1, n, g] for q, d, _, n, g in held])]
     assert decide(views, max_batch=4, wait_s=30) == (["a", "b"], {})
     assert decide(views, max_batch=5, wait_s=30) == (["a", "b", "c"], {})
     assert decide(views, max_batch=1, wait_s=30)[0] == ["a"]  # a query larger than the limit cannot arrive
 
 
 def test_a_batch_that_is_not_full_waits_for_its_window():
-    held = [["a", "d", 0.5, 2], ["b", "d", 0.2, 1]]
+    held = [["a", "d", 0.5, 2, False], ["b", "d", 0.2, 1, False]]
     views = [_view(held)] * 3
     assert decide(views, max_batch=4, wait_s=30, window_s=1.0) == ([], {})
     assert decide(views, max_batch=3, wait_s=30, window_s=1.0)[0] == ["a", "b"]  # full: no wait
     assert decide(views, max_batch=2, wait_s=30, window_s=1.0)[0] == ["a"]  # b does not fit: no wait
-    older = [_view([["a", "d", 1.0, 2], ["b", "d", 0.2, 1]])] * 3
+    older = [_view([["a", "d", 1.0, 2, False], ["b", "d", 0.2, 1, False]])] * 3
     assert decide(older, max_batch=4, wait_s=30, window_s=1.0)[0] == ["a", "b"]
 
 
+def test_a_generation_runs_alone():
+    held = [["a", "d", 3.0, 1, False], ["g", "d", 2.0, 1, True], ["c", "d", 1.0, 1, False]]
+    views = [_view(held)] * 3
+    assert decide(views, max_batch=8, wait_s=30)[0] == ["a"]
+    assert decide([_view(held[1:])] * 3, max_batch=8, wait_s=30)[0] == ["g"]
+    assert decide([_view(held[1:])] * 3, max_batch=8, wait_s=30, window_s=5.0)[0] == ["g"]  # no window either
+
+
 def test_a_query_missing_on_a_rank_waits_then_gets_an_error():
-    views = [_view([["a", "d", 1.0, 1]]), _view([["a", "d", 1.0, 1]]), _view([])]
+    views = [_view([["a", "d", 1.0, 1, False]]), _view([["a", "d", 1.0, 1, False]]), _view([])]
     assert decide(views, 4, wait_s=30) == ([], {})
-    late = [_view([["a", "d", 31.0, 1]]), _view([["a", "d", 0.5, 1]]), _view([])]
+    late = [_view([["a", "d", 31.0, 1, False]]), _view([["a", "d", 0.5, 1, False]]), _view([])]
     batch, dropped = decide(late, 4, wait_s=30)
     assert batch == [] and dropped["a"][0] == 504 and "[2]" in dropped["a"][1]
 
 
 def test_different_public_parts_or_a_refusal_drop_the_query_everywhere():
-    views = [_view([["a", "d1", 1.0, 1]]), _view([["a", "d2", 1.0, 1]]), _view([["a", "d1", 1.0, 1]])]
+    views = [_view([["a", "d1", 1.0, 1, False]]), _view([["a", "d2", 1.0, 1, False]]), _view([["a", "d1", 1.0, 1, False]])]
     assert decide(views, 4, 30) == ([], {"a": (400, "the three ranks received different public inputs for this query")})
-    views = [_view([["a", "d", 1.0, 1]]), _view([], {"a": "bad share"}), _view([["a", "d", 1.0, 1]])]
+    views = [_view([["a", "d", 1.0, 1, False]]), _view([], {"a": "bad share"}), _view([["a", "d", 1.0, 1, False]])]
     batch, dropped = decide(views, 4, 30)
     assert batch == [] and dropped["a"] == (400, "rank 1 refused the query: bad share")
 
@@ -163,15 +171,57 @@ def test_a_reply_holds_the_querys_rows_and_positions():
         [
             helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["batch", "seq", 2]),
             helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", 2]),
+            helper.make_tensor_value_info("scalar", TensorProto.FLOAT, [3]),
         ],
     )
-    axes = sequence_axes(graph.output, graph.input)
-    assert axes == {"tokens": 1}
+    layout = output_layout(graph.output, graph.input)
+    assert layout == {"tokens": (True, 1), "pooled": (True, None), "scalar": (False, None)}
     tokens = np.arange(3 * 4 * 2, dtype=np.uint64).reshape(3, 4, 2)
     pooled = np.arange(6, dtype=np.uint64).reshape(3, 2)
-    components = {"tokens": {"component": tokens, "scale": 0.5}, "pooled": {"component": pooled, "scale": 0.25}}
-    body = reply_body("q", components, (1, 2, slice(0, 3)), axes, {"queries": 2})
-    got = {k: np.frombuffer(base64.b64decode(v["component"]), "<u8").reshape(v["shape"]) for k, v in body["outputs"].items()}
+    scalar = np.array([7, 8, 9], np.int64)
+    components = {
+        "tokens": {"component": tokens, "scale": 0.5}, "pooled": {"component": pooled, "scale": 0.25},
+        "scalar": {"value": scalar},
+    }
+    body = reply_body("q", components, (1, 2, slice(0, 3)), layout, {"queries": 2})
+    got = {
+        k: np.frombuffer(base64.b64decode(v["component"]), "<u8").reshape(v["shape"])
+        for k, v in body["outputs"].items() if "component" in v
+    }
     assert np.array_equal(got["tokens"], tokens[1:3, 0:3])
     assert np.array_equal(got["pooled"], pooled[1:3])
     assert body["outputs"]["tokens"]["scale"] == 0.5 and json.dumps(body)
+    value = body["outputs"]["scalar"]
+    assert np.frombuffer(base64.b64decode(value["value"]), value["dtype"]).tolist() == [7, 8, 9]  # not cut
+
+
+DECODER = {**CARD, "decoder": True}
+
+
+@pytest.mark.parametrize(
+    "params, card, ids, words",
+    [
+        ({"max_new_tokens": 4}, CARD | {"decoder": False}, [[1, 2]], "encoder: it has no LM head"),
+        ({"max_new_tokens": 0}, DECODER, [[1, 2]], "at least 1"),
+        ({"max_new_tokens": True}, DECODER, [[1, 2]], "at least 1"),
+        ({"max_new_tokens": 4, "temperature": 0.001}, DECODER, [[1, 2]], "[0.01, 100]"),
+        ({"max_new_tokens": 4}, DECODER, [[1, 2], [3, 4]], "one prompt, got 2"),
+        ({"max_new_tokens": 15}, DECODER, [[1, 2]], "allows at most 1 before 15 new ones"),
+        (None, DECODER, [[1, 2]], "needs generate"),
+    ],
+)
+def test_a_bad_generation_query_is_refused_with_its_reason(params, card, ids, words):
+    meta, share = meta_and_share(np.array(ids), 2)
+    if params is not None:
+        meta["generate"] = params
+    with pytest.raises(ValueError) as e:
+        parse_query(meta, share, 2, card, generate=True)
+    assert words in str(e.value)
+
+
+def test_a_generation_query_parses_and_its_parameters_are_public():
+    meta, share = meta_and_share(np.array([[1, 2, 3]]), 0)
+    q = parse_query({**meta, "generate": {"max_new_tokens": 5, "temperature": 0.7}}, share, 0, DECODER, generate=True)
+    assert q.generate == {"max_new_tokens": 5, "temperature": 0.7}
+    other = parse_query({**meta, "generate": {"max_new_tokens": 6, "temperature": 0.7}}, share, 0, DECODER, generate=True)
+    assert other.digest != q.digest  # ranks given different parameters do not run it
