@@ -145,3 +145,31 @@ def test_argmax_costs_a_comparison_and_a_two_term_mul_bit_per_level():
 
     (cost, ltz), *_ = run_parties(prog)
     assert cost.rounds == 6 * (ltz.rounds + 2)  # log2(64) levels of msb + mul_bit
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 64, 1000])
+def test_argmax_onehot_puts_a_one_at_the_first_maximum_only(n):
+    x = rng.integers(-3, 4, n).astype(np.float64)  # many ties, at every level
+    x[rng.integers(0, n)] = 3.0
+
+    def prog(p):
+        index, onehot = compare.argmax_onehot(p, share_fx(p, x))
+        return arith.reveal(p, index), arith.reveal(p, onehot)
+
+    index, onehot = run_parties(prog)[0]
+    first = int(np.argmax(x))
+    assert index.view(np.int64).tolist() == [first]
+    assert onehot.tolist() == np.eye(n, dtype=np.uint64)[first].tolist()
+
+
+def test_argmax_onehot_costs_the_argmax_and_one_mul_bit_per_level():
+    n = 64
+
+    def prog(p):
+        a = share_fx(p, rng.normal(size=n))
+        return cost_of(p, lambda: compare.argmax_onehot(p, a))[1], cost_of(p, lambda: compare.argmax(p, a))[1]
+
+    for onehot, argmax in run_parties(prog):
+        assert onehot.rounds == argmax.rounds + 6 * 2  # log2(64) levels, a mul_bit (2 rounds) each
+    total = sum(o.bytes - a.bytes for o, a in run_parties(prog))
+    assert total == 32 * (n - 1)  # one mul_bit per compared pair: 32 bytes over the three ranks
