@@ -314,11 +314,14 @@ def generate(
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="PEM private key of --tls-cert.")
 @click.option("--max-batch", default=16, show_default=True, type=int, help="Run queries that arrive together as one batch of at most this many inputs.")
 @click.option("--batch-window", default=0.0, show_default=True, type=float, help="Seconds a batch that is not full waits for more queries.")
+@click.option("--max-new-tokens", "max_new_tokens", default=512, show_default=True, type=int, help="The longest generation a query may ask for.")
 @click.option("--query-wait", default=30.0, show_default=True, type=float, help="Seconds a query may wait for its piece on the other ranks before its error reply.")
 @click.option("--frac-bits", default=18, show_default=True, type=click.IntRange(16, 20), help="Fractional bits of the fixed-point encoding.")
 @TIMEOUT_OPTION
 @WEIGHT_BUDGET_OPTION
-def serve(model, listen, tls_cert, tls_key, max_batch, batch_window, query_wait, frac_bits, timeout, weight_budget) -> None:
+def serve(
+    model, listen, tls_cert, tls_key, max_batch, batch_window, max_new_tokens, query_wait, frac_bits, timeout, weight_budget
+) -> None:
     """A secure inference service: mpirun -n 3 puma-onnx serve MODEL --listen HOST:PORT.
 
     Rank 0 reads MODEL and shares the weights once; then every rank answers clients outside the ranks
@@ -330,7 +333,7 @@ def serve(model, listen, tls_cert, tls_key, max_batch, batch_window, query_wait,
 
     opts = ServeOptions(
         model=model, listen=tuple(listen), tls_cert=tls_cert, tls_key=tls_key, max_batch=max_batch,
-        batch_window_s=batch_window, query_wait_s=query_wait, frac_bits=frac_bits, timeout=timeout, weight_budget=weight_budget, progress=False,
+        batch_window_s=batch_window, max_new_tokens=max_new_tokens, query_wait_s=query_wait, frac_bits=frac_bits, timeout=timeout, weight_budget=weight_budget, progress=False,
     )
     sys.exit(launch(opts, "serve"))
 
@@ -361,6 +364,9 @@ def query(servers, text, input_ids, output, tls_ca, max_new_tokens, chat, temper
         fail("give --text (once or more) or --input-ids")
     if max_new_tokens is None and (chat or temperature is not None):
         fail("--chat and --temperature go with --max-new-tokens")
+    if tls_ca is None and not all(_loopback(s) for s in servers.split(",") if s):
+        print("puma-onnx: warning: plain HTTP: anyone who can read the traffic to two ranks can rebuild the ids "
+              "and the answer (use --tls-ca with a service started with --tls-cert)", file=sys.stderr)
     try:
         with Client(servers, ca=tls_ca, timeout=timeout) as client:
             if max_new_tokens is not None:
@@ -402,3 +408,17 @@ def query(servers, text, input_ids, output, tls_ca, max_new_tokens, chat, temper
     else:
         for name, value in answer.outputs.items():
             print(f"{name} {list(value.shape)}: {np.array2string(value.reshape(-1)[:8], precision=4)} ...")
+
+
+def _loopback(server: str) -> bool:
+    """Whether a --servers entry names this machine's loopback (no network to read it from)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = urlsplit(server if "://" in server else f"//{server}").hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -151,6 +151,8 @@ class Client:
         unknown = set(feeds) - {"input_ids", "attention_mask", "token_type_ids"}
         if unknown:
             raise ValueError(f"unknown inputs {sorted(unknown)}: the service takes input_ids, attention_mask, token_type_ids")
+        if "input_ids" not in feeds:
+            raise ValueError("the feeds need input_ids")
         ids = np.asarray(feeds["input_ids"])
         if ids.ndim == 1:
             ids = ids[None, :]
@@ -167,8 +169,11 @@ class Client:
         out = {"input_ids": ids.astype(np.int64)}
         for name in ("attention_mask", "token_type_ids"):
             if feeds.get(name) is not None:
-                value = np.asarray(feeds[name], dtype=np.int64)
-                out[name] = value[None, :] if value.ndim == 1 else value
+                value = np.asarray(feeds[name])
+                value = value[None, :] if value.ndim == 1 else value
+                if value.shape != ids.shape or not np.isin(value, (0, 1)).all() or value.dtype.kind not in "iub":
+                    raise ValueError(f"{name} must be 0s and 1s of the ids' shape {ids.shape}, got {value.dtype} {value.shape}")
+                out[name] = value.astype(np.int64)
         return out
 
     # --------------------------------------------------------------------- queries
@@ -181,6 +186,9 @@ class Client:
             return self._json(self._http[rank].post(f"{API}/run", files=forms[rank]))
 
         replies = self._each(send)
+        layouts = [{k: (v["shape"], v.get("scale"), v["dtype"]) for k, v in r["outputs"].items()} for r in replies]
+        if any(layout != layouts[0] for layout in layouts) or any(r.get("query") != replies[0].get("query") for r in replies):
+            raise ServiceError("the three ranks answered with different outputs: not one service, or a fault")
         outputs = {}
         for name, entry in replies[0]["outputs"].items():
             if "component" in entry:
@@ -231,10 +239,13 @@ class Client:
                 prompt = render_chat(self.model["chat_template"], prompt)
             ids = np.array([self.tokenizer.encode(prompt).ids], np.int64)
         else:
-            ids = np.asarray(prompt, np.int64).reshape(1, -1)
+            ids = np.asarray(prompt)
+            if not np.issubdtype(ids.dtype, np.integer) or ids.ndim not in (1, 2) or (ids.ndim == 2 and ids.shape[0] != 1):
+                raise ValueError(f"a prompt's ids are integers of shape (S,) or (1, S), got {ids.dtype} {ids.shape}")
+            ids = ids.reshape(1, -1).astype(np.int64)
         limit = self.model["max_positions"]
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be an integer of at least 1")
         if limit is not None and ids.shape[1] + max_new_tokens > limit:
             raise ValueError(
                 f"the prompt has {ids.shape[1]} tokens; {self.model['name']} allows at most {limit - max_new_tokens} "
@@ -244,6 +255,7 @@ class Client:
         lines: queue.Queue = queue.Queue()
 
         def listen(rank: int) -> None:
+            """Every line of this rank's answer into `lines`; the last item is always ("end", ...) or an error."""
             try:
                 with self._http[rank].stream("POST", f"{API}/generate", files=forms[rank]) as response:
                     if response.status_code != 200:
@@ -252,14 +264,18 @@ class Client:
                         return
                     for line in response.iter_lines():
                         if line:
-                            lines.put((rank, "line", json.loads(line)))
+                            body = json.loads(line)
+                            lines.put((rank, "end" if body.get("done") else "line", body))
+                            if body.get("done"):
+                                return
+                lines.put((rank, "error", f"rank {rank}'s answer ended before its last line"))
             except Exception as e:  # noqa: BLE001 - reported in the caller's thread
                 lines.put((rank, "error", f"{type(e).__name__}: {e}"))
 
         threads = [threading.Thread(target=listen, args=(r,), daemon=True) for r in range(RANKS)]
         for t in threads:
             t.start()
-        tokens: dict[int, list] = {}
+        tokens: dict[int, dict[int, np.ndarray]] = {}  # step -> rank -> component
         ends: dict[int, dict] = {}
         new_ids: list[int] = []
         decoded = ""
@@ -267,13 +283,12 @@ class Client:
             rank, kind, body = lines.get()
             if kind == "error":
                 raise ServiceError(body)
-            if body.get("done"):
+            if kind == "end":
                 ends[rank] = body
                 continue
-            parts = tokens.setdefault(body["step"], [])
-            parts.append(_decode(body["token"], "component"))
-            while len(tokens.get(len(new_ids), [])) == RANKS:  # the next token's three components are in
-                new_ids.append(int(sum(tokens.pop(len(new_ids))).view(np.int64).reshape(-1)[0]))
+            tokens.setdefault(body["step"], {})[rank] = _decode(body["token"], "component")
+            while len(tokens.get(len(new_ids), {})) == RANKS:  # the next token's three components are in
+                new_ids.append(int(sum(tokens.pop(len(new_ids)).values()).view(np.int64).reshape(-1)[0]))
                 if on_text is not None and self.model["tokenizer"]:
                     text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
                     if not text.endswith("\ufffd"):
@@ -281,12 +296,15 @@ class Client:
                         decoded = text
         for t in threads:
             t.join()
+        if tokens or len({e["batch"]["new_tokens"] for e in ends.values()} | {len(new_ids)}) != 1:
+            raise ServiceError("the three ranks streamed different numbers of tokens")
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True) if self.model["tokenizer"] else None
         batch = ends[0]["batch"]
         cost = {**batch, "bytes": sum(e["batch"]["bytes"] for e in ends.values()),
                 "online_s": max(e["batch"]["online_s"] for e in ends.values())}
         cost.pop("steps", None)
-        return {"prompt_ids": ids[0].tolist(), "new_ids": new_ids, "text": text, "cost": cost}
+        return {"prompt_ids": ids[0].tolist(), "new_ids": new_ids, "text": text, "stopped": bool(ends[0].get("stopped")),
+                "cost": cost}
 
     @staticmethod
     def _error_text(response) -> str:

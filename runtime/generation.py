@@ -301,14 +301,16 @@ class OneHotRows:
 
 
 def generate_shared(party, executor, info: dict, feeds: dict, context: int, max_new_tokens: int,
-                    temperature: float | None, emit) -> list[dict]:
+                    temperature: float | None, emit, keep_going=None) -> list[dict]:
     """Generation for a client outside the ranks (`puma-onnx serve`): `feeds` hold its prompt (one row,
     as `SharedIds`), `context` its length. No token is opened to any rank: the chosen token comes out of
     `compare.argmax_onehot` as an index share, which `emit(step, index)` sends on to the client, and a
     one-hot share, which is the next step's input ids (the embedding multiplies it by the table, as it
     does the client's one-hot). With an end-of-sequence token, the ranks open one bit per step, whether
     the token is one, so that they stop: the number of steps is public, as in `generate`. With a
-    temperature, the helper rank draws the Gumbel noise from os.urandom and shares it.
+    temperature, the helper rank draws the Gumbel noise from os.urandom and shares it. `keep_going()`,
+    asked after every step alike on every rank, ends the generation early when it says no (the last
+    step is then marked "stopped").
     Cost per step beyond `generate`'s: the one-hot, 2 rounds and 32 bytes per compared pair a level
     (about 0.8 MB for 50,257 entries), and 1 round for the end-of-sequence bit. Returns per step:
     time_s, bytes and rounds on this rank, tokens_in_context."""
@@ -343,6 +345,9 @@ def generate_shared(party, executor, info: dict, feeds: dict, context: int, max_
         steps.append({"time_s": round(time.perf_counter() - began, 6), "bytes": cost.bytes, "rounds": cost.rounds,
                       "tokens_in_context": context})
         if done:
+            break
+        if keep_going is not None and not keep_going():
+            steps[-1]["stopped"] = True
             break
         feeds = _step_feeds(info, None, context, outputs)
         feeds["input_ids"] = SharedIds((1, 1), [(OneHotRows(onehot.reshape(1, -1)), np.zeros(1, np.int64))])

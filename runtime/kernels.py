@@ -70,10 +70,10 @@ class Node:
         return f"node {self.name!r} ({op})"
 
 
-# Ops that move or retype values without arithmetic: on a private value (the
-# client's ids) its owner applies them in the clear and the value stays private.
 # Ops that relabel a shape and keep the row-major order of the elements: they pass SharedIds through.
 FLAT_ORDER = frozenset(("", op) for op in ("Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten"))
+# Ops that move or retype values without arithmetic: on a private value (the
+# client's ids) its owner applies them in the clear and the value stays private.
 PRIVATE_LOCAL = frozenset(
     ("", op) for op in ("Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "Slice", "Transpose")
 )

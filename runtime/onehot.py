@@ -29,6 +29,7 @@ from .prg import PRG, SEED_BYTES, new_seed
 from .shares import AShare
 
 U64 = np.uint64
+WORD = np.dtype("<u8")  # the key stream read as little-endian words, on any host (the wire protocol's)
 # X0 and X1 travel as seeds, X2 in full.
 SEEDED = (0, 1)
 DENSE = 2
@@ -57,7 +58,7 @@ def split(ids: np.ndarray, vocab: int, seeds: tuple[bytes, bytes] | None = None)
     dense = np.zeros((ids.size, vocab), dtype=U64)
     dense[np.arange(ids.size), ids] = 1
     for seed in s:
-        dense -= PRG(seed).words(dense.shape)
+        dense -= PRG(seed).words(dense.shape, WORD).astype(U64, copy=False)
     return [
         Piece(r, {k: s[k] for k in held(r) if k in SEEDED}, dense if DENSE in held(r) else None) for r in range(PARTIES)
     ]
@@ -89,18 +90,18 @@ class OneHotShare:
         check_piece(piece, rows, vocab)
         self.rows, self.vocab = rows, vocab
         self._piece = piece
-        self._prgs = {k: PRG(seed) for k, seed in piece.seeds.items()}
 
     def blocks(self, size: int):
-        """(start, AShare of rows [start, start + size)) for the whole matrix, in order (the seeded
-        components are streams: each is drawn once, front to back)."""
+        """(start, AShare of rows [start, start + size)) for the whole matrix, in order. Each call starts
+        the seeded components' streams afresh, so every walk reads the same matrix."""
         first, second = held(self._piece.rank)
+        prgs = {k: PRG(seed) for k, seed in self._piece.seeds.items()}
         for start in range(0, self.rows, size):
             stop = min(start + size, self.rows)
-            parts = [self._component(k, start, stop) for k in (first, second)]
+            parts = [self._component(k, start, stop, prgs) for k in (first, second)]
             yield start, AShare(parts[0], parts[1])
 
-    def _component(self, k: int, start: int, stop: int) -> np.ndarray:
+    def _component(self, k: int, start: int, stop: int, prgs: dict) -> np.ndarray:
         if k == DENSE:
             return self._piece.dense.reshape(self.rows, self.vocab)[start:stop]
-        return self._prgs[k].words((stop - start, self.vocab))
+        return prgs[k].words((stop - start, self.vocab), WORD).astype(U64, copy=False)

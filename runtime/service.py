@@ -31,19 +31,23 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 
 from . import network
 from .comm import Communicator
 from .executor import PRESENT_PREFIX
-from .kernels import Context, Scaled, SharedIds, Unscaled
-from .onehot import DENSE, OneHotShare, Piece, held
-from .session import RunOptions, UserError, empty_cache, model_feeds, start
+from .kernels import FLAT_ORDER, Context, Scaled, SharedIds, Unscaled
+from .onehot import DENSE, SEEDED, OneHotShare, Piece, check_piece, held
+from .session import MAX_TOKENS, RunOptions, UserError, empty_cache, model_feeds, start
 from .shares import AShare
 from .weights import WeightShare, keep_resident
 from .wire import allgather_json
 
 TICK_S = 0.02
 QUERY_WAIT_S = 30.0
+MAX_PENDING = 64  # queries a rank holds before it answers 503
+DEFAULT_MAX_NEW_TOKENS = 512
+ALONE = "alone"  # the batching key of a query that runs by itself (a generation)
 DEFAULT_PORT = 8600
 DEFAULT_MAX_BATCH = 16
 QUERY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -57,6 +61,7 @@ class ServeOptions(RunOptions):
     tls_key: str | None = None
     max_batch: int = DEFAULT_MAX_BATCH
     batch_window_s: float = 0.0  # a batch that is not full waits this long for more queries
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # the longest generation a query may ask for
     query_wait_s: float = QUERY_WAIT_S
 
 
@@ -86,55 +91,72 @@ class Query:
     public: dict[str, np.ndarray]  # attention_mask, token_type_ids: (B, S)
     digest: str  # of the public part: the three ranks must have received the same
     piece: Piece
+    key: str = ""  # queries batch only with queries of the same key (ALONE: never)
     generate: dict | None = None  # {"max_new_tokens", "temperature"} for a generation query
     arrived: float = field(default_factory=time.monotonic)
     reply: object = None  # callable(status, body): the answer or an error, thread-safe; set by the HTTP handler
     emit: object = None  # callable(body): one streamed line of a generation, thread-safe
 
 
-def _public_part(meta: dict, names: list[str], shape: tuple[int, int]) -> dict[str, np.ndarray]:
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _public_part(meta: dict, shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    """attention_mask (default ones) and token_type_ids (default zeros): (B, S) arrays of JSON 0 and 1."""
     out = {}
     for name in ("attention_mask", "token_type_ids"):
-        if name not in meta or meta[name] is None:
+        if meta.get(name) is None:
             out[name] = np.ones(shape, np.int64) if name == "attention_mask" else np.zeros(shape, np.int64)
             continue
-        try:
-            value = np.array(meta[name], dtype=np.int64)
-        except (TypeError, ValueError, OverflowError):
-            raise ValueError(f"{name} must be a (B, S) array of integers") from None
+        value = np.array(meta[name], dtype=object)
         if value.shape != shape:
             raise ValueError(f"{name} has shape {list(value.shape)}, the ids {list(shape)}")
-        if value.size and (value.min() < 0 or value.max() > 1):
-            raise ValueError(f"{name} must hold 0 and 1 only")
-        out[name] = value
+        if not all(_is_int(v) and v in (0, 1) for v in value.reshape(-1)):
+            raise ValueError(f"{name} must hold the integers 0 and 1 only")
+        out[name] = value.astype(np.int64)
     if not out["attention_mask"].any(axis=1).all():
         raise ValueError("every input needs at least one token with attention_mask 1")
     return out
 
 
-def _generation(meta: dict, model: dict, shape: tuple[int, int]) -> dict:
+def _generation(meta: dict, model: dict, shape: tuple[int, int], mask: np.ndarray) -> dict:
     """The public parameters of a generation query; ValueError names what is wrong."""
     params = meta.get("generate")
     if not isinstance(params, dict):
         raise ValueError("a generation query needs generate: {max_new_tokens, temperature}")
     if not model["decoder"]:
         raise ValueError(f"{model['name']} is an encoder: it has no LM head to generate with")
+    if not model["generates"]:
+        raise ValueError(f"{model['name']} was exported without its key/value cache: it cannot generate here")
     n, temperature = params.get("max_new_tokens"), params.get("temperature")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError("max_new_tokens must be an integer of at least 1")
-    if temperature is not None and (not isinstance(temperature, (int, float)) or not 0.01 <= temperature <= 100):
-        raise ValueError("temperature must be null (greedy) or in [0.01, 100]")
+    if not _is_int(n) or not 1 <= n <= model["max_new_tokens"]:
+        raise ValueError(f"max_new_tokens must be an integer in [1, {model['max_new_tokens']}] (serve --max-new-tokens)")
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                    or not 0.01 <= temperature <= 100):
+        raise ValueError("temperature must be null (greedy) or a number in [0.01, 100]")
     if shape[0] != 1:
         raise ValueError(f"a generation query takes one prompt, got {shape[0]}")
+    if not mask.all():
+        raise ValueError("a generation prompt takes no padding: its attention_mask must be all ones")
     limit = model["max_positions"]
     if limit is not None and shape[1] + n > limit:
-        raise ValueError(f"the prompt has {shape[1]} tokens; {model['name']} allows at most {limit - n} before {n} new ones")
+        raise ValueError(f"the prompt's {shape[1]} tokens and {n} new ones pass {model['name']}'s {limit} positions")
     return {"max_new_tokens": n, "temperature": None if temperature is None else float(temperature)}
+
+
+def max_body_bytes(model: dict) -> int:
+    """The largest request a rank reads: a full batch of the longest inputs' one-hot words, and 1 MB."""
+    return model["max_batch"] * token_limit(model) * model["vocab_size"] * 8 + (1 << 20)
+
+
+def token_limit(model: dict) -> int:
+    return model["max_positions"] or MAX_TOKENS
 
 
 def parse_query(meta, share: bytes | None, rank: int, model: dict, generate: bool = False) -> Query:
     """A query (a generation with `generate`) from its JSON part and this rank's binary share; ValueError
-    names what is wrong."""
+    names what is wrong. Sizes are checked before anything of their size is allocated."""
     if not isinstance(meta, dict):
         raise ValueError("the meta part must be a JSON object")
     qid = meta.get("query")
@@ -144,25 +166,28 @@ def parse_query(meta, share: bytes | None, rank: int, model: dict, generate: boo
     if not isinstance(ids, dict):
         raise ValueError("input_ids must be an object with shape and seeds")
     shape = ids.get("shape")
-    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d >= 1 for d in shape)):
-        raise ValueError("input_ids.shape must be [B, S] with B, S >= 1")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(d) and d >= 1 for d in shape)):
+        raise ValueError("input_ids.shape must be [B, S] with integers B, S >= 1")
     batch, length = shape
     if batch > model["max_batch"]:
         raise ValueError(f"the query holds {batch} inputs; this service takes at most {model['max_batch']} (--max-batch)")
-    if model["max_positions"] is not None and length > model["max_positions"]:
-        raise ValueError(f"the input has {length} tokens; {model['name']} allows at most {model['max_positions']}")
+    if length > token_limit(model):
+        raise ValueError(f"the input has {length} tokens; {model['name']} allows at most {token_limit(model)}")
     seeds = ids.get("seeds")
-    if not isinstance(seeds, dict):
-        raise ValueError("input_ids.seeds must map component numbers to hex seeds")
+    want = {str(k) for k in held(rank) if k in SEEDED}
+    if not isinstance(seeds, dict) or set(seeds) != want or not all(isinstance(v, str) for v in seeds.values()):
+        raise ValueError(f"input_ids.seeds must map exactly the components {sorted(want)} to hex seeds for rank {rank}")
     try:
         seeds = {int(k): bytes.fromhex(v) for k, v in seeds.items()}
-    except (TypeError, ValueError):
-        raise ValueError("input_ids.seeds must map component numbers to hex seeds") from None
+    except ValueError:
+        raise ValueError("input_ids.seeds must be hex strings") from None
     vocab = model["vocab_size"]
     dense = None
     if DENSE in held(rank):
         if not share:
-            raise ValueError(f"rank {rank} needs the binary part 'share' (component {DENSE} of the one-hot ids)")
+            raise ValueError(
+                f"rank {rank} needs the file part 'share' (component {DENSE} of the one-hot ids, sent with a filename)"
+            )
         if len(share) != batch * length * vocab * 8:
             raise ValueError(
                 f"the share must hold {batch} x {length} x {vocab} uint64 words ({batch * length * vocab * 8} bytes), "
@@ -172,45 +197,56 @@ def parse_query(meta, share: bytes | None, rank: int, model: dict, generate: boo
     elif share:
         raise ValueError(f"rank {rank} takes no binary share")
     piece = Piece(rank, seeds, dense)
-    OneHotShare(piece, batch * length, vocab)  # checks the seeds
-    public = _public_part(meta, model["inputs"], (batch, length))
-    params = _generation(meta, model, (batch, length)) if generate else None
+    check_piece(piece, batch * length, vocab)
+    public = _public_part(meta, (batch, length))
+    params = _generation(meta, model, (batch, length), public["attention_mask"]) if generate else None
     digest = hashlib.sha256(
         json.dumps({"query": qid, "shape": shape, "generate": params, **{k: v.tolist() for k, v in public.items()}}).encode()
     ).hexdigest()
-    return Query(qid, (batch, length), public, digest, piece, params)
+    if generate or model["batching"] == "none":
+        key = ALONE
+    else:
+        key = f"length {length}" if model["batching"] == "same-length" else ""
+    return Query(qid, (batch, length), public, digest, piece, key, params)
 
 
 class Inbox:
-    """The queries this rank holds, shared by the HTTP thread (adds) and the MPI loop (takes)."""
+    """The queries this rank holds, shared by the HTTP thread (adds) and the MPI loop (takes), and the
+    ones it refused (kept `keep_s`, so that a copy that reaches another rank later is dropped too)."""
 
-    def __init__(self):
+    def __init__(self, keep_s: float = QUERY_WAIT_S, most: int = MAX_PENDING):
         self._lock = threading.Lock()
         self._queries: dict[str, Query] = {}
-        self._rejected: dict[str, str] = {}
+        self._rejected: dict[str, tuple[str, float]] = {}
+        self.keep_s, self.most = keep_s, most
 
-    def add(self, query: Query) -> bool:
+    def add(self, query: Query) -> str | None:
+        """None once held, or why not."""
         with self._lock:
             if query.qid in self._queries:
-                return False
+                return "already pending"
+            if len(self._queries) >= self.most:
+                return "full"
             self._queries[query.qid] = query
-            return True
+            return None
+
+    def holds(self, qid: str) -> bool:
+        with self._lock:
+            return qid in self._queries
 
     def reject(self, qid: str, reason: str) -> None:
         """A query this rank refused: the others drop it too (`decide`)."""
         with self._lock:
-            self._rejected[qid] = reason
+            if qid not in self._queries:
+                self._rejected[qid] = (reason, time.monotonic())
 
     def summary(self) -> dict:
         now = time.monotonic()
         with self._lock:
-            rejected, self._rejected = self._rejected, {}
+            self._rejected = {q: (r, t) for q, (r, t) in self._rejected.items() if now - t <= self.keep_s}
             return {
-                "pending": [
-                    [q.qid, q.digest, round(now - q.arrived, 3), q.shape[0], q.generate is not None]
-                    for q in self._queries.values()
-                ],
-                "rejected": rejected,
+                "pending": [[q.qid, q.digest, round(now - q.arrived, 3), q.shape[0], q.key] for q in self._queries.values()],
+                "rejected": {q: r for q, (r, _) in self._rejected.items()},
             }
 
     def take(self, qid: str) -> Query | None:
@@ -228,9 +264,10 @@ def decide(
 ) -> tuple[list[str], dict[str, tuple[int, str]]]:
     """From every rank's summary (the same list on every rank): the next batch (query ids, in rank 0's
     order of arrival) and the queries to drop, with the HTTP status and reason of their error reply.
-    A batch that is not full waits until its oldest query has waited `window_s` at rank 0, so that
-    queries arriving together run together; a generation runs alone. A pure function, so the ranks agree."""
-    held_by = [{qid: (digest, age, batch, alone) for qid, digest, age, batch, alone in v["pending"]} for v in views]
+    Queries batch only with ones of the same key (`parse_query`; ALONE: never). A batch that is not full
+    waits until its oldest query has waited `window_s` at rank 0, so that queries arriving together run
+    together. A pure function, so the ranks agree."""
+    held_by = [{qid: (digest, age, batch, key) for qid, digest, age, batch, key in v["pending"]} for v in views]
     dropped: dict[str, tuple[int, str]] = {}
     for rank, v in enumerate(views):
         for qid, reason in v["rejected"].items():
@@ -242,20 +279,23 @@ def decide(
             missing = [r for r in range(3) if qid not in held_by[r]]
             dropped.setdefault(qid, (504, f"rank(s) {missing} did not receive the query within {wait_s:g} s"))
     for qid in sorted(everywhere):
-        if len({h[qid][0] for h in held_by}) != 1:
+        if len({h[qid][0] for h in held_by}) != 1 or len({h[qid][3] for h in held_by}) != 1:
             dropped.setdefault(qid, (400, "the three ranks received different public inputs for this query"))
     ready = sorted((q for q in everywhere if q not in dropped), key=lambda q: (-held_by[0][q][1], q))
+    if not ready:
+        return [], dropped
+    key = held_by[0][ready[0]][3]
+    if key == ALONE:
+        return ready[:1], dropped
     batch, inputs, full = [], 0, False
     for qid in ready:
-        size, alone = held_by[0][qid][2:]
-        if batch and (alone or inputs + size > max_batch):
+        size, other = held_by[0][qid][2], held_by[0][qid][3]
+        if batch and (other != key or inputs + size > max_batch):
             full = True
             break
-        if alone:  # a generation runs on its own
-            return [qid], dropped
         batch.append(qid)
         inputs += size
-    if batch and not full and inputs < max_batch and held_by[0][batch[0]][1] < window_s:
+    if not full and inputs < max_batch and held_by[0][batch[0]][1] < window_s:
         return [], dropped
     return batch, dropped
 
@@ -338,6 +378,8 @@ def reply_body(qid: str, components: dict, place: tuple[int, int, slice], layout
     for name, c in components.items():
         part = c.get("component", c.get("value"))
         batched, axis = layout.get(name, (False, None))
+        if "component" in c and not batched and batch["queries"] > 1:
+            raise AssertionError(f"output {name!r} has no batch axis: its queries must not share a batch")
         if batched:
             part = part[row : row + count]
         if axis is not None:
@@ -355,7 +397,7 @@ def reply_body(qid: str, components: dict, place: tuple[int, int, slice], layout
 # ----------------------------------------------------------------------------- HTTP
 
 
-def model_card(info: dict, opts: ServeOptions, rank: int, output_names: list[str]) -> dict:
+def model_card(info: dict, opts: ServeOptions, rank: int, output_names: list[str], batching: str) -> dict:
     """What GET /v1/model answers: the public facts a client needs."""
     return {
         "name": info["name"],
@@ -370,7 +412,42 @@ def model_card(info: dict, opts: ServeOptions, rank: int, output_names: list[str
         "tokenizer": info["tokenizer"] is not None,
         "chat_template": info["chat_template"],
         "padding_side": "left" if info["decoder"] else "right",
+        "batching": batching,
+        "generates": bool(info["decoder"] and info["past"]),
+        "max_new_tokens": opts.max_new_tokens,
     }
+
+
+def batching_rule(info: dict, layout: dict) -> str:
+    """How queries may share a batch: "any" (padded to the longest), "same-length" (a decoder that
+    computes its positions from the shape: left padding would shift them), or "none" (an answer without
+    a batch axis would show one client the others' rows)."""
+    if not all(batched for name, (batched, _) in layout.items() if not name.startswith(PRESENT_PREFIX)):
+        return "none"
+    if info["decoder"] and "position_ids" not in info["inputs"]:
+        return "same-length"
+    return "any"
+
+
+def check_servable(model: onnx.ModelProto, info: dict) -> None:
+    """Before any weight is shared: the graph reads input_ids only through reshapes, Shape or Size and
+    the embedding (what shared ids can go through), and puma-onnx can make its other inputs."""
+    if info["vocab"].get("input_ids") is None:
+        raise UserError(f"{info['name']} has no embedding table of input_ids to serve")
+    flows = {"input_ids"}
+    for node in model.graph.node:
+        reads = [i for i in node.input if i in flows]
+        if not reads:
+            continue
+        key = (node.domain, node.op_type)
+        if key in FLAT_ORDER and node.input[0] in flows:
+            flows.update(o for o in node.output if o)
+        elif key in (("", "Shape"), ("", "Size")) or (key == ("puma", "Embedding") and node.input[1] in flows):
+            continue
+        else:
+            raise UserError(f"{info['name']}: node {node.name!r} ({node.op_type}) reads the token ids, which the service "
+                            "can only reshape and embed")
+    model_feeds([n for n in info["inputs"] if n not in info["past"]], np.zeros((1, 1), np.int64))
 
 
 def make_app(inbox: Inbox, card: dict, tokenizer: str | None):
@@ -392,6 +469,12 @@ def make_app(inbox: Inbox, card: dict, tokenizer: str | None):
 
     async def receive(request: Request, generate: bool):
         """The query in a request, or the error response to send instead."""
+        declared = request.headers.get("content-length", "0")
+        if not declared.isdigit() or int(declared) > max_body_bytes(card):
+            return JSONResponse(
+                {"error": f"the request declares {declared} bytes; this service reads at most {max_body_bytes(card)}"},
+                status_code=413,
+            )
         try:
             async with request.form(max_files=1, max_fields=1, max_part_size=64 << 20) as form:
                 meta_text = form.get("meta")
@@ -405,6 +488,8 @@ def make_app(inbox: Inbox, card: dict, tokenizer: str | None):
         except Exception as e:  # noqa: BLE001 - multipart parsing raises its own kinds
             return JSONResponse({"error": f"malformed query: {type(e).__name__}: {e}"}, status_code=400)
         qid = meta.get("query") if isinstance(meta, dict) else None
+        if isinstance(qid, str) and inbox.holds(qid):  # never let a second request spoil the first
+            return JSONResponse({"error": f"query {qid!r} is already pending"}, status_code=409)
         try:
             return parse_query(meta, share, rank, card, generate)
         except ValueError as e:
@@ -421,7 +506,10 @@ def make_app(inbox: Inbox, card: dict, tokenizer: str | None):
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         query.reply = lambda status, body: loop.call_soon_threadsafe(events.put_nowait, ("end", status, body))
         query.emit = lambda body: loop.call_soon_threadsafe(events.put_nowait, ("line", 200, body))
-        if not inbox.add(query):
+        refused = inbox.add(query)
+        if refused == "full":
+            return None, JSONResponse({"error": f"{inbox.most} queries are waiting; try again later"}, status_code=503)
+        if refused:
             return None, JSONResponse({"error": f"query {query.qid!r} is already pending"}, status_code=409)
         return events, None
 
@@ -489,9 +577,11 @@ class HttpThread:
             time.sleep(0.01)
         if not self.server.started:
             self.stop()
-            raise UserError(f"cannot serve on {self.server.config.host}:{self.server.config.port}: " + (
-                f"{self.failed}" if self.failed else "the HTTP server did not start (address in use or bad TLS files?)"
-            ))
+            why = "" if self.failed is None or isinstance(self.failed, SystemExit) else f": {self.failed}"
+            raise UserError(
+                f"cannot serve on {self.server.config.host}:{self.server.config.port} (an address in use or not this "
+                f"host's, or unreadable TLS files){why}"
+            )
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -521,25 +611,24 @@ def serve(comm: Communicator, opts: ServeOptions) -> dict | None:
         raise UserError("--batch-window must be in [0, 60] s and --query-wait in (0, 3600] s")
     if (opts.tls_cert is None) != (opts.tls_key is None):
         raise UserError("give both --tls-cert and --tls-key, or neither")
-    host, port = listen_address(opts.listen, comm.rank)
-    started = start(comm, opts, lambda info: ({}, None), caches=True)
+    if not 1 <= opts.max_new_tokens <= 1 << 16:
+        raise UserError(f"--max-new-tokens must be in [1, 65536], got {opts.max_new_tokens}")
+    host, port = [listen_address(opts.listen, r) for r in range(3)][comm.rank]  # every rank checks all three
+    started = start(comm, opts, lambda info: ({}, None), caches=True, check_model=check_servable)
     party, info, executor = started.party, started.info, started.executor
     # Every query walks every weight again: keep their shares and matmul operands once computed.
     resident = executor.stream is None and keep_resident(executor.weights, opts.weight_budget)
-    vocab = info["vocab"].get("input_ids")
-    if vocab is None:
-        raise UserError(f"{info['name']} has no embedding table of input_ids to serve")
-    info = {**info, "vocab_size": vocab}
+    info = {**info, "vocab_size": info["vocab"]["input_ids"]}
     light = executor.model
-    card = model_card(info, opts, comm.rank, executor.output_names)
+    layout = output_layout(light.graph.output, light.graph.input)
+    card = model_card(info, opts, comm.rank, executor.output_names, batching_rule(info, layout))
     with comm.tag("service"):
         shared = allgather_json(comm, [started.setup_s, int(started.setup.bytes), int(started.setup.rounds)])
     card["weights_shared"] = {  # paid once, at start-up (streamed weights are shared again by every batch)
         "seconds": round(max(s for s, _, _ in shared), 3), "bytes": sum(b for _, b, _ in shared), "rounds": shared[0][2],
         "streamed": executor.stream is not None, "resident": resident,
     }
-    layout = output_layout(light.graph.output, light.graph.input)
-    inbox = Inbox()
+    inbox = Inbox(keep_s=opts.query_wait_s)
     http = HttpThread(make_app(inbox, card, info["tokenizer"]), host, port, opts.tls_cert, opts.tls_key)
     agree_all(comm, http.start)
     stop = StopFlag()
@@ -564,10 +653,15 @@ def serve(comm: Communicator, opts: ServeOptions) -> dict | None:
                 time.sleep(TICK_S)
                 continue
             queries = [inbox.take(q) for q in batch]
-            if queries[0].generate is not None:
-                answered += run_generation(party, executor, info, queries[0])
-            else:
-                answered += run_batch(party, executor, info, queries, layout)
+            try:
+                if queries[0].generate is not None:
+                    answered += run_generation(party, executor, info, queries[0], lambda: still_serving(comm, stop))
+                else:
+                    answered += run_batch(party, executor, info, queries, layout)
+            except BaseException:  # the rank ends the service (launch.py); these clients hear why first
+                for query in queries:
+                    query.reply(500, {"error": "the service failed while running this query, and stops"})
+                raise
     finally:
         for query in inbox.drain():
             query.reply(503, {"error": "the service is stopping"})
@@ -620,9 +714,16 @@ def run_batch(party, executor, info: dict, queries: list[Query], layout: dict) -
     return len(queries)
 
 
-def run_generation(party, executor, info: dict, query: Query) -> int:
+def still_serving(comm: Communicator, stop: StopFlag) -> bool:
+    """Whether no rank has been told to stop (one exchange, untraced): a long generation asks every step."""
+    with comm.untraced(), comm.tag("service"):
+        return not any(allgather_json(comm, stop.signal is not None))
+
+
+def run_generation(party, executor, info: dict, query: Query, keep_going) -> int:
     """A generation query: its prompt's walk, then one walk per new token; each token goes to the client
-    as this rank's additive component of its id (a line of the streamed answer), as it comes."""
+    as this rank's additive component of its id (a line of the streamed answer), as it comes. It ends
+    early, with "stopped" in its last line, when the service is told to stop."""
     from .generation import generate_shared
 
     comm = party.comm
@@ -636,9 +737,10 @@ def run_generation(party, executor, info: dict, query: Query) -> int:
     began = time.perf_counter()
     params = query.generate
     steps = generate_shared(
-        party, executor, info, feeds, query.shape[1], params["max_new_tokens"], params["temperature"], emit
+        party, executor, info, feeds, query.shape[1], params["max_new_tokens"], params["temperature"], emit, keep_going
     )
-    query.reply(200, {"query": query.qid, "done": True, "batch": {
+    stopped = steps[-1].get("stopped", False)
+    query.reply(200, {"query": query.qid, "done": True, "stopped": stopped, "batch": {
         "queries": 1, "inputs": 1, "tokens": query.shape[1], "new_tokens": len(steps),
         "online_s": round(time.perf_counter() - began, 4), "bytes": int(sum(st["bytes"] for st in steps)),
         "rounds": int(sum(st["rounds"] for st in steps)), "steps": steps,

@@ -699,10 +699,12 @@ def start(
     client_input: Callable[[dict], tuple[dict, object]],
     check: Callable[[dict], None] | None = None,
     caches: bool = False,
+    check_model: Callable[[onnx.ModelProto, dict], None] | None = None,
 ) -> Started:
     """Setup up to the first walk: keys, the model (owner), its public parts, the client's input
     (`client_input(info)` -> (raw inputs, anything else), run on the client), the shared weights.
-    `check(info)` runs on every rank on the public model info and raises UserError alike everywhere.
+    `check(info)` runs on every rank on the public model info and raises UserError alike everywhere;
+    `check_model(graph, info)` likewise, with the graph skeleton (no weights) every rank holds.
     `caches`: the walks will cache the weights' forms beside resident weights when they fit
     (generation's `keep_resident`); the memory check counts them.
 
@@ -735,8 +737,11 @@ def start(
     light = broadcast_bytes(comm, light, OWNER)
     public = broadcast_json(comm, {"info": info, "manifest": manifest} if r == OWNER else None, OWNER)
     info, manifest = public["info"], public["manifest"]
+    graph = onnx.load_from_string(light)
     if check is not None:
         check(info)
+    if check_model is not None:
+        check_model(graph, info)
 
     taken = agree(
         comm, CLIENT, lambda: client_input(info),
@@ -744,7 +749,7 @@ def start(
     )
     raw, extra = taken if r == CLIENT else (None, None)
     feeds = make_feeds(comm, raw, info)
-    executor = Executor(party, onnx.load_from_string(light), {}, approx.lookup(info["approx"]), info["plan"])
+    executor = Executor(party, graph, {}, approx.lookup(info["approx"]), info["plan"])
     groups, starts = layer_groups(manifest, executor.first_use, lambda i: layer_of(executor.nodes[i].name))
     streamed = info["streamed"]
     hosts = gather_json(comm, {"host": os.uname().nodename, "available": _available_bytes()}, OWNER)

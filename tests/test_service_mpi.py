@@ -126,7 +126,7 @@ def rewritten(minilm, tmp_path_factory):
 @pytest.fixture(scope="module")
 def service(minilm, tmp_path_factory):
     tls = self_signed(tmp_path_factory.mktemp("tls"))
-    svc = Service(minilm, "--max-batch", "8", "--query-wait", "2", "--batch-window", "1.5", tls=tls)
+    svc = Service(minilm, "--max-batch", "8", "--query-wait", "2", "--batch-window", "4", tls=tls)
     svc.ca = str(tls[0])
     try:
         svc.wait_for(" serves ", 3, START_S)
@@ -223,7 +223,9 @@ def test_a_query_missing_on_one_rank_times_out_and_a_client_that_leaves_does_not
             client.run({"input_ids": np.array([[101, 102]])})
         client._http[2].post = real
         # A client that gives up at once: its query still runs, and nobody waits for it.
-        impatient = Client(service.servers, ca=service.ca, timeout=0.05)
+        impatient = Client(service.servers, ca=service.ca)
+        for http in impatient._http:
+            http.timeout = httpx.Timeout(0.05)
         with pytest.raises(httpx.TimeoutException):
             impatient.run({"input_ids": np.array([[101, 2023, 102]])})
         impatient.close()
@@ -247,11 +249,16 @@ def test_the_query_command_writes_the_outputs(service, reference, tmp_path):
     assert bad.returncode == 1 and "give --text" in bad.stderr
 
 
-def test_sigterm_stops_all_three_ranks_with_exit_code_0(service):
-    service.proc.send_signal(signal.SIGTERM)
-    assert service.proc.wait(timeout=30) == 0, "".join(service.lines)[-3000:]
-    service._reader.join(timeout=5)
-    assert sum("stopped after" in line for line in service.lines) == 3
+def test_sigterm_stops_all_three_ranks_with_exit_code_0(minilm):
+    svc = Service(minilm)
+    try:
+        svc.wait_for(" serves ", 3, START_S)
+        svc.proc.send_signal(signal.SIGTERM)
+        assert svc.proc.wait(timeout=30) == 0, "".join(svc.lines)[-3000:]
+        svc._reader.join(timeout=5)
+        assert sum("stopped after 0 queries" in line for line in svc.lines) == 3
+    finally:
+        svc.kill()
 
 
 def test_a_rank_that_dies_ends_the_service_with_an_error(minilm):

@@ -19,7 +19,7 @@ from .test_session import run_threads
 NEW = 6
 
 
-def served(folder, ids, new=NEW, temperature=None):
+def served(folder, ids, new=NEW, temperature=None, keep_going=None):
     """Each rank's (token components by step, steps) of generate_shared on the prompt `ids` (1, S)."""
     def prog(comm, opts):
         started = start(comm, opts, lambda info: ({}, None), caches=True)
@@ -33,7 +33,9 @@ def served(folder, ids, new=NEW, temperature=None):
         def emit(step, index):
             tokens.append(index.first + started.party.zero_share(index.shape))
 
-        steps = generate_shared(started.party, started.executor, info, feeds, ids.shape[1], new, temperature, emit)
+        steps = generate_shared(
+            started.party, started.executor, info, feeds, ids.shape[1], new, temperature, emit, keep_going
+        )
         return tokens, steps
 
     results, errors = run_threads([RunOptions(model=str(folder), progress=False)] * 3, prog)
@@ -70,3 +72,18 @@ def test_the_ranks_stop_at_the_end_of_sequence_token(decoders, tmp_path):  # noq
     results = served(model, ids)
     cut = greedy.index(stop) + 1
     assert ids_of(results) == greedy[:cut] and len(results[0][1]) == cut
+
+
+def test_a_stop_between_steps_ends_the_generation_early(decoders):  # noqa: F811
+    folder = decoders("gpt2")
+    ids = np.random.default_rng(7).integers(3, 1000, size=(1, 5), dtype=np.int64)
+    asked = []
+
+    def keep_going():  # every rank asks after each step; the second time, the service is stopping
+        asked.append(1)
+        return len(asked) <= 3
+
+    results = served(folder, ids, keep_going=keep_going)
+    want, _ = plaintext_generation(folder / REWRITTEN_FILE, ids, NEW)
+    assert ids_of(results) == want[:2]
+    assert all(len(steps) == 2 and steps[-1]["stopped"] for _, steps in results)
