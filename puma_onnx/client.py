@@ -30,7 +30,10 @@ from puma_onnx.runtime.onehot import split
 RANKS = 3
 API = "/v1"
 # What the three ranks' model cards must agree on.
-MODEL_KEYS = ("name", "decoder", "inputs", "outputs", "vocab_size", "max_positions", "max_batch", "frac_bits", "padding_side")
+MODEL_KEYS = (
+    "name", "decoder", "inputs", "outputs", "vocab_size", "max_positions", "max_batch", "frac_bits", "padding_side",
+    "batching", "generates", "max_new_tokens",
+)
 
 
 class ServiceError(RuntimeError):
@@ -69,6 +72,8 @@ class Client:
             servers = [s for s in servers.split(",") if s]
         if len(servers) == 1 and "://" not in servers[0]:
             host, _, port = servers[0].rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"{servers[0]!r} is not HOST:PORT")
             servers = [f"{host}:{int(port) + i}" for i in range(RANKS)]
         if len(servers) != RANKS:
             raise ValueError(f"a service has {RANKS} ranks: give {RANKS} addresses (or one, rank 0's), got {len(servers)}")
