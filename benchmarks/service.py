@@ -29,26 +29,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from end_to_end import MPIEXEC, ROOT, export  # noqa: E402
+from end_to_end import MPIEXEC, ROOT, export, plaintext  # noqa: E402
 
 PORT = 8700
-
-
-def plaintext_s(folder: Path, ids: np.ndarray) -> float:
-    """onnxruntime on the original export, this batch: median of 3 runs after a warm-up."""
-    import onnxruntime as ort
-
-    from puma_onnx.runtime.session import model_feeds
-
-    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-    feeds = model_feeds([i.name for i in session.get_inputs()], ids)
-    session.run(None, feeds)
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def start_service(folder: Path, max_batch: int, window: float) -> tuple[subprocess.Popen, list[str]]:
@@ -95,7 +78,7 @@ def bench(name: str, out: Path, batches: list[int], tokens: int, repeats: int, w
             for b in batches:
                 ids = rng.integers(0, vocab, (b, tokens))
                 upload = 16 * ids.size * vocab
-                plain = plaintext_s(folder, ids)
+                plain = plaintext(folder, ids)[1]
                 for _ in range(repeats):
                     began = time.perf_counter()
                     answer = client.query({"input_ids": ids})
@@ -103,7 +86,7 @@ def bench(name: str, out: Path, batches: list[int], tokens: int, repeats: int, w
                     print(json.dumps(rows[-1]), flush=True)
             b = max(batches)
             ids = rng.integers(0, vocab, (b, tokens))
-            plain = plaintext_s(folder, ids)
+            plain = plaintext(folder, ids)[1]
             began = time.perf_counter()
             with ThreadPoolExecutor(b) as pool:
                 answers = list(pool.map(lambda i: client.query({"input_ids": ids[i : i + 1]}), range(b)))

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from puma_onnx.runtime.onehot import split
+from puma_onnx.runtime.padding import pad_encodings
 
 RANKS = 3
 API = "/v1"
@@ -145,12 +146,8 @@ class Client:
         rows = [self.tokenizer.encode(t) for t in texts]
         if any(not r.ids for r in rows):
             raise ValueError("a text has no tokens")
-        width = max(len(r.ids) for r in rows)
-        out = np.zeros((3, len(rows), width), np.int64)
-        for b, r in enumerate(rows):
-            at = slice(width - len(r.ids), width) if self.model["padding_side"] == "left" else slice(0, len(r.ids))
-            out[:, b, at] = [r.ids, r.attention_mask, r.type_ids]
-        return {"input_ids": out[0], "attention_mask": out[1], "token_type_ids": out[2]}
+        ids, mask, types = pad_encodings(rows, left=self.model["padding_side"] == "left")
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
     def _check(self, feeds: dict) -> dict[str, np.ndarray]:
         unknown = set(feeds) - {"input_ids", "attention_mask", "token_type_ids"}

@@ -26,10 +26,14 @@ from .session import CLIENT, RunOptions, UserError, run  # noqa: E402
 RANKS = 3
 
 
-def error(message: str) -> None:
-    """One line in a single write, so that the ranks' lines do not interleave."""
+def say(line: str) -> None:
+    """One line on stderr in a single write, so that the ranks' lines do not interleave."""
     sys.stderr.flush()
-    os.write(2, f"puma-onnx: error: {message}\n".encode(errors="backslashreplace"))
+    os.write(2, f"puma-onnx: {line}\n".encode(errors="backslashreplace"))
+
+
+def error(message: str) -> None:
+    say(f"error: {message}")
 
 
 def launch(opts: RunOptions, command: str = "run") -> int:

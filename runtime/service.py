@@ -36,11 +36,12 @@ import onnx
 from . import network
 from .comm import Communicator
 from .executor import PRESENT_PREFIX
-from .kernels import FLAT_ORDER, Context, Scaled, SharedIds, Unscaled
+from .kernels import FLAT_ORDER, SharedIds
 from .onehot import DENSE, SEEDED, OneHotShare, Piece, check_piece, held
-from .session import MAX_TOKENS, RunOptions, UserError, empty_cache, model_feeds, start
+from .launch import say
+from .session import MAX_TOKENS, RunOptions, UserError, _is_int, answer_share, empty_cache, model_feeds, start
 from .shares import AShare
-from .weights import WeightShare, keep_resident
+from .weights import keep_resident
 from .wire import allgather_json
 
 TICK_S = 0.02
@@ -98,10 +99,6 @@ class Query:
     emit: object = None  # callable(body): one streamed line of a generation, thread-safe
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _public_part(meta: dict, shape: tuple[int, int]) -> dict[str, np.ndarray]:
     """attention_mask (default ones) and token_type_ids (default zeros): (B, S) arrays of JSON 0 and 1."""
     out = {}
@@ -112,7 +109,7 @@ def _public_part(meta: dict, shape: tuple[int, int]) -> dict[str, np.ndarray]:
         value = np.array(meta[name], dtype=object)
         if value.shape != shape:
             raise ValueError(f"{name} has shape {list(value.shape)}, the ids {list(shape)}")
-        if not all(_is_int(v) and v in (0, 1) for v in value.reshape(-1)):
+        if not all(_is_int(v, 0) and v <= 1 for v in value.reshape(-1)):
             raise ValueError(f"{name} must hold the integers 0 and 1 only")
         out[name] = value.astype(np.int64)
     if not out["attention_mask"].any(axis=1).all():
@@ -130,7 +127,7 @@ def _generation(meta: dict, model: dict, shape: tuple[int, int], mask: np.ndarra
     if not model["generates"]:
         raise ValueError(f"{model['name']} was exported without its key/value cache: it cannot generate here")
     n, temperature = params.get("max_new_tokens"), params.get("temperature")
-    if not _is_int(n) or not 1 <= n <= model["max_new_tokens"]:
+    if not _is_int(n, 1) or n > model["max_new_tokens"]:
         raise ValueError(f"max_new_tokens must be an integer in [1, {model['max_new_tokens']}] (serve --max-new-tokens)")
     if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
                                     or not 0.01 <= temperature <= 100):
@@ -166,7 +163,7 @@ def parse_query(meta, share: bytes | None, rank: int, model: dict, generate: boo
     if not isinstance(ids, dict):
         raise ValueError("input_ids must be an object with shape and seeds")
     shape = ids.get("shape")
-    if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(d) and d >= 1 for d in shape)):
+    if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(d, 1) for d in shape)):
         raise ValueError("input_ids.shape must be [B, S] with integers B, S >= 1")
     batch, length = shape
     if batch > model["max_batch"]:
@@ -330,24 +327,17 @@ def batch_feeds(info: dict, queries: list[Query]) -> tuple[dict, list[tuple[int,
 def output_components(party, outputs: dict) -> dict[str, dict]:
     """Each graph output as this rank's additive component (its first share component plus a fresh
     zero-sharing, so the three sum to the value and reveal nothing else) and the public scale that
-    turns the ring value into the answer; a public output as it is. The cache (present.*) stays."""
+    turns the ring value into the answer (`answer_share`); a public output as it is. The cache
+    (present.*) stays."""
     out = {}
     for name, value in outputs.items():
         if name.startswith(PRESENT_PREFIX):
             continue
-        scale = 2.0 ** -party.fxp.frac_bits
-        if isinstance(value, Unscaled):
-            value, scale = value.share, 2.0 ** -(party.fxp.frac_bits + value.bits)
-        elif isinstance(value, Scaled):
-            value, scale = value.share, value.factor * scale
-        elif isinstance(value, WeightShare):
-            value = Context(party).secret(value)
-        if isinstance(value, AShare):
-            out[name] = {"component": value.first + party.zero_share(value.shape), "scale": scale}
-        elif isinstance(value, np.ndarray):
-            out[name] = {"value": value}
+        share, scale = answer_share(party, name, value)
+        if share is None:
+            out[name] = {"value": scale}
         else:
-            raise UserError(f"output {name!r} is a client input passed through; nothing to compute")
+            out[name] = {"component": share.first + party.zero_share(share.shape), "scale": scale}
     return out
 
 
@@ -668,12 +658,6 @@ def serve(comm: Communicator, opts: ServeOptions) -> dict | None:
         http.stop()
     say(f"rank {comm.rank} stopped after {answered} queries")
     return None
-
-
-def say(line: str) -> None:
-    """One line on stderr in a single write, so that the ranks' lines do not interleave."""
-    sys.stderr.flush()
-    os.write(2, f"puma-onnx: {line}\n".encode(errors="backslashreplace"))
 
 
 def agree_all(comm: Communicator, step) -> None:

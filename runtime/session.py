@@ -41,7 +41,8 @@ from puma_onnx.passes.secrecy import PUBLIC_INPUTS
 from . import approx, arith, network
 from .comm import Communicator, Cost
 from .executor import PRESENT_PREFIX, Executor, layer_of, parse_nodes, unsupported
-from .kernels import FLAT_ORDER, Context, Private, Scaled, Unscaled
+from .kernels import FLAT_ORDER, Context, Private, Scaled, Unscaled, is_secret
+from .padding import pad_encodings
 from .party import DEFAULT_MSB_BITS, Party
 from .positions import position_limit
 from .ranges import RANGE_KEYS, RangeError, plan_kernels
@@ -415,12 +416,7 @@ def _tokenize(opts: RunOptions, info: dict, limit: int, allows: str):
     tokenizer.no_padding()
     tokenizer.no_truncation()
     rows = [_encode(tokenizer, text, opts.truncate, limit, allows) for text in texts]
-    width = max(len(r.ids) for r in rows)
-    out = np.zeros((3, len(rows), width), dtype=np.int64)  # ids, mask, token types
-    for b, r in enumerate(rows):
-        at = slice(width - len(r.ids), width) if info.get("decoder") else slice(0, len(r.ids))
-        out[:, b, at] = [r.ids, r.attention_mask, r.type_ids]
-    return out[0], out[1], out[2]
+    return pad_encodings(rows, left=bool(info.get("decoder")))
 
 
 def _encode(tokenizer, text: str, truncate: bool, limit: int, allows: str):
@@ -612,33 +608,42 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def answer_share(party: Party, name: str, value) -> tuple[AShare | None, float | np.ndarray]:
+    """A graph output as (its share, the public scale that turns the ring value, read as int64, into the
+    answer), or (None, the value) when it is public. An untruncated product, or a secret times a public
+    factor, stays as it is and the scale carries the rest: no probabilistic truncation's rounding comes
+    between the answer and the client (`kernels.Unscaled`)."""
+    scale = 2.0 ** -party.fxp.frac_bits
+    if isinstance(value, Unscaled):
+        return value.share, 2.0 ** -(party.fxp.frac_bits + value.bits)
+    if isinstance(value, Scaled):
+        return value.share, value.factor * scale
+    if isinstance(value, WeightShare):
+        return Context(party).secret(value), scale
+    if isinstance(value, AShare):
+        return value, scale
+    if is_secret(value):  # the client's own ids passed through
+        raise UserError(f"output {name!r} is a private input passed through; nothing to compute")
+    return None, np.asarray(value)
+
+
 def reveal_outputs(party: Party, outputs: dict) -> dict[str, np.ndarray]:
-    """The graph outputs, opened to the client only (decoded there). A decoder's key/value cache
-    (present.*) is not an answer: it stays secret (opening it would show intermediate activations).
-    An untruncated product, or a secret times a public factor, opens as it is and the client rescales:
-    no probabilistic truncation's rounding comes between the answer and the client."""
+    """The graph outputs, opened to the client only (decoded there, `answer_share`). A decoder's
+    key/value cache (present.*) is not an answer: it stays secret (opening it would show intermediate
+    activations)."""
     opened = {}
     with party.comm.tag("reveal_outputs"):
         for name, value in outputs.items():
             if name.startswith(PRESENT_PREFIX):
                 continue
-            if isinstance(value, (Unscaled, Scaled)):  # the client rescales in the clear (`kernels.Unscaled`)
-                bits, factor = (value.bits, 1.0) if isinstance(value, Unscaled) else (0, value.factor)
-                ring = arith.reveal(party, value.share, to=CLIENT)
+            share, scale = answer_share(party, name, value)
+            if share is None:
                 if party.rank == CLIENT:
-                    scale = factor / 2.0 ** (party.fxp.frac_bits + bits)
-                    opened[name] = (ring.view(np.int64).astype(np.float64) * scale).astype(np.float32)
+                    opened[name] = scale
                 continue
-            if isinstance(value, WeightShare):
-                value = Context(party).secret(value)
-            if isinstance(value, AShare):
-                ring = arith.reveal(party, value, to=CLIENT)
-                if party.rank == CLIENT:
-                    opened[name] = party.fxp.decode(ring).astype(np.float32)
-            elif isinstance(value, Private):
-                raise UserError(f"output {name!r} is a private input passed through; nothing to compute")
-            elif party.rank == CLIENT:
-                opened[name] = np.asarray(value)
+            ring = arith.reveal(party, share, to=CLIENT)
+            if party.rank == CLIENT:
+                opened[name] = (ring.view(np.int64).astype(np.float64) * scale).astype(np.float32)
     return opened
 
 
