@@ -1,7 +1,8 @@
 """Secure three-party runtime: replicated secret sharing over Z_2^64 (ABY3 / PUMA).
 
 Layers, each using only those above it (the protocols never import ONNX):
-  ring       Z_2^64, FixedPoint encode/decode, exact ring_matmul through float64 BLAS limbs
+  byte_limbs exact products in Z_2^64 as int8 GEMMs of byte limbs (onnxruntime's MatMulInteger, VNNI)
+  ring       Z_2^64, FixedPoint encode/decode, exact ring_matmul through byte limbs or float64 BLAS limbs
   prg        AES-CTR correlated randomness
   comm       Communicator (ThreadComm for tests, MPIComm), cost counters, run_parties
   party      a rank: communicator, fixed point, pairwise keys, zero-sharings

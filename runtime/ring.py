@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import byte_limbs
+
 RING_BITS = 64
 
 
@@ -80,6 +82,10 @@ _MAX_B_ELEMENTS = 2**22
 # 19 / 25, 48 rows 28 / 31, 56 rows 32 / 34, 64 rows 40 / 38, 128 rows 80 / 63 ms (576 x 1536, 1536 x 576,
 # 768 x 768 and 3072 x 768 cross between 56 and 64 rows too).
 DIRECT_ROWS = 48
+# ... and against byte limbs (768 x 2304, both operands' limbs made per call): DIRECT_ROWS_BYTES.
+DIRECT_ROWS_BYTES = 12
+# Off: float64 limbs even where byte limbs are exact (tests compare the two).
+BYTE_LIMBS = True
 
 
 def _limbs(x: np.ndarray) -> np.ndarray:
@@ -133,9 +139,9 @@ def _chunked(kernel, max_k: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def ring_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Exact a @ b mod 2^64 for uint64 operands, with np.matmul's broadcasting and 1-D rules.
 
-    Uses 22-bit limbs (6 limb products in 3 BLAS calls) on pieces of the inner dimension
-    short enough to be exact in float64, summed in the ring; numpy's uint64 einsum for at most
-    DIRECT_ROWS rows.
+    Byte limbs through int8 GEMMs (`byte_limbs`) where onnxruntime's MatMulInteger is exact, else
+    22-bit limbs (6 limb products in 3 float64 BLAS calls) on pieces of the inner dimension short enough
+    to be exact, summed in the ring; numpy's uint64 einsum for few rows (`direct_rows`).
     """
     a = np.asarray(a, dtype=np.uint64)
     b = np.asarray(b, dtype=np.uint64)
@@ -147,16 +153,16 @@ def ring_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return ring_matmul(a, b[:, None])[..., 0]
     if a.shape[-1] != b.shape[-2]:
         raise ValueError(f"ring_matmul: inner dimensions differ, {a.shape} @ {b.shape}")
-    if a.shape[-2] <= DIRECT_ROWS:
+    bytes_ = BYTE_LIMBS and byte_limbs.available()
+    if a.shape[-2] <= (DIRECT_ROWS_BYTES if bytes_ else DIRECT_ROWS):
         # Few rows (a generation step's one token, a short prompt): splitting b into limbs costs more than
         # numpy's einsum loop on uint64, which wraps mod 2^64 exactly (np.matmul's is 3-20x slower still).
         return np.einsum("...mk,...kn->...mn", a, b)
+    kernel = byte_limbs.matmul if bytes_ else (lambda x, y: _chunked(_matmul_limbs, _MAX_K, x, y))
     n = b.shape[-1]
-    step = max(1, _MAX_B_ELEMENTS // min(b.shape[-2], _MAX_K))
+    step = max(1, _MAX_B_ELEMENTS // min(b.shape[-2], byte_limbs.MAX_K if bytes_ else _MAX_K))
     if n <= step:
-        return _chunked(_matmul_limbs, _MAX_K, a, b)
+        return kernel(a, b)
     # A wide right operand (GPT-2's 768 x 50257 output projection) goes in column blocks,
-    # so the float64 limbs of b never take more than a few tens of MB.
-    return np.concatenate(
-        [_chunked(_matmul_limbs, _MAX_K, a, b[..., lo : lo + step]) for lo in range(0, n, step)], axis=-1
-    )
+    # so its limbs never take more than a few tens of MB.
+    return np.concatenate([kernel(a, b[..., lo : lo + step]) for lo in range(0, n, step)], axis=-1)
