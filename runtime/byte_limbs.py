@@ -1,20 +1,22 @@
 """Exact products in Z_2^64 from int8 GEMMs: byte limbs through onnxruntime's MatMulInteger.
 
-A word is the sum of its bytes, a = sum_i a_i 2^(8i), so a b mod 2^64 = sum_{s<8} 2^(8s) sum_{i+j=s} a_i b_j:
-36 byte-limb products (pairs with i + j >= 8 vanish). MatMulInteger multiplies uint8 by int8 into int32,
-which VNNI (VPDPBUSD) does at 10-20x the speed of a float64 GEMM. Two layouts make the 36 products
-8 GEMM calls with no combining of partial products in numpy:
-  - the right operand's limbs stacked along its inner axis, [B_0; B_1; ...; B_7] (k rows each), made
-    signed as b_j - 128 (one xor of the word with 0x80..80): the prefix [B_0; ...; B_s] is a contiguous
-    row block;
+MatMulInteger multiplies uint8 by int8 into int32, which VNNI (VPDPBUSD) does at 10-20x the speed of a
+float64 GEMM. The left operand is cut into its 8 unsigned bytes, a = sum_i a_i 2^(8i); the right one into
+balanced digits b = sum_j d_j 2^(8j) mod 2^64, d_j in [-128, 127]: the bytes of b + C, C = 0x80..80, less
+128 each (one add and one xor of the word). Then a b = sum_{s<8} 2^(8s) sum_{i+j=s} a_i d_j mod 2^64: 36
+limb products (pairs with i + j >= 8 vanish), and fewer when b is small. A b in [-C_J, 2^(8J) - C_J)
+(C_J the J low bytes of C; a weight on its owner, |W| 2^f < 2^23: J = 3) has zero digits from J on:
+8 + 7 + ... pairs with j < J, 21 for J = 3.
+Two layouts make the products 8 GEMM calls, one per s, with no combining of partial products in numpy:
+  - the right operand's digits stacked along its inner axis, [D_0; D_1; ...; D_7] (k rows each): the prefix
+    [D_0; ...; D_m] is a contiguous row block;
   - the left operand's limbs side by side in reverse, [A_7 | ... | A_0] (a byteswap before the limb
-    transpose): the suffix [A_s | ... | A_0] meets that prefix so that one GEMM sums every pair i + j = s.
-  - the signed offset comes back as 128 sum_{i<=s} rowsum(A_i) per output row (one small vector).
-Exactness: each product |a_i (b_j - 128)| <= 255 * 128, and a sum over (s + 1) k <= 8 k terms stays below
-2^31 for k <= MAX_K = 8192; longer inner axes are cut into pieces summed in the ring. (Only the sums with
-s < 4 must be exact: a wrap by 2^32 at 2^(8s), s >= 4, vanishes mod 2^64. The bound keeps them all exact.) A CPU whose
-MatMulInteger saturates (AVX2 without VNNI pairs products in int16) fails the probe in `available`, and
-`ring.ring_matmul` then keeps its float64 limbs.
+    transpose): the block [A_s | ... | A_{s-m}] meets that prefix so that one GEMM sums every pair i + j = s.
+Exactness: each product |a_i d_j| <= 255 * 128, and a sum over at most 8 k terms stays below 2^31 for
+k <= MAX_K = 8192; longer inner axes are cut into pieces summed in the ring. (Only the sums with s < 4
+must be exact: a wrap by 2^32 at 2^(8s), s >= 4, vanishes mod 2^64. The bound keeps them all exact.)
+A CPU whose MatMulInteger saturates (AVX2 without VNNI pairs products in int16) fails the probe in
+`available`, and `ring.ring_matmul` then keeps its float64 limbs.
 The byte transposes run as onnxruntime Transpose ops (4x numpy's strided copies).
 
 Measured here (one thread, 2026-11-30), against ring.py's 6 float64 limb GEMMs, including the
@@ -27,8 +29,10 @@ from __future__ import annotations
 import numpy as np
 
 MAX_K = 8192
-_SIGN = np.uint64(0x8080808080808080)
+_C = np.uint64(0x8080808080808080)
 _SHIFTS = np.arange(8, dtype=np.uint64) * np.uint64(8)
+# C_J: the J low bytes of C, J = 1..8.
+_C_LOW = [int(0x80 * (256**j - 1) // 255) for j in range(9)]
 
 _sessions: dict | None = None
 _exact: bool | None = None
@@ -72,10 +76,9 @@ def available() -> bool:
         rng = np.random.default_rng(0)
         k = 64
         a = np.concatenate([np.full((2, k), 2**64 - 1, np.uint64), rng.integers(0, 2**64, (3, k), dtype=np.uint64)])
-        # Bytes 0x00 (b - 128 = -128) next to 0xff: the pairs VPMADDUBSW would saturate.
-        b = np.concatenate([np.zeros((k, 1), np.uint64), np.full((k, 1), 2**64 - 1, np.uint64),
-                            np.full((k, 1), 0x00FF00FF00FF00FF, np.uint64), rng.integers(0, 2**64, (k, 2), dtype=np.uint64)],
-                           axis=1)
+        # Digits -128 (b = -C) and 127 next to each other: the pairs VPMADDUBSW would saturate.
+        b = np.array([[(-int(_C)) % 2**64, 0x7F7F7F7F7F7F7F7F, 0x7F807F807F807F80, 2**64 - 1, 0]], np.uint64)
+        b = np.concatenate([np.repeat(b, k, axis=0), rng.integers(0, 2**64, (k, 2), dtype=np.uint64)], axis=1)
         _exact = bool(np.array_equal(matmul(a, b), np.einsum("mk,kn->mn", a, b)))
     return _exact
 
@@ -85,13 +88,24 @@ def _transpose(x: np.ndarray) -> np.ndarray:
     return _sessions["transpose"].run(None, {"A": np.ascontiguousarray(x)})[0]
 
 
-def right_limbs(b: np.ndarray) -> np.ndarray:
-    """b (batch, k, n) uint64 -> (batch, 8 k, n) int8: [B_0; ...; B_7], each limb minus 128."""
+def digit_count(b: np.ndarray) -> int:
+    """How many balanced byte digits b needs: the least J with every b (two's complement) in
+    [-C_J, 2^(8J) - C_J); 8 for a random share."""
+    if b.size == 0:
+        return 1
+    signed = b.view(np.int64)
+    lo, hi = int(signed.min()), int(signed.max())
+    return next((j for j in range(1, 8) if -_C_LOW[j] <= lo and hi < 256**j - _C_LOW[j]), 8)
+
+
+def right_limbs(b: np.ndarray, digits: int = 8) -> np.ndarray:
+    """b (batch, k, n) uint64 -> (batch, digits k, n) int8: its balanced digits [D_0; ...; D_{digits-1}]."""
     batch, k, n = b.shape
-    signed = np.empty(b.shape, np.uint64)  # C order whatever b's layout (a transposed weight)
-    np.bitwise_xor(b, _SIGN, out=signed)
-    limbs = _transpose(signed.view(np.uint8).reshape(batch, k * n, 8))  # (batch, 8, k n)
-    return limbs.view(np.int8).reshape(batch, 8 * k, n)
+    offset = np.empty(b.shape, np.uint64)  # C order whatever b's layout (a transposed weight)
+    np.add(b, _C, out=offset)
+    np.bitwise_xor(offset, _C, out=offset)
+    limbs = _transpose(offset.view(np.uint8).reshape(batch, k * n, 8))  # (batch, 8, k n)
+    return limbs[:, :digits].view(np.int8).reshape(batch, digits * k, n)
 
 
 def left_limbs(a: np.ndarray) -> np.ndarray:
@@ -102,21 +116,18 @@ def left_limbs(a: np.ndarray) -> np.ndarray:
     return _transpose(swapped.view(np.uint8).reshape(rows, k, 8)).reshape(rows, 8 * k)
 
 
-def _matmul_piece(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a (batch, m, k) @ b (batch, k, n) mod 2^64 for k <= MAX_K, both uint64."""
+def _matmul_piece(a: np.ndarray, b: np.ndarray, digits: int) -> np.ndarray:
+    """a (batch, m, k) @ b (batch, k, n) mod 2^64 for k <= MAX_K, both uint64, b of `digits` digits."""
     batch, m, k = a.shape
     n = b.shape[-1]
     left = left_limbs(a.reshape(batch * m, k)).reshape(batch, m, 8 * k)
-    right = right_limbs(b)
-    # Row sums of A_i, i = 7..0, then the offset 128 sum_{i<=s} rowsum(A_i) at 2^(8s), summed over s.
-    sums = left.reshape(batch, m, 8, k).sum(axis=-1, dtype=np.uint64)[..., ::-1]
-    offset = (np.cumsum(sums, axis=-1, dtype=np.uint64) * np.uint64(128) << _SHIFTS).sum(
-        axis=-1, dtype=np.uint64)
-    out = np.empty((batch, m, n), np.uint64)
-    out[...] = offset[..., None]
+    right = right_limbs(b, digits)
+    out = np.zeros((batch, m, n), np.uint64)
     gemm = _sessions["gemm"]
     for s in range(8):
-        c = gemm.run(None, {"A": np.ascontiguousarray(left[..., (7 - s) * k :]), "B": right[:, : (s + 1) * k]})[0]
+        top = min(s, digits - 1)  # pairs (s - j, j), j = 0..top: A_s .. A_{s-top} against D_0 .. D_top
+        c = gemm.run(None, {"A": np.ascontiguousarray(left[..., (7 - s) * k : (8 - s + top) * k]),
+                            "B": right[:, : (top + 1) * k]})[0]
         out += c.astype(np.int64).view(np.uint64) << _SHIFTS[s]
     return out
 
@@ -133,8 +144,9 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         lead = shape + a.shape[-2:-1]
         a3 = np.broadcast_to(a, shape + a.shape[-2:]).reshape(-1, *a.shape[-2:])
         b3 = np.broadcast_to(b, shape + b.shape[-2:]).reshape(-1, *b.shape[-2:])
+    digits = digit_count(b)
     out = None
     for lo in range(0, k, MAX_K):
-        part = _matmul_piece(a3[..., lo : lo + MAX_K], b3[:, lo : lo + MAX_K])
+        part = _matmul_piece(a3[..., lo : lo + MAX_K], b3[:, lo : lo + MAX_K], digits)
         out = part if out is None else out + part
     return out.reshape(lead + (b.shape[-1],))

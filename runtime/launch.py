@@ -36,9 +36,31 @@ def error(message: str) -> None:
     say(f"error: {message}")
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse instead of returning it to the kernel.
+
+    The protocols allocate and free tens of MB per step; by default glibc maps each block over 128 KB
+    afresh and unmaps it on free, so every temporary pays the kernel's page faults and zeroing again
+    (0.4 ms per MB here). Blocks up to 32 MB (glibc's largest mmap threshold) now come from the heap,
+    which is trimmed only beyond 256 MB of free space at its top. Returns whether glibc took both settings
+    (False where mallopt is absent: nothing changes).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return mallopt(m_mmap_threshold, 32 << 20) == 1 and mallopt(m_trim_threshold, 256 << 20) == 1
+
+
 def launch(opts: RunOptions, command: str = "run") -> int:
     """Run this rank's part of `command` (run, generate or serve); returns the exit code. An unexpected error
     aborts the whole MPI job."""
+    keep_freed_memory()
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD

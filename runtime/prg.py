@@ -15,6 +15,9 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 SEED_BYTES = 16
+# Key stream is made this many bytes at a time from a shared, read-only buffer of zeros.
+_PIECE = 1 << 20
+_ZEROS = memoryview(bytes(_PIECE))
 
 
 def new_seed() -> bytes:
@@ -32,11 +35,15 @@ class PRG:
         self._enc = Cipher(algorithms.AES(seed), modes.CTR(nonce)).encryptor()
 
     def _stream(self, nbytes: int) -> np.ndarray:
-        # A fresh bytearray is zeros: encrypting it in place (OpenSSL allows in == out)
-        # yields the key stream without a second buffer. update_into wants a block of slack.
-        out = bytearray(nbytes + 15)
-        self._enc.update_into(memoryview(out)[:nbytes], out)
-        return np.frombuffer(out, dtype=np.uint8, count=nbytes)
+        # The key stream is CTR's encryption of zeros: read them from one shared zero buffer, piece by
+        # piece, into a fresh uninitialised array (a zeroed bytearray per call cost a pass of its own).
+        # update_into wants a block of slack beyond each piece.
+        out = np.empty(nbytes + 15, dtype=np.uint8)
+        view = memoryview(out)
+        for lo in range(0, nbytes, _PIECE):
+            hi = min(lo + _PIECE, nbytes)
+            self._enc.update_into(_ZEROS[: hi - lo], view[lo : hi + 15])
+        return out[:nbytes]
 
     def words(self, shape, dtype=np.uint64) -> np.ndarray:
         """Uniform integers of an unsigned dtype, freshly drawn (a writable array)."""

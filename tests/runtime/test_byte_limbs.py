@@ -36,15 +36,45 @@ def test_transposed_operands_are_read_as_their_values():
     assert np.array_equal(byte_limbs.matmul(c.T[:, ::2], b.T[::2]), c.T[:, ::2] @ b.T[::2])
 
 
+ALL_DIGITS_MIN = 0x7F7F7F7F7F7F7F80  # -C mod 2^64: every balanced digit -128
+ALL_DIGITS_MAX = 0x7F7F7F7F7F7F7F7F  # every digit 127
+
+
 @needs_exact_gemm
-@pytest.mark.parametrize("b_word", [0, 2**64 - 1, 0x00FF00FF00FF00FF])
+@pytest.mark.parametrize("b_word", [ALL_DIGITS_MIN, ALL_DIGITS_MAX, 0x7F807F807F807F80, 0, 2**64 - 1])
 def test_exact_at_the_int32_edge_of_the_longest_piece(b_word):
-    # Bytes 0xff against bytes 0x00 (b - 128 = -128): a sum of 8 MAX_K products of -255 * 128 is -2^31 + 8 Mi,
-    # the most negative any int32 accumulator sees; 0xff against 0xff is the largest positive one.
+    # Bytes 0xff against digits -128: a sum of 8 MAX_K products of -255 * 128 is -2^31 + 8 Mi, the most
+    # negative any int32 accumulator sees; against digits 127 the largest positive one.
     k = byte_limbs.MAX_K
     a = np.full((3, k), 2**64 - 1, dtype=np.uint64)
     b = np.full((k, 2), b_word, dtype=np.uint64)
     assert np.array_equal(byte_limbs.matmul(a, b), np.einsum("mk,kn->mn", a, b))
+
+
+@pytest.mark.parametrize("digits", range(1, 8))
+def test_digit_count_at_the_ends_of_each_range(digits):
+    c = int(0x80 * (256**digits - 1) // 255)  # the J low bytes of 0x80..80
+    lo, hi = -c, 256**digits - c - 1
+    words = lambda *v: np.array(v, dtype=np.int64).view(np.uint64)  # noqa: E731
+    assert byte_limbs.digit_count(words(lo, hi)) == digits
+    assert byte_limbs.digit_count(words(lo - 1, 0)) == digits + 1
+    assert byte_limbs.digit_count(words(0, hi + 1)) == digits + 1
+
+
+@needs_exact_gemm
+@pytest.mark.parametrize("digits", [1, 2, 3, 5, 7])
+def test_small_right_operands_use_fewer_digits_and_stay_exact(digits, monkeypatch):
+    c = int(0x80 * (256**digits - 1) // 255)
+    b = rng.integers(-c, 256**digits - c, size=(40, 9), dtype=np.int64)
+    b[0, :2] = -c, 256**digits - c - 1  # both ends
+    b = b.view(np.uint64)
+    a = np.full((5, 40), 2**64 - 1, dtype=np.uint64)
+    a[1:] = rand_u64(4, 40)
+    used = []
+    real = byte_limbs.right_limbs
+    monkeypatch.setattr(byte_limbs, "right_limbs", lambda x, d=8: used.append(d) or real(x, d))
+    assert np.array_equal(byte_limbs.matmul(a, b), np.einsum("mk,kn->mn", a, b))
+    assert used == [digits]
 
 
 @needs_exact_gemm
@@ -52,7 +82,7 @@ def test_an_inner_axis_past_one_piece_is_summed_over_pieces():
     a, b = rand_u64(4, byte_limbs.MAX_K + 5), rand_u64(byte_limbs.MAX_K + 5, 3)
     assert np.array_equal(byte_limbs.matmul(a, b), np.einsum("mk,kn->mn", a, b))
     a = np.full((2, byte_limbs.MAX_K + 1), 2**64 - 1, dtype=np.uint64)
-    b = np.zeros((byte_limbs.MAX_K + 1, 1), dtype=np.uint64) - np.uint64(0x7F7F7F7F7F7F7F80)
+    b = np.full((byte_limbs.MAX_K + 1, 1), ALL_DIGITS_MIN, dtype=np.uint64)
     assert np.array_equal(byte_limbs.matmul(a, b), np.einsum("mk,kn->mn", a, b))
 
 
