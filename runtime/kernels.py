@@ -517,7 +517,8 @@ def embedding_kernel(ctx, node, table, ids):
         out = embedding.shared_embedding(ctx.party, weight, ids.sources, rows)
         return (out.reshape(tuple(ids.shape) + (out.shape[-1],)),)
     if isinstance(ids, Private):
-        return (embedding.embedding(ctx.party, ctx.secret(table), ids.value, ids.owner, ids.shape),)
+        weight = table if isinstance(table, WeightShare) and not table.transposed else ctx.secret(table)
+        return (embedding.embedding(ctx.party, weight, ids.value, ids.owner, ids.shape),)
     if isinstance(ids, AShare):
         raise KernelError(
             f"{node.describe()} looks up secret ids computed inside the graph; "

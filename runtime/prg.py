@@ -51,3 +51,18 @@ class PRG:
         shape = (int(shape),) if np.isscalar(shape) else tuple(shape)
         count = int(np.prod(shape, dtype=np.int64))
         return self._stream(count * dtype.itemsize).view(dtype).reshape(shape)
+
+
+def words_at(seed: bytes, stream: int, rows: np.ndarray, width: int) -> np.ndarray:
+    """Rows of PRG(seed, stream).words((R, width)) at the given row indices, without drawing the rest:
+    CTR mode's block j is AES_k(counter + j), so each row starts its own cipher at its first block.
+    Returns (len(rows), width) uint64; a row costs one cipher setup (microseconds)."""
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    out = np.empty((rows.size, width), dtype=np.uint64)
+    for i, row in enumerate(rows.tolist()):
+        first = row * width * 8  # the row's first byte in the stream
+        block, skip = divmod(first, 16)
+        counter = ((stream << 64) + block).to_bytes(16, "big")
+        enc = Cipher(algorithms.AES(seed), modes.CTR(counter)).encryptor()
+        out[i] = np.frombuffer(enc.update(bytes(skip + 8 * width))[skip:], dtype=np.uint64)
+    return out

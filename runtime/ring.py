@@ -166,3 +166,11 @@ def ring_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     # A wide right operand (GPT-2's 768 x 50257 output projection) goes in column blocks,
     # so its limbs never take more than a few tens of MB.
     return np.concatenate([kernel(a, b[..., lo : lo + step]) for lo in range(0, n, step)], axis=-1)
+
+
+def ring_matmul_bytes(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Exact a @ b mod 2^64 for a 2-D uint8 a (small integers: bits) and a 2-D uint64 b: one uint8 GEMM
+    against b's bytes (`byte_limbs.matmul_bytes`) where byte limbs are exact, else ring_matmul."""
+    if BYTE_LIMBS and a.shape[0] > DIRECT_ROWS_BYTES and byte_limbs.available():
+        return byte_limbs.matmul_bytes(a, b)
+    return ring_matmul(a.astype(np.uint64), b)

@@ -31,7 +31,7 @@ import numpy as np
 
 from .comm import PARTIES, Cost
 from .party import Party
-from .prg import PRG, SEED_BYTES
+from .prg import PRG, SEED_BYTES, words_at
 from .ring import FixedPoint, ring_matmul
 from .shares import AShare
 
@@ -121,6 +121,36 @@ class WeightShare:
         if self.rank == 1:
             return AShare(self.kept, self._x2())
         return AShare(self._x2(), self._x0())
+
+    def component(self, which: int) -> np.ndarray:
+        """This rank's first (0) or second (1) component alone. Streams are only drawn: the owner computes
+        x_1 = encode(W) - x_0 - x_2 only for its second component (a one-pass embedding table needs its x_0)."""
+        if self.transposed:
+            raise ValueError("a transposed weight has no components of its own; materialize it")
+        if self.resident or self.rank == OWNER and which == 1:
+            share = self.materialize()
+            return share.first if which == 0 else share.second
+        if self.rank == OWNER:
+            return self._x0()
+        if self.rank == 1:
+            return self.kept if which == 0 else self._x2()
+        return self._x2() if which == 0 else self._x0()
+
+    def row_sum(self, rows: np.ndarray) -> np.ndarray:
+        """(first + second)[rows] of a 2-D weight, drawing only those rows of each stream (`prg.words_at`):
+        the owner's is encode(W[rows]) - x_2[rows]."""
+        if self.transposed or len(self.shape) != 2:
+            raise ValueError("row_sum reads rows of a 2-D weight as it was shared")
+        if self.resident:
+            share = self.materialize()
+            return share.first[rows] + share.second[rows]
+        x2 = words_at(self.seed_2, self.index, rows, self.shape[1])
+        if self.rank == OWNER:
+            plain = self.kept[rows]
+            return (plain if plain.dtype == np.uint64 else self.fxp.encode(plain, checked=True)) - x2
+        if self.rank == 1:
+            return self.kept[rows] + x2
+        return x2 + words_at(self.seed_0, self.index, rows, self.shape[1])
 
     def operand(self) -> np.ndarray:
         """This rank's right operand of `matmul_part`: W on the owner, x_1 + x_2 on rank 1, x_0 on rank 2."""

@@ -55,14 +55,24 @@ MUTANTS = {
         embedding,
         "embedding",
         (
-            ("ea = party.prg_next.words((n, vocab))", "ea = party.prg_all.words((n, vocab))"),
-            ("ea = party.prg_prev.words((n, vocab))", "ea = party.prg_all.words((n, vocab))"),
+            ("x = party.prg_next.words(packed, np.uint8)", "x = party.prg_all.words(packed, np.uint8)"),
+            ("x = party.prg_prev.words(packed, np.uint8)", "x = party.prg_all.words(packed, np.uint8)"),
             (
-                "eb = comm.exchange({}, {owner: ((n, vocab), U64)})[owner]",
-                "eb = comm.exchange({}, {owner: ((n, vocab), U64)})[owner]\n            party.prg_all.words((n, vocab))",
+                "x = got[: packed[0] * packed[1]].reshape(packed)",
+                "x = got[: packed[0] * packed[1]].reshape(packed)\n                party.prg_all.words(packed, np.uint8)",
             ),
         ),
-        "Ea from a key the receiver of Eb = E - Ea holds: it reads the client's one-hot",
+        "X from a key the receiver of Y = X xor E holds: it reads the client's one-hot",
+    ),
+    "embedding_product_mask_from_common_key": Mutant(
+        embedding,
+        "embedding",
+        (
+            ("m_a, m_b = key.words((n, hidden)), key.words((n, hidden))",
+             "m_a, m_b = party.prg_all.words((n, hidden)), key.words((n, hidden))"),
+            ("u = sum(got.values())", "u = sum(got.values())\n            party.prg_all.words((n, hidden))"),
+        ),
+        "M_A from a key the client holds: it unmasks A's product X @ T_{c+2}, sums of rows of the table",
     ),
     "weight_mask_from_common_key": Mutant(
         weights,

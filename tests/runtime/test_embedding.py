@@ -38,37 +38,61 @@ def test_embedding_equals_table_rows_for_every_client_rank(owner):
         assert np.array_equal(got, want)
 
 
-def test_embedding_cost_two_rounds_one_onehot_message_and_one_reshare():
+def test_embedding_cost_three_rounds_bits_to_one_rank_masked_products_to_the_client_and_one_reshare():
     ids = rng.integers(0, VOCAB, 10)
     owner = 2
     res = lookup(ids, owner)
     for rank, (_, cost, _) in enumerate(res):
-        assert cost.rounds == 2
-        onehot = ids.size * VOCAB * 8 if rank == owner else 0
-        assert cost.bytes == onehot + ids.size * HIDDEN * 8
+        assert cost.rounds == 3
+        out = ids.size * HIDDEN * 8
+        bits = ids.size * (-(-VOCAB // 8) + 8) if rank == owner else 0  # Y and tau_B, to rank owner + 2
+        products = 0 if rank == owner else out  # P_A + M_A and M_B - P_B, to the client
+        assert cost.bytes == bits + products + out
 
 
-def test_embedding_onehot_message_looks_uniform_to_its_receiver():
-    ids = np.zeros(16, dtype=np.int64)  # the most structured one-hot there is
-    owner = 1
+def _received(owner, ids, receiver):
+    """What `receiver` got in the embedding's exchanges, message by message."""
     seen = []
 
     def spy(p):
-        if p.rank == (owner + 2) % 3:
+        if p.rank == receiver:
             exchange = p.comm.exchange
 
             def recording(sends, recvs):
                 got = exchange(sends, recvs)
-                if p.comm.path.endswith("embedding") and owner in got:
-                    seen.append(got[owner])
+                if p.comm.path.endswith("embedding"):
+                    seen.extend(got.values())
                 return got
 
             p.comm.exchange = recording
 
     lookup(ids, owner, spy=spy)
-    (words,) = [w for w in seen if w.shape == (ids.size, VOCAB)]
-    ones = np.unpackbits(words.view(np.uint8)).mean()
-    assert abs(ones - 0.5) < 0.005, f"fraction of set bits {ones:.4f}"
+    return seen
+
+
+def _ones(words) -> float:
+    return float(np.unpackbits(np.ascontiguousarray(words).view(np.uint8)).mean())
+
+
+def test_embedding_bits_and_tau_look_uniform_to_their_receiver():
+    ids = np.zeros(256, dtype=np.int64)  # the most structured one-hot there is
+    owner = 1
+    first = _received(owner, ids, (owner + 2) % 3)[0]
+    packed = ids.size * -(-VOCAB // 8)
+    y, tau = first[:packed].reshape(ids.size, -1), first[packed:]
+    column = np.unpackbits(y, axis=1, count=VOCAB, bitorder="little")[:, 0]  # every id's own bit
+    assert abs(_ones(y) - 0.5) < 0.01, f"fraction of set bits of Y {_ones(y):.4f}"
+    assert abs(column.mean() - 0.5) < 0.15, f"fraction of set bits at the id {column.mean():.3f}"
+    assert abs(_ones(tau) - 0.5) < 0.02, f"fraction of set bits of tau_B {_ones(tau):.4f}"
+
+
+def test_embedding_products_look_uniform_to_the_client():
+    ids = np.zeros(64, dtype=np.int64)
+    owner = 0
+    products = [w for w in _received(owner, ids, owner) if w.shape == (ids.size, HIDDEN)][:2]
+    assert len(products) == 2
+    for words in products:
+        assert abs(_ones(words) - 0.5) < 0.01, f"fraction of set bits {_ones(words):.4f}"
 
 
 def test_embedding_output_shares_are_fresh():

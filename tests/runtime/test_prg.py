@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from puma_onnx.runtime import prg
 from puma_onnx.runtime.prg import PRG, new_seed
@@ -37,3 +38,12 @@ def test_a_draw_across_pieces_is_the_same_stream_as_small_draws():
     enc = Cipher(algorithms.AES(seed), modes.CTR(b"\0" * 16)).encryptor()
     assert np.array_equal(big, np.frombuffer(enc.update(bytes(big.size)), np.uint8))
     assert big.flags.writeable
+
+
+@pytest.mark.parametrize("width", [1, 3, 4, 7])
+def test_rows_drawn_alone_are_those_of_the_whole_stream(width):
+    seed = new_seed()
+    whole = PRG(seed, stream=5).words((40, width))
+    rows = np.array([0, 39, 17, 17, 2, 1])
+    assert np.array_equal(prg.words_at(seed, 5, rows, width), whole[rows])
+    assert not np.array_equal(prg.words_at(seed, 6, rows, width), whole[rows])  # the stream number counts

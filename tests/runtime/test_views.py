@@ -122,18 +122,24 @@ def test_the_view_of_an_owners_input_does_not_depend_on_it(monkeypatch, name, ob
     assert not verdict.leaks, verdict
 
 
-@pytest.mark.parametrize("observer", [0, 2])
-def test_the_view_of_an_embedding_does_not_depend_on_the_table(monkeypatch, observer):
-    """The secret table, shared with the observer's components fixed; the client's ids fixed."""
-    ids = IDS[0]
-    tables = (TABLE, TABLE[::-1] * np.uint64(3) + np.uint64(1))
-    own = [rng.integers(0, 2**64, TABLE.shape, dtype=np.uint64) for _ in range(2)]
+TABLE_B = TABLE[::-1] * np.uint64(3) + np.uint64(1)
+OWN_TABLE = [rng.integers(0, 2**64, TABLE.shape, dtype=np.uint64) for _ in range(2)]
+
+
+def embedding_of_table(observer):
+    """The embedding as a protocol on the secret table, shared with the observer's components fixed; the
+    client's ids fixed."""
 
     def protocol(p, table):
-        share = replicated(table, observer, own)[p.rank]
-        return lookup.embedding(p, share, ids if p.rank == CLIENT else None, CLIENT, ids.shape)
+        share = replicated(table, observer, OWN_TABLE)[p.rank]
+        return lookup.embedding(p, share, IDS[0] if p.rank == CLIENT else None, CLIENT, IDS[0].shape)
 
-    verdict = leaks(monkeypatch, protocol, tables, observer)
+    return protocol
+
+
+@pytest.mark.parametrize("observer", [0, 1, 2])
+def test_the_view_of_an_embedding_does_not_depend_on_the_table(monkeypatch, observer):
+    verdict = leaks(monkeypatch, embedding_of_table(observer), (TABLE, TABLE_B), observer)
     assert not verdict.leaks, verdict
 
 
@@ -142,6 +148,7 @@ CAUGHT = {
     "truncation_mask_from_common_key": (on_shares("truncate", 1), SECRETS, 1),
     "reshare_without_zero_sharing": (on_shares("mul", 0), SECRETS, 0),
     "embedding_mask_from_common_key": (FROM_OWNER["embedding_ids"][1], IDS, (CLIENT + 2) % 3),
+    "embedding_product_mask_from_common_key": (embedding_of_table(CLIENT), (TABLE, TABLE_B), CLIENT),
     "weight_mask_from_common_key": (FROM_OWNER["share_weights"][1], SECRETS, 1),
 }
 
@@ -169,6 +176,7 @@ def test_each_leaky_variant_stays_correct(monkeypatch, name):
         "truncation_mask_from_common_key": lambda s: s.view(np.int64) >> 18,
         "reshare_without_zero_sharing": lambda s: s * s,
         "embedding_mask_from_common_key": lambda s: TABLE[s],
+        "embedding_product_mask_from_common_key": lambda s: s[IDS[0]],
         "weight_mask_from_common_key": lambda s: s,
     }[name](secrets[0])
     got, want = opened.reshape(-1).view(np.int64), np.asarray(expected).reshape(-1).view(np.int64)

@@ -132,3 +132,22 @@ def test_a_weight_that_outlives_its_group_is_copied_out_of_the_message_on_rank_o
     a, b = run_parties(prog)[1]
     # "b" is a view of the received message; "a", read in later layers, must not keep the message alive.
     assert b.base is not None and a.base is None and not np.shares_memory(a, b.base)
+
+
+def test_a_component_or_a_row_sum_alone_equals_the_materialized_share_on_every_rank():
+    rows = np.array([2, 0, 2])
+    for resident in (False, True):
+        for weights, _, _ in run_parties(share_and_open):
+            w = weights["a"]
+            w.resident = resident
+            share = w.materialize()
+            assert np.array_equal(w.component(0), share.first) and np.array_equal(w.component(1), share.second)
+            assert np.array_equal(w.row_sum(rows), share.first[rows] + share.second[rows])
+
+
+def test_the_owners_first_component_and_row_sum_skip_its_second(monkeypatch):
+    """x_1 = encode(W) - x_0 - x_2 over the whole table is what a one-pass embedding must not pay for."""
+    weights = run_parties(share_and_open)[0][0]
+    monkeypatch.setattr("puma_onnx.runtime.weights._encode_minus_streams", None)  # any call fails
+    assert weights["a"].component(0).shape == (3, 4)
+    assert weights["a"].row_sum(np.array([1])).shape == (1, 4)
