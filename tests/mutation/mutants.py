@@ -31,6 +31,12 @@ MUTANTS = [
     ("runtime/nonlinear.py", "_encode(fit.cut_far, f)), bits=cmp_bits, drop=f + slack)",
      "_encode(fit.cut, f)), bits=cmp_bits, drop=f + slack)", "exp clips at the near cut with the far cut's slack"),
     # --- protocols
+    ("runtime/byte_limbs.py", "and hi < 256**j - _C_LOW[j]", "and hi <= 256**j - _C_LOW[j]",
+     "a right operand one past the top of J digits still taken as J digits"),
+    ("runtime/embedding.py", "sigma = (np.uint64(1) - np.uint64(2) * tau)[:, None]",
+     "sigma = (np.uint64(2) * tau - np.uint64(1))[:, None]", "the embedding's sign read the wrong way round"),
+    ("runtime/prg.py", "block, skip = divmod(first, 16)", "block, skip = first // 16, 0",
+     "a row drawn alone from the stream ignores where in its first block it starts"),
     ("runtime/arith.py", "y = ((c & _LOW63) >> d) - rc_a + (e_a << (U64(63) - d)) - (U64(1) << (U64(62) - d))\n    else:\n        r_b",
      "y = ((c & _LOW63) >> d) - rc_a + (e_a << (U64(63) - d)) - (U64(1) << (U64(62) - d)) + U64(1)\n    else:\n        r_b",
      "the products' truncation biased by one unit of the last place"),
