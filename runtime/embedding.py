@@ -99,8 +99,10 @@ def embedding(party: Party, table: AShare | WeightShare, ids: np.ndarray | None,
             key = party.prg_next if role == 1 else party.prg_prev
             m_a, m_b = key.words((n, hidden)), key.words((n, hidden))
             which = 1 if role == 1 else 0  # T_{c+2}: A's second component, B's first
-            component = table.component(which) if isinstance(table, WeightShare) else (table.first, table.second)[which]
-            product = ring_matmul_bytes(bits(x), component)
+            if isinstance(table, WeightShare):
+                product = table.component_product(which, bits(x))
+            else:
+                product = ring_matmul_bytes(bits(x), (table.first, table.second)[which])
             comm.exchange({owner: product + m_a if role == 1 else m_b - product}, {})
             mask = m_a + m_b
             part = U64(2) * tau_part[:, None] * mask

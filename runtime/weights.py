@@ -32,11 +32,14 @@ import numpy as np
 from .comm import PARTIES, Cost
 from .party import Party
 from .prg import PRG, SEED_BYTES, words_at
-from .ring import FixedPoint, ring_matmul
+from .ring import FixedPoint, ring_matmul, ring_matmul_bytes
 from .shares import AShare
 
 OWNER = 0
 
+
+# A component product draws a stream this many rows at a time (8192 x 768 words: 50 MB).
+STREAM_ROWS = 8192
 
 # The owner rebuilds x_1 in pieces of this many words, so a 50257 x 768 table needs
 # no full-size temporaries beyond the share itself.
@@ -135,6 +138,31 @@ class WeightShare:
         if self.rank == 1:
             return self.kept if which == 0 else self._x2()
         return self._x2() if which == 0 else self._x0()
+
+    def component_product(self, which: int, left: np.ndarray) -> np.ndarray:
+        """left (uint8, n x V) @ this rank's component `which` of a 2-D weight (`ring.ring_matmul_bytes`).
+        A component that is a plain PRG stream is drawn and multiplied STREAM_ROWS rows at a time, so a
+        GPT-2 table (50257 x 768, 309 MB a component) never lies whole in memory."""
+        seed = self._stream_seed(which)
+        if seed is None or self.resident or len(self.shape) != 2:
+            return ring_matmul_bytes(left, self.component(which))
+        rows, width = self.shape
+        prg = PRG(seed, stream=self.index)
+        out = np.zeros((left.shape[0], width), dtype=np.uint64)
+        for lo in range(0, rows, STREAM_ROWS):
+            piece = prg.words((min(STREAM_ROWS, rows - lo), width))
+            out += ring_matmul_bytes(left[:, lo : lo + piece.shape[0]], piece)
+        return out
+
+    def _stream_seed(self, which: int) -> bytes | None:
+        """The key of component `which` when it is a plain stream on this rank (None for x_1)."""
+        if self.transposed:
+            return None
+        if self.rank == OWNER:
+            return self.seed_0 if which == 0 else None
+        if self.rank == 1:
+            return None if which == 0 else self.seed_2
+        return self.seed_2 if which == 0 else self.seed_0
 
     def row_sum(self, rows: np.ndarray) -> np.ndarray:
         """(first + second)[rows] of a 2-D weight, drawing only those rows of each stream (`prg.words_at`):

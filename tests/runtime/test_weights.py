@@ -151,3 +151,13 @@ def test_the_owners_first_component_and_row_sum_skip_its_second(monkeypatch):
     monkeypatch.setattr("puma_onnx.runtime.weights._encode_minus_streams", None)  # any call fails
     assert weights["a"].component(0).shape == (3, 4)
     assert weights["a"].row_sum(np.array([1])).shape == (1, 4)
+
+
+def test_a_component_product_in_stream_pieces_equals_the_whole_product(monkeypatch):
+    monkeypatch.setattr("puma_onnx.runtime.weights.STREAM_ROWS", 2)  # the 3-row weight in pieces of 2 rows
+    left = np.random.default_rng(3).integers(0, 2, (20, 3), dtype=np.uint8)  # past DIRECT_ROWS_BYTES
+    for weights, _, _ in run_parties(share_and_open):
+        w = weights["a"]
+        for which in (0, 1):
+            want = left.astype(np.uint64) @ w.component(which)
+            assert np.array_equal(w.component_product(which, left), want)
