@@ -163,7 +163,6 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out.reshape(lead + (b.shape[-1],))
 
 
-
 def matmul_bytes(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Exact a @ b mod 2^64 for a 2-D uint8 a (small integers: a one-hot's bits) and uint64 b (k, n);
     needs `available()`.

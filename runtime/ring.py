@@ -143,7 +143,7 @@ def ring_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
     Byte limbs through int8 GEMMs (`byte_limbs`) where onnxruntime's MatMulInteger is exact, else
     22-bit limbs (6 limb products in 3 float64 BLAS calls) on pieces of the inner dimension short enough
-    to be exact, summed in the ring; numpy's uint64 einsum for few rows (`direct_rows`).
+    to be exact, summed in the ring; numpy's uint64 einsum for few rows (DIRECT_ROWS_BYTES, DIRECT_ROWS).
     """
     a = np.asarray(a, dtype=np.uint64)
     b = np.asarray(b, dtype=np.uint64)

@@ -130,14 +130,11 @@ class WeightShare:
         x_1 = encode(W) - x_0 - x_2 only for its second component (a one-pass embedding table needs its x_0)."""
         if self.transposed:
             raise ValueError("a transposed weight has no components of its own; materialize it")
-        if self.resident or self.rank == OWNER and which == 1:
+        seed = self._stream_seed(which)
+        if self.resident or seed is None and self.rank == OWNER:
             share = self.materialize()
             return share.first if which == 0 else share.second
-        if self.rank == OWNER:
-            return self._x0()
-        if self.rank == 1:
-            return self.kept if which == 0 else self._x2()
-        return self._x2() if which == 0 else self._x0()
+        return self.kept if seed is None else _stream(seed, self.index, self.shape)
 
     def component_product(self, which: int, left: np.ndarray) -> np.ndarray:
         """left (uint8, n x V) @ this rank's component `which` of a 2-D weight (`ring.ring_matmul_bytes`).
@@ -165,20 +162,24 @@ class WeightShare:
         return self.seed_2 if which == 0 else self.seed_0
 
     def row_sum(self, rows: np.ndarray) -> np.ndarray:
-        """(first + second)[rows] of a 2-D weight, drawing only those rows of each stream (`prg.words_at`):
-        the owner's is encode(W[rows]) - x_2[rows]."""
+        """(first + second)[rows] of a 2-D weight, drawing only those rows of each stream (`prg.words_at`)."""
         if self.transposed or len(self.shape) != 2:
             raise ValueError("row_sum reads rows of a 2-D weight as it was shared")
         if self.resident:
             share = self.materialize()
             return share.first[rows] + share.second[rows]
-        x2 = words_at(self.seed_2, self.index, rows, self.shape[1])
-        if self.rank == OWNER:
-            plain = self.kept[rows]
-            return (plain if plain.dtype == np.uint64 else self.fxp.encode(plain, checked=True)) - x2
+        return self._component_rows(0, rows) + self._component_rows(1, rows)
+
+    def _component_rows(self, which: int, rows: np.ndarray) -> np.ndarray:
+        width = self.shape[1]
+        seed = self._stream_seed(which)
+        if seed is not None:
+            return words_at(seed, self.index, rows, width)
         if self.rank == 1:
-            return self.kept[rows] + x2
-        return x2 + words_at(self.seed_0, self.index, rows, self.shape[1])
+            return self.kept[rows]
+        plain = self.kept[rows]  # the owner's x_1 = encode(W) - x_0 - x_2 at those rows
+        encoded = plain if plain.dtype == np.uint64 else self.fxp.encode(plain, checked=True)
+        return encoded - words_at(self.seed_0, self.index, rows, width) - words_at(self.seed_2, self.index, rows, width)
 
     def operand(self) -> np.ndarray:
         """This rank's right operand of `matmul_part`: W on the owner, x_1 + x_2 on rank 1, x_0 on rank 2."""
