@@ -45,7 +45,8 @@ def embedding(party: Party, table: AShare | WeightShare, ids: np.ndarray | None,
     sees P_A + M_A and M_B - P_B, uniform and independent under masks from a key it lacks; in the reshare
     each rank receives its successor's part masked by alpha_{i+1} = F(k_{i+1}) - F(k_{i+2}), whose k_{i+2}
     it lacks. No rank sees all of T, and neither A nor B learns sigma (it would tell A whether X holds
-    the id's bit, a bit about the id).
+    the id's bit, a bit about the id). (A client that also knows T, the owner of a shared weight, can
+    recompute the products and strip the masks: it learns nothing it did not know.)
     Rounds 3. Bytes: the client sends n (ceil(V/8) + 8) to B; A and B send 8 per output element (n H 8)
     to the client; then every rank 8 per output element. (It was n V 8 for a one-hot of words: 31 MB
     for 128 BERT tokens, now 0.5 MB.) Work: A and B multiply n x V bits by V x H words, 8 byte products

@@ -155,6 +155,8 @@ def ring_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return ring_matmul(a, b[:, None])[..., 0]
     if a.shape[-1] != b.shape[-2]:
         raise ValueError(f"ring_matmul: inner dimensions differ, {a.shape} @ {b.shape}")
+    if a.shape[-1] == 0:  # the empty sum
+        return np.zeros(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]), np.uint64)
     bytes_ = BYTE_LIMBS and byte_limbs.available()
     if a.shape[-2] <= (DIRECT_ROWS_BYTES if bytes_ else DIRECT_ROWS):
         # Few rows (a generation step's one token, a short prompt): splitting b into limbs costs more than

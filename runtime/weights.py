@@ -131,10 +131,16 @@ class WeightShare:
         if self.transposed:
             raise ValueError("a transposed weight has no components of its own; materialize it")
         seed = self._stream_seed(which)
-        if self.resident or seed is None and self.rank == OWNER:
+        if self.resident:
             share = self.materialize()
             return share.first if which == 0 else share.second
-        return self.kept if seed is None else _stream(seed, self.index, self.shape)
+        if seed is not None:
+            return _stream(seed, self.index, self.shape)
+        if self.rank == 1:
+            return self.kept
+        # The owner's x_1, without keeping the x_0 that materialize() would also build.
+        x1 = _encode_minus_streams(self.fxp, self.kept, [self.seed_0, self.seed_2], self.index, checked=True)
+        return x1.reshape(self.shape)
 
     def component_product(self, which: int, left: np.ndarray) -> np.ndarray:
         """left (uint8, n x V) @ this rank's component `which` of a 2-D weight (`ring.ring_matmul_bytes`).

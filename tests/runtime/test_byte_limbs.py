@@ -72,7 +72,7 @@ def test_small_right_operands_use_fewer_digits_and_stay_exact(digits, monkeypatc
     a[1:] = rand_u64(4, 40)
     used = []
     real = byte_limbs.right_limbs
-    monkeypatch.setattr(byte_limbs, "right_limbs", lambda x, d=8: used.append(d) or real(x, d))
+    monkeypatch.setattr(byte_limbs, "right_limbs", lambda x, d=8, s=None: used.append(d) or real(x, d, s))
     assert np.array_equal(byte_limbs.matmul(a, b), np.einsum("mk,kn->mn", a, b))
     assert used == [digits]
 
@@ -143,3 +143,46 @@ def _cpu_flags() -> set[str]:
 def test_with_vnni_the_byte_limbs_are_exact_and_taken():
     # A fault in the byte path fails the probe and quietly costs 2-2.5x in every matmul; here that is an error.
     assert byte_limbs.available()
+
+
+class _FailingGemm:
+    def run(self, _outputs, _feeds):
+        raise RuntimeError("MatMulInteger: no kernel for this CPU")
+
+
+def test_a_gemm_that_fails_is_as_unusable_as_an_inexact_one(monkeypatch):
+    real_build = byte_limbs._build
+    monkeypatch.setattr(byte_limbs, "_build", lambda: {**real_build(), "gemm": _FailingGemm()})
+    monkeypatch.setattr(byte_limbs, "_exact", None)
+    monkeypatch.setattr(byte_limbs, "_sessions", None)
+    assert byte_limbs.available() is False
+    a, b = rand_u64(ring.DIRECT_ROWS + 1, 20), rand_u64(20, 3)
+    assert np.array_equal(ring_matmul(a, b), a @ b)
+
+
+def test_ranks_run_as_threads_see_the_probes_answer_only_when_it_is_done(monkeypatch):
+    import threading
+    import time
+
+    class SlowSaturating(_SaturatingGemm):
+        def run(self, outputs, feeds):
+            time.sleep(0.05)
+            return super().run(outputs, feeds)
+
+    real_build = byte_limbs._build
+    monkeypatch.setattr(byte_limbs, "_build", lambda: {**real_build(), "gemm": SlowSaturating()})
+    monkeypatch.setattr(byte_limbs, "_exact", None)
+    monkeypatch.setattr(byte_limbs, "_sessions", None)
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(byte_limbs.available())) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers == [False, False, False]
+
+
+@pytest.mark.parametrize("shapes", [((5, 0), (0, 3)), ((40, 0), (0, 2)), ((2, 20, 0), (2, 0, 4))])
+def test_an_empty_inner_axis_gives_zeros(shapes):
+    a, b = np.zeros(shapes[0], np.uint64), np.zeros(shapes[1], np.uint64)
+    assert np.array_equal(ring_matmul(a, b), np.matmul(a, b))
