@@ -6,7 +6,8 @@ variances, the largest |output| of every product of activations. Here the owner 
 recorded range by MARGIN (x4 on magnitudes, x16 on variances) and checks it against the
 domain of the kernel that will run, picking the kernel's wider variant where one exists:
 
-  puma.Gelu, puma.SiLU    comparisons on party.msb_bits (|x| < 2^(L-1-f)) or on 64 bits
+  puma.Gelu, puma.SiLU    comparisons on the fewest bits L that hold the widened range (|x| < 2^(L-2-f),
+                          L - 1 a multiple of 3, at most party.msb_bits), or on 64 bits
   puma.Softmax            the same for the differences of a row (|x_i - x_j| < 2^(L-2-f))
   puma.LayerNorm/RMSNorm  `nonlinear.norm_plan` for the NormDomain (pre-scaled sums of squares,
                           a normalised rsqrt, 64-bit comparisons; see there)
@@ -47,7 +48,7 @@ class RangeError(ValueError):
 def _comparison_bits(node: Node, spread: float, f: int, msb_bits: int) -> int:
     """The narrowest comparison width that holds values `spread` apart at f fractional bits."""
     try:
-        return comparison_bits(spread, f, msb_bits)
+        return comparison_bits(spread, f, msb_bits, narrow=True)
     except DomainError:
         raise RangeError(
             f"{node.describe()}: recorded values {spread:.4g} apart (with the x{MARGIN:g} margin) exceed what "

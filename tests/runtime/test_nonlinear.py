@@ -217,6 +217,24 @@ def test_secure_gelu_against_the_exact_function():
         assert np.abs(got - exact_gelu(x)).max() < bound, fit.name
 
 
+@pytest.mark.parametrize("fn", ["gelu", "silu"])
+def test_piecewise_with_narrow_comparisons_up_to_the_end_of_their_range(fn):
+    # 25 bits hold |x| < 2^(25 - 2 - 18) = 32 with a bit to spare: the ends of that range, every break.
+    fit = getattr(approx.REFIT, fn)
+    # Beside each break (at it, the encoded break may round either way: the pieces' jump is no error).
+    near = np.concatenate([np.array(fit.breaks) + d for d in (-2 * ULP, 2 * ULP)])
+    x = np.concatenate([[-32.0, -31.99, 31.99, 32.0, -ULP, 0.0, ULP], near, rng.uniform(-32, 32, 500)])
+    got = secure(lambda p, a: getattr(nonlinear, fn)(p, a, fit, cmp_bits=25), x)
+    assert np.abs(got - fit(encoded(x))).max() <= 4 * ULP
+
+
+def test_softmax_with_narrow_comparisons_at_the_end_of_its_range():
+    # 25 bits: scores within 2^(25 - 2 - 18) = 32 of each other; here 31 apart, and a row of ties.
+    x = np.array([[15.5, -15.5, 0.0, 15.0, -15.0, 3.0], [7.0, 7.0, 7.0, 7.0, 7.0, 7.0]])
+    got = secure(lambda p, a: nonlinear.softmax(p, a, None, approx.REFIT.exp, cmp_bits=25), x)
+    assert np.abs(got - exact_softmax(x, np.ones_like(x, dtype=bool))).max() <= 1e-4
+
+
 def test_piecewise_with_64_bit_comparisons_beyond_the_48_bit_range():
     x = np.array([-(2.0**35), 2.0**35, -1.0, 1.0, 2.0**40])
     got = secure(lambda p, a: nonlinear.gelu(p, a, approx.REFIT.gelu, cmp_bits=64), x)
@@ -293,8 +311,11 @@ TEST_DOMAIN = NormDomain(x_max=500.0, var_lo=1e-6, var_hi=1e4, scale_max=2.0)
 
 
 def norm_inputs(n=48):
-    """Rows whose variance runs over 1e-6 .. 1e4, with means up to 100."""
-    x = rng.normal(0, 1, (12, n)) * np.sqrt(VARIANCES)[:, None] + rng.uniform(-100, 100, (12, 1))
+    """Rows whose variance runs over 1e-6 .. 1e4 exactly (standardised noise: a sampled variance past
+    TEST_DOMAIN's 1e4 would leave the kernel's domain), with means up to 100."""
+    z = rng.normal(0, 1, (12, n))
+    z = (z - z.mean(axis=-1, keepdims=True)) / z.std(axis=-1, keepdims=True)
+    x = z * np.sqrt(VARIANCES)[:, None] + rng.uniform(-100, 100, (12, 1))
     return x, rng.normal(1, 0.3, n), rng.normal(0, 0.3, n)
 
 
@@ -314,7 +335,8 @@ def test_layer_norm_over_variance_1e_minus_6_to_1e4(eps):
 
 
 def test_rms_norm_over_mean_square_1e_minus_6_to_1e4():
-    x = rng.normal(0, 1, (12, 48)) * np.sqrt(VARIANCES)[:, None]
+    z = rng.normal(0, 1, (12, 48))
+    x = z / np.sqrt((z * z).mean(axis=-1, keepdims=True)) * np.sqrt(VARIANCES)[:, None]  # mean squares exactly
     scale = rng.normal(1, 0.3, 48)
     got = secure(lambda p, a, s: nonlinear.rms_norm(p, a, s, 1e-12, TEST_DOMAIN), x, scale)
     check_norm_error(np.abs(got - approx.rms_norm(encoded(x), encoded(scale), 1e-12)))

@@ -43,9 +43,19 @@ def test_recorded_ranges_are_widened_by_the_margin():
     assert (x_max, var_lo, var_hi) == (MARGIN * 24926.0, 0.007 / MARGIN**2, 1.09e6 * MARGIN**2)
 
 
+@pytest.mark.parametrize("node, spread", [(GELU, lambda m: MARGIN * m + 8), (SOFTMAX, lambda m: 2 * MARGIN * m + 32)],
+                         ids=["gelu", "softmax"])
+@pytest.mark.parametrize("x_max", [0.5, 5.0, 100.0, 3000.0, 2.0**20])
+def test_a_recorded_range_takes_the_narrowest_comparison_that_holds_it(node, spread, x_max):
+    bits = plan({node.name: {"x_max": x_max}})[node.name]["cmp_bits"]
+    held = spread(x_max) * 2.0**F  # the values' spread (margin included) in units of the last place
+    assert held <= 2.0 ** (bits - 2)  # held with a bit to spare ...
+    assert held > 2.0 ** (bits - 3 - 2)  # ... and one 3-bit group fewer would not hold it
+    assert (bits - 1) % 3 == 0 and bits <= MSB
+
+
 @pytest.mark.parametrize("node", [GELU, SOFTMAX], ids=["gelu", "softmax"])
 def test_a_range_beyond_48_bit_comparisons_takes_64_bit_ones(node):
-    assert plan({node.name: {"x_max": 100.0}})[node.name] == {"cmp_bits": MSB}
     # 4 x 2^26 at 2^18 is 2^46: past what a 48-bit comparison holds with a bit to spare.
     assert plan({node.name: {"x_max": 2.0**26}})[node.name] == {"cmp_bits": 64}
 
