@@ -277,7 +277,8 @@ def test_a_recorded_range_beyond_48_bits_runs_on_64_bit_comparisons(bert, tmp_pa
     report = results[CLIENT]
     assert report["ranges"] == "recorded" and report["approx"] == "refit"
     assert report["plan"][gelu[0]] == {"cmp_bits": 64}
-    assert all(p.get("cmp_bits", 48) == 48 for name, p in report["plan"].items() if name != gelu[0])
+    others = [p["cmp_bits"] for name, p in report["plan"].items() if name != gelu[0] and "cmp_bits" in p]
+    assert others and all(bits <= 48 and (bits - 1) % 3 == 0 for bits in others)  # the narrowest that hold
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
     want = ort_run(bert / REWRITTEN_FILE, feeds)["last_hidden_state"]
     assert np.abs(report["outputs"]["last_hidden_state"] - want).max() <= 1e-2
