@@ -108,11 +108,18 @@ class _SaturatingGemm:
         return [np.clip(prod, -(2**15), 2**15 - 1).sum(axis=-2).astype(np.int32)]
 
 
-def test_a_saturating_gemm_fails_the_probe_and_ring_matmul_keeps_float64_limbs(monkeypatch):
-    real_build = byte_limbs._build
-    monkeypatch.setattr(byte_limbs, "_build", lambda: {**real_build(), "gemm": _SaturatingGemm()})
+def _reprobe(monkeypatch, build=None, gemm=None) -> None:
+    """Forget the probe's answer, and build the sessions with `build`, or the real ones with `gemm` instead."""
+    if gemm is not None:
+        real_build = byte_limbs._build
+        build = lambda: {**real_build(), "gemm": gemm}  # noqa: E731
+    monkeypatch.setattr(byte_limbs, "_build", build)
     monkeypatch.setattr(byte_limbs, "_exact", None)
     monkeypatch.setattr(byte_limbs, "_sessions", None)
+
+
+def test_a_saturating_gemm_fails_the_probe_and_ring_matmul_keeps_float64_limbs(monkeypatch):
+    _reprobe(monkeypatch, gemm=_SaturatingGemm())
     assert byte_limbs.available() is False
     a = np.full((ring.DIRECT_ROWS + 1, 64), 2**64 - 1, dtype=np.uint64)
     b = np.zeros((64, 3), dtype=np.uint64)
@@ -123,9 +130,7 @@ def test_without_onnxruntime_ring_matmul_keeps_float64_limbs(monkeypatch):
     def missing():
         raise ImportError("No module named 'onnxruntime'")
 
-    monkeypatch.setattr(byte_limbs, "_build", missing)
-    monkeypatch.setattr(byte_limbs, "_exact", None)
-    monkeypatch.setattr(byte_limbs, "_sessions", None)
+    _reprobe(monkeypatch, build=missing)
     assert byte_limbs.available() is False
     a, b = rand_u64(ring.DIRECT_ROWS + 1, 20), rand_u64(20, 3)
     assert np.array_equal(ring_matmul(a, b), a @ b)
@@ -151,10 +156,7 @@ class _FailingGemm:
 
 
 def test_a_gemm_that_fails_is_as_unusable_as_an_inexact_one(monkeypatch):
-    real_build = byte_limbs._build
-    monkeypatch.setattr(byte_limbs, "_build", lambda: {**real_build(), "gemm": _FailingGemm()})
-    monkeypatch.setattr(byte_limbs, "_exact", None)
-    monkeypatch.setattr(byte_limbs, "_sessions", None)
+    _reprobe(monkeypatch, gemm=_FailingGemm())
     assert byte_limbs.available() is False
     a, b = rand_u64(ring.DIRECT_ROWS + 1, 20), rand_u64(20, 3)
     assert np.array_equal(ring_matmul(a, b), a @ b)
@@ -169,10 +171,7 @@ def test_ranks_run_as_threads_see_the_probes_answer_only_when_it_is_done(monkeyp
             time.sleep(0.05)
             return super().run(outputs, feeds)
 
-    real_build = byte_limbs._build
-    monkeypatch.setattr(byte_limbs, "_build", lambda: {**real_build(), "gemm": SlowSaturating()})
-    monkeypatch.setattr(byte_limbs, "_exact", None)
-    monkeypatch.setattr(byte_limbs, "_sessions", None)
+    _reprobe(monkeypatch, gemm=SlowSaturating())
     answers = []
     threads = [threading.Thread(target=lambda: answers.append(byte_limbs.available())) for _ in range(3)]
     for t in threads:
