@@ -40,11 +40,12 @@ _SHIFTS = np.arange(8, dtype=np.uint64) * np.uint64(8)
 _C_LOW = [int(0x80 * (256**j - 1) // 255) for j in range(9)]
 
 _sessions: dict | None = None
+_wide: dict[int, dict] = {}  # sessions of more threads, by thread count (`sessions`)
 _exact: bool | None = None
 _PROBE_LOCK = threading.Lock()
 
 
-def _build() -> dict:
+def _build(threads: int = 1) -> dict:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -56,7 +57,8 @@ def _build() -> dict:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         model.ir_version = 8
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = opts.inter_op_num_threads = 1  # three ranks share the cores
+        opts.intra_op_num_threads = threads  # one unless a rank computes while the others wait
+        opts.inter_op_num_threads = 1
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.enable_cpu_mem_arena = False  # an arena would keep the largest temporaries for the whole run
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
@@ -79,6 +81,19 @@ def available() -> bool:
         if _exact is None:
             _sessions, _exact = _probe()
     return _exact
+
+
+def sessions(threads: int = 1) -> dict | None:
+    """The kernels' sessions with `threads` intra-op threads (built once each), for a product one rank
+    computes while the others wait (prepared.py's owner); None when byte limbs are unavailable."""
+    if not available():
+        return None
+    if threads <= 1:
+        return _sessions
+    with _PROBE_LOCK:
+        if threads not in _wide:
+            _wide[threads] = _build(threads)
+    return _wide[threads]
 
 
 def _probe() -> tuple[dict | None, bool]:

@@ -17,12 +17,17 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from . import approx
-from .kernels import FLAT_ORDER, KERNELS, PRIVATE_LOCAL, Context, KernelError, Node, Private, SharedIds, is_secret
+from . import approx, prepared
+from .kernels import (
+    FLAT_ORDER, KERNELS, PRIVATE_LOCAL, Context, KernelError, Node, Private, SharedIds, is_secret, weight_products,
+)
 from .party import Party
+from .weights import WeightShare
 
 # A decoder's key/value cache outputs (they stay secret: the next step reads them).
 PRESENT_PREFIX = "present."
+# The input of an LM head that reads the last position only (passes/last_position.py).
+LAST_POSITION = "/last_position"
 LAYER = re.compile(r"(?:^|/|\.)(?:layer|layers|h|block|blocks)\.(\d+)(?:/|\.|_|$)")
 
 
@@ -44,6 +49,29 @@ def parse_nodes(graph: onnx.GraphProto) -> list[Node]:
         )
         for i, n in enumerate(graph.node)
     ]
+
+
+def _reads_weight(node: Node, weights) -> bool:
+    """A MatMul, or a Gemm that only multiplies and adds (alpha = beta = 1, no transA), of an input by a weight."""
+    if node.domain or len(node.inputs) < 2 or node.inputs[1] not in weights:
+        return False
+    if node.op_type == "MatMul":
+        return True
+    plain = node.attrs.get("alpha", 1.0) == 1.0 and node.attrs.get("beta", 1.0) == 1.0
+    return node.op_type == "Gemm" and plain and not node.attrs.get("transA", 0)
+
+
+def product_groups(nodes: list[Node], weights, final: list[bool]) -> dict[int, list[int]]:
+    """Weight products grouped by the input they read: the first node's index -> the group's node indices,
+    in walk order. A product whose outputs are answers (`final`) stays alone: it is reshared, not truncated."""
+    groups: dict[int, list[int]] = {}
+    first: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        if not _reads_weight(node, weights):
+            continue
+        head = i if final[i] else first.setdefault(node.inputs[0], i)
+        groups.setdefault(head, []).append(i)
+    return groups
 
 
 def unsupported(nodes: list[Node], secret: Callable[[str], bool]) -> list[str]:
@@ -114,16 +142,62 @@ class Executor:
             all(name in answers and self.last_use.get(name, -1) <= i for name in n.outputs if name)
             for i, n in enumerate(self.nodes)
         ]
+        self.prepared: prepared.Prepared | None = None  # `prepare_products`; one walk uses it up
+        self.product_paths: dict[str, int] = {}  # the last walk's weight products, by path (Context.product_paths)
 
     def answers_stay_secret(self) -> None:
         """The outputs feed more MPC (generation's argmax), not an opening: every product is truncated
         in its node, as its consumer needs it (no `Unscaled` answers)."""
         self._final = [False] * len(self.nodes)
 
+    def _weight_names(self) -> set[str]:
+        """The names that hold a weight: the secret weights, and a 2-D weight read through a Transpose (a tied
+        LM head's embedding table; `kernels.transpose` keeps it a WeightShare)."""
+        names = set(self.weights)
+        if self.stream is not None:
+            names |= {name for name, _ in self.stream.manifest}
+        return names | set(self._transposed_weights(names))
+
+    def _transposed_weights(self, names: set[str]) -> dict[str, str]:
+        """Transposed weight -> the weight it reads."""
+        return {
+            n.outputs[0]: n.inputs[0]
+            for n in self.nodes
+            if n.key == ("", "Transpose") and n.inputs[0] in names and n.attrs.get("perm") in (None, [1, 0])
+        }
+
+    def _product(self, index: int, weights: dict, group=None) -> prepared.Product:
+        node = self.nodes[index]
+        transpose = node.op_type == "Gemm" and bool(node.attrs.get("transB", 0))
+        return prepared.Product(node.name, group, weights[node.inputs[1]], transpose)
+
+    def prepare_products(self, tokens: int, batch: int) -> None:
+        """Setup for the next walk: masks for every product with a weight (`prepared.prepare`), for inputs
+        of `tokens` rows (batch x sequence), or `batch` rows for an LM head on the last position. All ranks
+        call it alike, after the weights are shared."""
+        groups = product_groups(self.nodes, self._weight_names(), self._final)
+        weights = dict(self.weights)
+        for name, source in self._transposed_weights(set(self.weights)).items():
+            if len(weights[source].shape) == 2:
+                weights[name] = weights[source].transpose()
+        products, rows, widths = [], {}, {}
+        for head, members in groups.items():
+            if any(self.nodes[i].inputs[1] not in weights for i in members):
+                continue  # a Transpose of a weight of more than 2 dims: an AShare, multiplied online
+            for i in members:
+                p = self._product(i, weights, head)
+                products.append(p)
+                shape = p.weight.value_shape
+                widths[head] = shape[-1] if p.transpose else shape[0]
+            rows[head] = batch if self.nodes[head].inputs[0].endswith(LAST_POSITION) else tokens
+        self.prepared = prepared.prepare(self.party, products, rows, widths)
+
     def run(self, feeds: dict, on_node: Callable[[Node], None] | None = None) -> dict:
         """Walk the graph; returns the graph outputs (shares, private or public values)."""
         env = {**self.public, **self.weights, **feeds}
         ctx = Context(self.party, self.fits, self.plan)
+        ctx.prepared, self.prepared = self.prepared, None
+        groups = product_groups(self.nodes, self._weight_names(), self._final)
         keep = set(self.output_names)
         comm = self.party.comm
         self.stats = []
@@ -136,6 +210,8 @@ class Executor:
             before, start = comm.stats.snapshot(), time.perf_counter()
             ctx.final = self._final[i]
             with comm.tag(node.op_type):
+                if i in groups:
+                    self._run_products(ctx, groups[i], env)
                 outputs = self._run_node(ctx, i, node, inputs)
             cost = comm.stats.snapshot() - before
             self.stats.append(
@@ -147,7 +223,21 @@ class Executor:
             for name in node.inputs:
                 if name and self.last_use.get(name) == i and name not in keep and name not in self.public:
                     env.pop(name, None)
+        self.product_paths = dict(ctx.product_paths)
         return {name: env[name] for name in self.output_names}
+
+    def _run_products(self, ctx: Context, members: list[int], env: dict) -> None:
+        """The weight products of one group at its first node, in one batch (`kernels.weight_products`);
+        each node's kernel then finds its own in `ctx.ready`. Members whose weight has not arrived yet (a
+        streamed weight of a later layer) run alone at their own node."""
+        x = env[self.nodes[members[0]].inputs[0]]
+        here = [i for i in members if isinstance(env.get(self.nodes[i].inputs[1]), WeightShare)]
+        if not is_secret(x) or not here:
+            return
+        group = members[0] if len(here) == len(members) else None
+        products = [self._product(i, env, group) for i in here]
+        for p, out in zip(products, weight_products(ctx, ctx.secret(x), products, group)):
+            ctx.ready[p.key] = out
 
     def _run_node(self, ctx: Context, index: int, node: Node, inputs: list) -> list:
         if not any(is_secret(v) for v in inputs):

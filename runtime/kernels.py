@@ -22,9 +22,10 @@ from typing import Callable
 
 import numpy as np
 
-from . import approx, arith, embedding, nonlinear
+from . import approx, arith, embedding, nonlinear, prepared
 from .nonlinear import NormDomain
 from .party import Party
+from .prepared import Prepared, Product
 from .ring import ring_matmul
 from .shares import AShare, concat, split
 from .weights import WeightShare, matmul_part
@@ -132,6 +133,9 @@ class Context:
         self.fits = fits
         self.plan = plan or {}
         self.final = False  # the node's outputs are graph outputs only: products may stay `Unscaled`
+        self.ready = {}  # node name -> its weight product, computed ahead with its group (`weight_products`)
+        self.prepared: Prepared | None = None  # masks prepared for weight products before the input came
+        self.product_paths = {"prepared": 0, "online": 0}  # weight products by how they ran (the report's)
 
     def params(self, node: Node) -> dict:
         """The planned variant of `node` ({} for the defaults)."""
@@ -364,12 +368,33 @@ def _matmul_public(ctx: Context, x: AShare, c: np.ndarray, left: bool) -> AShare
 MATMUL_BLOCK_ELEMENTS = 2**22
 
 
-def _matmul_weight(ctx: Context, x: AShare, w: WeightShare, transpose: bool = False) -> AShare:
-    """x @ W for a weight: one ring matmul per rank (the owner knows W), then the truncation."""
-    part = matmul_part(x, w, transpose)
-    if ctx.final:
-        return Unscaled(arith.reshare_parts(ctx.party, [part])[0], ctx.party.fxp.frac_bits)
-    return arith.truncate_parts(ctx.party, [part], ctx.party.fxp.frac_bits)[0]
+def weight_products(ctx: Context, x: AShare, members: list[Product], group=None) -> list:
+    """x @ W for each member's weight, in one batch (the products that read one input: attention's q, k, v).
+
+    From masks prepared before the input arrived when they cover x (`prepared.products`: 3 rounds, 8 B per
+    input element and 44 per output element, one product online); else each rank's part
+    (`weights.matmul_part`, one product per rank) and one truncation (2 rounds, 60 B per output element).
+    With `ctx.final` the products are reshared untruncated (`Unscaled`): 1 round less.
+    """
+    f = ctx.party.fxp.frac_bits
+    k = x.shape[-1]
+    rows = x.size // max(k, 1)
+    path = "prepared" if ctx.prepared is not None and group is not None and ctx.prepared.covers(group, rows, k) else "online"
+    ctx.product_paths[path] += len(members)
+    if path == "prepared":
+        outs = prepared.products(ctx.party, x, group, members, ctx.prepared, None if ctx.final else f)
+    else:
+        parts = [matmul_part(x, m.weight, m.transpose) for m in members]
+        outs = arith.reshare_parts(ctx.party, parts) if ctx.final else arith.truncate_parts(ctx.party, parts, f)
+    return [Unscaled(o, f) for o in outs] if ctx.final else outs
+
+
+def _matmul_weight(ctx: Context, node: Node, x, w: WeightShare, transpose: bool = False):
+    """x @ W for a weight: the product its group computed ahead (`Context.ready`), or this one alone."""
+    ready = ctx.ready.pop(node.name, None)
+    if ready is not None:
+        return ready
+    return weight_products(ctx, ctx.secret(x), [Product(node.name, None, w, transpose)])[0]
 
 
 def _fold_fits(ctx: Context, node: Node, extra: int) -> bool:
@@ -382,7 +407,7 @@ def _fold_fits(ctx: Context, node: Node, extra: int) -> bool:
 
 def matmul(ctx, node, x, y):
     if isinstance(y, WeightShare):
-        return (_matmul_weight(ctx, ctx.secret(x), y),)
+        return (_matmul_weight(ctx, node, x, y),)
     if is_secret(x) and is_secret(y):
         factor = (x.factor if isinstance(x, Scaled) else 1.0) * (y.factor if isinstance(y, Scaled) else 1.0)
         extra = power_of_two_bits(factor)
@@ -412,7 +437,7 @@ def gemm(ctx, node, a, b, c=None):
     if node.attrs.get("transA", 0):
         a = ctx.secret(a).transpose() if is_secret(a) else np.asarray(a).T
     if isinstance(b, WeightShare):
-        out = _matmul_weight(ctx, ctx.secret(a), b, transpose=bool(node.attrs.get("transB", 0)))
+        out = _matmul_weight(ctx, node, a, b, transpose=bool(node.attrs.get("transB", 0)))
     else:
         if node.attrs.get("transB", 0):
             b = ctx.secret(b).transpose() if is_secret(b) else np.asarray(b).T

@@ -138,21 +138,22 @@ def _chunked(kernel, max_k: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-def ring_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def ring_matmul(a: np.ndarray, b: np.ndarray, threads: int = 1) -> np.ndarray:
     """Exact a @ b mod 2^64 for uint64 operands, with np.matmul's broadcasting and 1-D rules.
 
     Byte limbs through int8 GEMMs (`byte_limbs`) where onnxruntime's MatMulInteger is exact, else
     22-bit limbs (6 limb products in 3 float64 BLAS calls) on pieces of the inner dimension short enough
     to be exact, summed in the ring; numpy's uint64 einsum for few rows (DIRECT_ROWS_BYTES, DIRECT_ROWS).
+    `threads` > 1 gives the int8 GEMMs that many threads (for a rank that computes while the others wait).
     """
     a = np.asarray(a, dtype=np.uint64)
     b = np.asarray(b, dtype=np.uint64)
     if a.ndim == 1 and b.ndim == 1:
-        return ring_matmul(a[None, :], b[:, None])[0, 0]
+        return ring_matmul(a[None, :], b[:, None], threads)[0, 0]
     if a.ndim == 1:
-        return ring_matmul(a[None, :], b)[..., 0, :]
+        return ring_matmul(a[None, :], b, threads)[..., 0, :]
     if b.ndim == 1:
-        return ring_matmul(a, b[:, None])[..., 0]
+        return ring_matmul(a, b[:, None], threads)[..., 0]
     if a.shape[-1] != b.shape[-2]:
         raise ValueError(f"ring_matmul: inner dimensions differ, {a.shape} @ {b.shape}")
     if a.shape[-1] == 0:  # the empty sum
@@ -162,7 +163,11 @@ def ring_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         # Few rows (a generation step's one token, a short prompt): splitting b into limbs costs more than
         # numpy's einsum loop on uint64, which wraps mod 2^64 exactly (np.matmul's is 3-20x slower still).
         return np.einsum("...mk,...kn->...mn", a, b)
-    kernel = byte_limbs.matmul if bytes_ else (lambda x, y: _chunked(_matmul_limbs, _MAX_K, x, y))
+    if bytes_:
+        sessions = byte_limbs.sessions(threads)
+        kernel = lambda x, y: byte_limbs.matmul(x, y, sessions)  # noqa: E731
+    else:
+        kernel = lambda x, y: _chunked(_matmul_limbs, _MAX_K, x, y)  # noqa: E731
     n = b.shape[-1]
     step = max(1, _MAX_B_ELEMENTS // min(b.shape[-2], byte_limbs.MAX_K if bytes_ else _MAX_K))
     if n <= step:

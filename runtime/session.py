@@ -601,6 +601,13 @@ def make_feeds(comm: Communicator, raw: dict | None, info: dict) -> dict:
     return {**feeds, **empty_cache(info, batch)}
 
 
+def token_rows(feeds: dict) -> tuple[int, int] | None:
+    """(tokens, batch) of the (B, S) token inputs: the rows of the hidden states, and of an LM head on the
+    last position; None without such an input."""
+    shape = next((tuple(v.shape) for v in feeds.values() if len(getattr(v, "shape", ())) == 2), None)
+    return None if shape is None else (shape[0] * shape[1], shape[0])
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -705,6 +712,7 @@ def start(
     check: Callable[[dict], None] | None = None,
     caches: bool = False,
     check_model: Callable[[onnx.ModelProto, dict], None] | None = None,
+    prepare: bool = False,
 ) -> Started:
     """Setup up to the first walk: keys, the model (owner), its public parts, the client's input
     (`client_input(info)` -> (raw inputs, anything else), run on the client), the shared weights.
@@ -712,6 +720,8 @@ def start(
     `check_model(graph, info)` likewise, with the graph skeleton (no weights) every rank holds.
     `caches`: the walks will cache the weights' forms beside resident weights when they fit
     (generation's `keep_resident`); the memory check counts them.
+    `prepare`: the weight products' masks for one walk on these inputs' shapes join the setup
+    (`Executor.prepare_products`; not when the weights are streamed).
 
     Every check, the owner's and the client's, happens before the weights are shared.
     """
@@ -770,6 +780,9 @@ def start(
         executor.stream = WeightStream(party, manifest, values, groups, starts, executor.last_use)
     else:
         executor.weights = share_weights(party, manifest, values, groups)
+        rows = token_rows(feeds)
+        if prepare and rows is not None:
+            executor.prepare_products(*rows)
     setup_s = time.perf_counter() - setup_start
     after_setup = comm.stats.snapshot()
     return Started(
@@ -885,6 +898,8 @@ def base_report(started: Started, everyone: list, opts: RunOptions, online_s: fl
             "rounds": max(e["rounds_setup"] for e in everyone),
             "time_s": max(e["weights_s"] for e in everyone),
         },
+        # Weight products whose masks were prepared in the setup, and those computed online.
+        "weight_products": started.executor.product_paths,
         "frac_bits": opts.frac_bits,
         "approx": info["approx"],
         "ranges": info["ranges"],
@@ -914,7 +929,7 @@ def base_report(started: Started, everyone: list, opts: RunOptions, online_s: fl
 
 def run(comm: Communicator, opts: RunOptions) -> dict | None:
     """One secure inference on this rank; the client returns the report, the others None."""
-    started = start(comm, opts, lambda info: (client_feeds(opts, info), None))
+    started = start(comm, opts, lambda info: (client_feeds(opts, info), None), prepare=True)
     executor = started.executor
     online_start = time.perf_counter()
     comm.begin_trace()

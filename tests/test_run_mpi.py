@@ -90,6 +90,8 @@ def test_two_layer_models_match_onnxruntime(exported, tmp_path, name):
         assert key in report
     assert len(report["bytes_sent"]) == 3 and report["bytes_sent_total"] == sum(report["bytes_sent"]) > 0
     assert {"name", "layer", "op_type", "time_s", "bytes", "rounds"} <= set(report["per_op"][0])
+    # Every weight product ran on masks prepared in the setup (prepared.py).
+    assert report["weight_products"]["online"] == 0 and report["weight_products"]["prepared"] >= 8
 
 
 def test_minilm_real_sentences_keep_their_embedding(tmp_path_factory):

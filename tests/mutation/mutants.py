@@ -33,6 +33,11 @@ MUTANTS = [
     # --- protocols
     ("runtime/byte_limbs.py", "and hi < 256**j - _C_LOW[j]", "and hi <= 256**j - _C_LOW[j]",
      "a right operand one past the top of J digits still taken as J digits"),
+    ("runtime/prepared.py", "return got is not None and got[0] >= rows and got[1] == k",
+     "return got is not None and got[0] + 1 >= rows and got[1] == k",
+     "a prepared mask taken for an input one row longer than prepared"),
+    ("runtime/prepared.py", "PRG(prepared.seed_m, stream=prepared.streams[m.key])",
+     "PRG(prepared.seed_m, stream=r_stream)", "the owner adds the group's first product's M to every product"),
     ("runtime/embedding.py", "sigma = (np.uint64(1) - np.uint64(2) * tau)[:, None]",
      "sigma = (np.uint64(2) * tau - np.uint64(1))[:, None]", "the embedding's sign read the wrong way round"),
     ("runtime/prg.py", "block, skip = divmod(first, 16)", "block, skip = first // 16, 0",

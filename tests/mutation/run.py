@@ -38,6 +38,7 @@ TESTS = [
     "tests/runtime/test_byte_limbs.py",
     "tests/runtime/test_embedding.py",
     "tests/runtime/test_prg.py",
+    "tests/runtime/test_prepared.py",
     "tests/passes/test_functions.py",
     "tests/passes/test_layer_norm.py",
     "tests/passes/test_rms_norm.py",

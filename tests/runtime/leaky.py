@@ -14,7 +14,7 @@ import inspect
 import textwrap
 from dataclasses import dataclass
 
-from puma_onnx.runtime import arith, embedding, onehot, weights
+from puma_onnx.runtime import arith, embedding, onehot, prepared, weights
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,18 @@ MUTANTS = {
             ("return party.prg_next.words(SEED_BYTES, np.uint8).tobytes(), seed_2", "return seed_2, seed_2"),
         ),
         "x_0 from the common key: rank 1 regenerates it and unmasks W from x_1",
+    ),
+    "product_mask_from_common_key": Mutant(
+        prepared,
+        "mask_seeds",
+        (
+            ("return None, party.prg_prev", "party.prg_all.words(SEED_BYTES, np.uint8)\n        return None, party.prg_prev"),
+            ("return party.prg_next.words(SEED_BYTES, np.uint8).tobytes(), None",
+             "return party.prg_all.words(SEED_BYTES, np.uint8).tobytes(), None"),
+            ("seed_r = party.prg_prev.words(SEED_BYTES, np.uint8).tobytes()",
+             "seed_r = party.prg_all.words(SEED_BYTES, np.uint8).tobytes()"),
+        ),
+        "R from the common key: the owner subtracts it from x_2 - R and reads the input",
     ),
 }
 

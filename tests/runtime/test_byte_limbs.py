@@ -90,10 +90,13 @@ def test_an_inner_axis_past_one_piece_is_summed_over_pieces():
 def test_ring_matmul_takes_the_byte_limbs_where_they_are_exact(monkeypatch):
     calls = []
     real = byte_limbs.matmul
-    monkeypatch.setattr(byte_limbs, "matmul", lambda a, b: calls.append(a.shape) or real(a, b))
+    monkeypatch.setattr(byte_limbs, "matmul", lambda a, b, s=None: calls.append((a.shape, s)) or real(a, b, s))
     a, b = rand_u64(ring.DIRECT_ROWS_BYTES + 1, 9), rand_u64(9, 4)
     assert np.array_equal(ring_matmul(a, b), a @ b)
-    assert calls == [a.shape]
+    assert np.array_equal(ring_matmul(a, b, threads=2), a @ b)
+    # One thread: the probed sessions; more: sessions of their own, built once.
+    assert calls == [(a.shape, byte_limbs._sessions), (a.shape, byte_limbs.sessions(2))]
+    assert byte_limbs.sessions(2) is not byte_limbs._sessions and byte_limbs.sessions(2) is byte_limbs.sessions(2)
 
 
 class _SaturatingGemm:
@@ -112,10 +115,11 @@ def _reprobe(monkeypatch, build=None, gemm=None) -> None:
     """Forget the probe's answer, and build the sessions with `build`, or the real ones with `gemm` instead."""
     if gemm is not None:
         real_build = byte_limbs._build
-        build = lambda: {**real_build(), "gemm": gemm}  # noqa: E731
+        build = lambda threads=1: {**real_build(threads), "gemm": gemm}  # noqa: E731
     monkeypatch.setattr(byte_limbs, "_build", build)
     monkeypatch.setattr(byte_limbs, "_exact", None)
     monkeypatch.setattr(byte_limbs, "_sessions", None)
+    monkeypatch.setattr(byte_limbs, "_wide", {})
 
 
 def test_a_saturating_gemm_fails_the_probe_and_ring_matmul_keeps_float64_limbs(monkeypatch):

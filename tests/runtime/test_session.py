@@ -73,6 +73,27 @@ def test_bert_matches_onnxruntime_on_the_rewritten_model(bert, tmp_path):
     # The secure run follows the rewritten model's approximations (7e-3 from the exact model here, 20x the
     # fixed-point error), not the exact ops nor another approximation set.
     assert np.abs(secure - rewritten).max() < np.abs(rewritten - original).max() / 4
+    # Every weight product (6 a layer) ran on masks prepared in the setup.
+    assert results[CLIENT]["weight_products"] == {"prepared": 12, "online": 0}
+
+
+def test_a_decoder_prepares_its_lm_head_for_the_last_position_only(exported, tmp_path):
+    """gpt2's LM head reads one row per sequence (passes/last_position.py): its mask is prepared for the
+    batch, every other product's for all the tokens."""
+    from puma_onnx.runtime.session import client_feeds, start
+
+    ids = np.random.default_rng(4).integers(0, 50257, size=(1, 12))
+    opts = RunOptions(model=str(exported("gpt2")), input_ids=ids_file(tmp_path, ids), progress=False)
+
+    def program(comm, o):
+        executor = start(comm, o, lambda info: (client_feeds(o, info), None), prepare=True).executor
+        return {executor.nodes[g].name: rows for g, (rows, _, _) in executor.prepared.groups.items()}
+
+    results, errors = run_threads([opts] * 3, program)
+    assert errors == [None] * 3 and results[0] == results[1] == results[2]
+    rows = results[0]
+    assert len(rows) == 9  # 2 layers of 4 Gemms, and the head
+    assert {name: n for name, n in rows.items() if n != 12} == {"/lm_head/MatMul": 1}
 
 
 def test_the_report_predicts_the_online_time_on_each_network(bert, tmp_path):

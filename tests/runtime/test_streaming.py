@@ -11,7 +11,7 @@ import pytest
 from puma_onnx.export import export, prepare
 from puma_onnx.plaintext import generate as plaintext_generation
 from puma_onnx.runtime import session
-from puma_onnx.runtime.executor import layer_of
+from puma_onnx.runtime.executor import Executor, layer_of
 from puma_onnx.runtime.generation import GenerateOptions, generate as secure_generate
 from puma_onnx.runtime.party import Party
 from puma_onnx.runtime.session import CLIENT, REWRITTEN_FILE, RunOptions, check_memory, memory_needs
@@ -73,6 +73,9 @@ def test_external_data_is_read_one_weight_at_a_time_and_runs(external, tmp_path)
 
 def test_streamed_and_resident_weights_give_the_same_ring_values(external, tmp_path, monkeypatch):
     fixed_keys(monkeypatch)
+    # Streamed weights arrive during the walk, too late for masks prepared in the setup (prepared.py):
+    # the resident run leaves them out too, so both walks run the same protocol.
+    monkeypatch.setattr(Executor, "prepare_products", lambda self, tokens, batch: None)
     resident = secure(external, tmp_path, budget=1 << 40)
     streamed = secure(external, tmp_path, budget=0)
     assert resident["weights"]["mode"] == "resident" and streamed["weights"]["mode"] == "streamed"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from puma_onnx.runtime import arith, compare, convert
+from puma_onnx.runtime import arith, compare, convert, prepared
 from puma_onnx.runtime import embedding as lookup  # by module: the leaky fixtures patch its function
 from puma_onnx.runtime.session import CLIENT, reveal_outputs
 from puma_onnx.runtime.weights import matmul_part, share_weights
@@ -39,6 +39,14 @@ def _weights(p):
     return share_weights(p, [("w", WEIGHT.shape)], lambda name: WEIGHT)["w"]
 
 
+def _prepared_products(p, x, w):
+    """x (2 x 3) @ w from prepared masks, truncated and (another mask) unscaled: setup and online."""
+    products = [prepared.Product("t", "x", w), prepared.Product("u", "y", w)]
+    ready = prepared.prepare(p, products, {"x": 2, "y": 2}, {"x": 3, "y": 3})
+    return [prepared.products(p, x, group, [m], ready, bits)[0] for group, m, bits in (("x", products[0], 18),
+                                                                                         ("y", products[1], None))]
+
+
 # name -> protocol(party, its AShare x of the secret); dealer-based ones run once per dealer.
 ON_SHARES = {
     "mul": lambda p, x: arith.mul(p, x, x),
@@ -53,6 +61,7 @@ ON_SHARES = {
     "matmul_part": lambda p, x: [
         arith.truncate_parts(p, [matmul_part(x.reshape(2, 3), w)], 18) for w in [_weights(p)] for _ in range(3)
     ],
+    "prepared_products": lambda p, x: _prepared_products(p, x.reshape(2, 3), _weights(p)),
     "msb": lambda p, x: convert.msb(p, x),
     "less_than_public": lambda p, x: compare.less_than_public(p, x, [fx(0.25), fx(-1.0)]),
     "equal": lambda p, x: compare.equal(p, x, arith.add_public(p, arith.sub(x, x), fx(2.0))),
@@ -103,12 +112,17 @@ FROM_OWNER = {
     "share_by_0": (0, lambda p, s: arith.share(p, s if p.rank == 0 else None, 0, s.shape)),
     "share_by_2": (2, lambda p, s: arith.share(p, s if p.rank == 2 else None, 2, s.shape)),
     "share_weights": (0, lambda p, s: share_weights(p, [("w", (N,))], lambda name: s.view(np.int64) / ENC)),
+    "prepared_weights": (0, lambda p, s: _prepared_products(
+        p, arith.share(p, fx(np.ones((2, 3))) if p.rank == 1 else None, 1, (2, 3)),
+        share_weights(p, [("w", (3, 2))], lambda name: s.view(np.int64).reshape(3, 2) / ENC)["w"],
+    )),
     "embedding_ids": (CLIENT, lambda p, ids: lookup.embedding(p, _table_share(p), ids if p.rank == CLIENT else None, CLIENT, ids.shape)),
 }
 OWNER_SECRETS = {
     "share_by_0": SECRETS,
     "share_by_2": SECRETS,
     "share_weights": SECRETS,
+    "prepared_weights": SECRETS,
     "embedding_ids": IDS,
 }
 
@@ -150,7 +164,10 @@ CAUGHT = {
     "embedding_mask_from_common_key": (FROM_OWNER["embedding_ids"][1], IDS, (CLIENT + 2) % 3),
     "embedding_product_mask_from_common_key": (embedding_of_table(CLIENT), (TABLE, TABLE_B), CLIENT),
     "weight_mask_from_common_key": (FROM_OWNER["share_weights"][1], SECRETS, 1),
+    "product_mask_from_common_key": (on_shares("prepared_products", 0), SECRETS, 0),
 }
+# Mutants whose protocol truncates: floor or floor + 1.
+TRUNCATING = {"truncation_mask_from_common_key", "product_mask_from_common_key"}
 
 
 @pytest.mark.parametrize("name", MUTANTS)
@@ -178,13 +195,16 @@ def test_each_leaky_variant_stays_correct(monkeypatch, name):
         "embedding_mask_from_common_key": lambda s: TABLE[s],
         "embedding_product_mask_from_common_key": lambda s: s[IDS[0]],
         "weight_mask_from_common_key": lambda s: s,
+        "product_mask_from_common_key": lambda s: (s.view(np.int64).reshape(2, 3) @ fx(WEIGHT).view(np.int64)) >> 18,
     }[name](secrets[0])
     got, want = opened.reshape(-1).view(np.int64), np.asarray(expected).reshape(-1).view(np.int64)
     # The truncation is floor or floor + 1; everything else is exact.
-    assert np.all(np.abs(got - want) <= (name == "truncation_mask_from_common_key"))
+    assert np.all(np.abs(got - want) <= (name in TRUNCATING))
 
 
 def _first_share(out):
+    if isinstance(out, list):
+        out = out[0]
     if isinstance(out, dict):
         (out,) = out.values()
     if hasattr(out, "materialize"):

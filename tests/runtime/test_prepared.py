@@ -1,0 +1,129 @@
+"""Weight products from masks prepared before the input: values, single use, and cost against the docstring."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from puma_onnx.runtime import arith, prepared
+from puma_onnx.runtime.comm import run_parties
+from puma_onnx.runtime.weights import share_weights
+
+from .helpers import cost_of, encoded, open_fx, share_fx
+
+RNG = np.random.default_rng(23)
+F = 18
+ULP = 2.0**-F
+# Two products read one input (x @ A, x @ B^T with B stored as (m, k)); C reads another, prepared for more rows.
+A = RNG.normal(scale=0.5, size=(24, 40)).astype(np.float32)
+B = RNG.normal(scale=0.5, size=(16, 24)).astype(np.float32)
+C = RNG.normal(scale=0.5, size=(40, 8)).astype(np.float32)
+WEIGHTS = {"a": A, "b": B, "c": C}
+X = RNG.normal(scale=4.0, size=(2, 3, 24))  # 6 rows
+Z = RNG.normal(scale=4.0, size=(5, 40))
+
+
+def _shared(p):
+    return share_weights(p, [(n, w.shape) for n, w in WEIGHTS.items()], lambda n: WEIGHTS[n])
+
+
+def _plan(w):
+    products = [prepared.Product("a", "x", w["a"]), prepared.Product("b", "x", w["b"], transpose=True),
+                prepared.Product("c", "z", w["c"])]
+    return products, {"x": 6, "z": 9}, {"x": 24, "z": 40}
+
+
+def _exact(x, w, transpose=False):
+    """x @ w on the encodings, in float64: what the ring computes before the truncation."""
+    w = encoded(w.astype(np.float64))
+    return encoded(x) @ (w.T if transpose else w)
+
+
+@pytest.mark.parametrize("rows", [6, 4])  # all prepared rows, and fewer: the first rows of R serve
+def test_prepared_products_match_the_exact_product_within_one_ulp(rows):
+    x = X.reshape(6, 24)[:rows]
+
+    def prog(p):
+        w = _shared(p)
+        products, n, k = _plan(w)
+        ready = prepared.prepare(p, products, n, k)
+        xs, zs = share_fx(p, x), share_fx(p, Z)
+        ab = prepared.products(p, xs, "x", products[:2], ready, F)
+        (c,) = prepared.products(p, zs, "z", products[2:], ready, F)
+        return [open_fx(p, v) for v in (*ab, c)]
+
+    got_a, got_b, got_c = run_parties(prog)[0]
+    assert got_a.shape == (rows, 40) and got_b.shape == (rows, 16) and got_c.shape == (5, 8)
+    # floor or floor + 1 of the exact product at scale 2f: within one ulp (and 2^-2f of the encoding).
+    assert np.abs(got_a - _exact(x, A)).max() <= ULP * 1.001
+    assert np.abs(got_b - _exact(x, B, transpose=True)).max() <= ULP * 1.001
+    assert np.abs(got_c - _exact(Z, C)).max() <= ULP * 1.001
+
+
+def test_unscaled_products_are_the_exact_ring_product():
+    """bits=None: the reshared product at scale 2f, exact (an answer the client rescales)."""
+
+    def prog(p):
+        w = _shared(p)
+        products, n, k = _plan(w)
+        ready = prepared.prepare(p, products, n, k)
+        (c,) = prepared.products(p, share_fx(p, Z), "z", products[2:], ready, None)
+        return arith.reveal(p, c)
+
+    got = run_parties(prog)[0].view(np.int64).astype(np.float64) / 2.0 ** (2 * F)
+    assert np.array_equal(got, _exact(Z, C))
+
+
+def test_a_prepared_mask_serves_one_input_only():
+    def prog(p):
+        w = _shared(p)
+        products, n, k = _plan(w)
+        ready = prepared.prepare(p, products, n, k)
+        before = ready.covers("x", 6, 24), ready.covers("x", 7, 24), ready.covers("x", 6, 25)
+        prepared.products(p, share_fx(p, X), "x", products[:2], ready, F)
+        return before, ready.covers("x", 6, 24), ready.covers("z", 9, 40)
+
+    before, after, other = run_parties(prog)[0]
+    assert before == (True, False, False)  # more rows or another width than prepared: not covered
+    assert not after and other
+    with pytest.raises(KeyError):
+        run_parties(lambda p: prepared.Prepared(None, None).take("x"))
+
+
+def test_cost_online_three_rounds_and_setup_one_round_per_product():
+    """Online: 8 B per input element from rank 2, then truncate_from_two with rank 2 dealing (12 B per output
+    element) and ranks 0 and 1 16 each. Setup: 8 B per prepared output element from rank 2 to rank 1."""
+    n, k, m = 6, 24, 40 + 16
+
+    def prog(p):
+        w = _shared(p)
+        products, rows, widths = _plan(w)
+        ready, setup = cost_of(p, lambda: prepared.prepare(p, products, rows, widths))
+        xs = share_fx(p, X)
+        _, online = cost_of(p, lambda: prepared.products(p, xs, "x", products[:2], ready, F))
+        return setup, online
+
+    (s0, o0), (s1, o1), (s2, o2) = run_parties(prog)
+    assert [s.rounds for s in (s0, s1, s2)] == [3, 3, 3]
+    assert (s0.bytes, s1.bytes, s2.bytes) == (0, 0, 8 * (6 * 40 + 6 * 16 + 9 * 8))
+    assert [o.rounds for o in (o0, o1, o2)] == [3, 3, 3]
+    assert (o0.bytes, o1.bytes, o2.bytes) == (16 * n * m, 16 * n * m, 8 * n * k + 12 * n * m)
+
+
+def test_products_that_read_one_input_form_one_group():
+    from puma_onnx.runtime.executor import product_groups
+    from puma_onnx.runtime.kernels import Node
+
+    nodes = [
+        Node("q", "MatMul", "", ["h", "wq"], ["q"], {}),
+        Node("act", "Relu", "", ["h"], ["a"], {}),
+        Node("k", "Gemm", "", ["h", "wk", "b"], ["k"], {"transB": 1, "alpha": 1.0}),
+        Node("v", "MatMul", "", ["h", "wv"], ["v"], {}),
+        Node("scaled", "Gemm", "", ["h", "wv"], ["s"], {"alpha": 0.5}),  # scaled after the product: alone
+        Node("trans_a", "Gemm", "", ["h", "wv"], ["t"], {"transA": 1}),  # reads h transposed
+        Node("o", "MatMul", "", ["a", "wo"], ["o"], {}),
+        Node("secret", "MatMul", "", ["h", "q"], ["x"], {}),  # no weight
+        Node("head", "MatMul", "", ["h", "wh"], ["logits"], {}),  # an answer: reshared, not truncated
+    ]
+    final = [False] * 8 + [True]
+    assert product_groups(nodes, {"wq", "wk", "wv", "wo", "wh"}, final) == {0: [0, 2, 3], 6: [6], 8: [8]}
