@@ -68,12 +68,17 @@ def equal(party: Party, x, y, bits: int = 64):
     return parts if was_list else parts[0]
 
 
-def max(party: Party, x: AShare, axis: int = -1, keepdims: bool = True, bits: int | None = None) -> AShare:  # noqa: A001
+def max(  # noqa: A001
+    party: Party, x: AShare, axis: int = -1, keepdims: bool = True, bits: int | None = None, drop: int = 0
+) -> AShare:
     """Maximum along an axis by a tree of comparisons; one level is one batch. Exact while any two
     entries differ by less than 2^(L-1), L = bits or party.msb_bits.
 
     Each level compares the first half of the remaining entries with the second half
     (msb of the difference), then keeps the larger by mul_bit; an odd one out waits.
+    With `drop` = k the comparisons ignore the carry of the k low bits (convert.msb): a level may keep
+    the smaller of two entries less than 2^k apart, so the result is an entry within
+    ceil(log2 n) (2^k - 1) ring units below the maximum, for an (L - k)-bit comparison.
     Rounds per level msb's + 2 (8 at L = 48), ceil(log2 n) levels;
     bytes per compared pair 31.6 + 32 over the three ranks (msb and mul_bit). PUMA section 4 / SPU's reduce max.
     """
@@ -83,7 +88,7 @@ def max(party: Party, x: AShare, axis: int = -1, keepdims: bool = True, bits: in
             h = x.shape[-1] // 2
             a, b = x[..., :h], x[..., h : 2 * h]
             diff = arith.sub(b, a)
-            larger = arith.add(a, mul_bit(party, msb(party, arith.neg(diff), bits=bits), diff))
+            larger = arith.add(a, mul_bit(party, msb(party, arith.neg(diff), bits=bits, drop=drop), diff))
             x = concat([larger, x[..., 2 * h :]], axis=-1)
         x = x.moveaxis(-1, axis) if keepdims else x.squeeze(-1)
     return x

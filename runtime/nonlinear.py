@@ -56,6 +56,9 @@ RSQRT_STEPS_PER_OCTAVE = 4
 # Inside softmax, exp's values, their row sum and its reciprocal carry f + 8 bits: the sum of
 # n rounded exps would otherwise cost ~sqrt(n)/2 ulp.
 SOFTMAX_EXTRA_BITS = 8
+# The softmax's max may fall this many bits of the fixed point short of the row's maximum per level of its
+# tree (exp then reads inputs up to ceil(log2 n) 2^-12 above 0, which it takes like those below).
+SOFTMAX_MAX_SLACK = 12
 # ... while the reciprocal (at most 1, times e <= 1) needs only f + 5: the output product then truncates
 # by 13 + f = 31 bits, the most that ships a 4-byte share.
 SOFTMAX_INV_BITS = 5
@@ -475,6 +478,18 @@ def silu(party: Party, x: AShare, fit: approx.Piecewise = approx.REFIT.silu, cmp
 # ----------------------------------------------------------------------------- softmax
 
 
+def max_drop_bits(bits: int, f: int) -> int:
+    """Low bits the softmax's max comparisons ignore (`compare.max`'s drop) on `bits`-bit comparisons: the
+    fewest that take convert.msb's carry tree one level lower, if they keep each level of the max tree
+    within 2^-SOFTMAX_MAX_SLACK of the larger entry (a drop of at most f - SOFTMAX_MAX_SLACK); else 0.
+    28 bits (BERT-base's recorded scores) at f = 18: 3 bits, 5 rounds a comparison instead of 6."""
+    groups = -(-(bits - 1) // convert.LEAF_BITS)
+    if groups <= 1:
+        return 0
+    need = bits - 1 - convert.LEAF_BITS * 2 ** (math.ceil(math.log2(groups)) - 1)
+    return need if 0 < need <= f - SOFTMAX_MAX_SLACK else 0
+
+
 def softmax(
     party: Party, x: AShare, mask: np.ndarray | None = None, fit: approx.ExpNeg = approx.REFIT.exp,
     cmp_bits: int | None = None,
@@ -488,13 +503,16 @@ def softmax(
     max over kept positions (masked ones are first overwritten, locally, with the row's first kept
     element, so no sentinel value has to fit the ring), e = exp_neg(x - max) * mask, ONE reciprocal
     per row of the sum (in [1, n]: the max contributes exp(0) = 1; kept at f + 8 bits), then a
-    broadcast product.
+    broadcast product. Where fewer low bits keep a comparison a round shorter (`max_drop_bits`), the max
+    tree ignores them: its max is then an entry up to ceil(log2 n) 2^-12 below the row's, so the sum
+    stays >= 1 and may pass n by 0.2% at most, and softmax's invariance to the shift keeps the result.
     A row with no kept position gives 0 (approx.softmax gives NaN there; the ONNX export maps it to 0).
     Measured error vs approx.softmax 1.1 ulp (plus what the cut zone of exp keeps); approx.softmax is up to
     0.07 from the exact softmax with PUMA's exp, 4e-4 with the refit one (rows of 128 scores).
     The reciprocal carries f + 5 bits (enough against e <= 1), so the output product truncates by 31.
-    Rounds ceil(log2 n) (C + S) + 18 (exp) + 16 (reciprocal) + 2 = 8 ceil(log2 n) + 36 (92 for
-    n = 128); bytes per element (n-1)/n (C + S) [max] + exp's + M [product], plus the reciprocal's
+    Rounds ceil(log2 n) (C' + S) + 18 (exp) + 16 (reciprocal) + 2 = 8 ceil(log2 n) + 36 (92 for
+    n = 128) at L = 48, C' the max's comparison on L - max_drop_bits(L, f) bits (BERT-base, L = 28: 5
+    rounds instead of 6: 83 rounds); bytes per element (n-1)/n (C + S) [max] + exp's + M [product], plus the reciprocal's
     305 B per row at n = 128: 157.0 B per element per rank there (471 over the three; was 603).
     PUMA section 4.2.
     """
@@ -507,7 +525,8 @@ def softmax(
             first = np.argmax(keep, axis=-1)[..., None]
             filler = AShare(np.take_along_axis(x.first, first, -1), np.take_along_axis(x.second, first, -1))
             x = arith.add(arith.mul_public(arith.sub(x, filler), keep.astype(np.int64)), filler)
-        top = compare.max(party, x, axis=-1, keepdims=True, bits=cmp_bits)
+        drop = max_drop_bits(cmp_bits or party.msb_bits, f)
+        top = compare.max(party, x, axis=-1, keepdims=True, bits=cmp_bits, drop=drop)
         with party.comm.tag("exp_neg"):
             e = _exp_neg(party, arith.sub(x, top), f + SOFTMAX_EXTRA_BITS, fit, cmp_bits)
         if keep is not None:

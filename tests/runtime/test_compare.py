@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 
@@ -173,3 +175,39 @@ def test_argmax_onehot_costs_the_argmax_and_one_mul_bit_per_level():
         assert onehot.rounds == argmax.rounds + 6 * 2  # log2(64) levels, a mul_bit (2 rounds) each
     total = sum(o.bytes - a.bytes for o, a in run_parties(prog))
     assert total == 32 * (n - 1)  # one mul_bit per compared pair: 32 bytes over the three ranks
+
+
+def test_max_with_dropped_bits_keeps_an_entry_within_its_slack():
+    """A level may keep the smaller of two entries closer than 2^k ring units: ties, near-ties below 2^k,
+    and entries 2^k apart (which it must order), against the exact maximum."""
+    k, ulp = 3, 2.0**-18
+    base = rng.uniform(-50, 50, (64, 1))
+    steps = np.array([0, 1, 2, 7, 8, 9, 3, 5, 16, 0, 6, 1, 4, 2, 7, 12])  # ulps above the row's base
+    x = base + rng.permuted(np.tile(steps, (64, 1)), axis=1) * ulp
+    enc = np.rint(x * 2**18) / 2**18
+
+    def prog(p):
+        a = share_fx(p, x)
+        out, cost = cost_of(p, lambda: compare.max(p, a, bits=28, drop=k))
+        return open_fx(p, out), cost
+
+    (got, cost), *_ = run_parties(prog)
+    levels = 4
+    assert np.all((got == enc).any(axis=1))  # one of the row's entries, selected exactly
+    short = (enc.max(axis=1, keepdims=True) - got) / ulp
+    assert short.min() >= -1e-6 and short.max() <= levels * (2**k - 1)
+    # 28 - 3 bits: 8 groups, a carry tree of 3 levels: 5 rounds per comparison, 2 for the mul_bit.
+    assert cost.rounds == levels * (5 + 2)
+
+
+@pytest.mark.parametrize("bits, f, drop", [(28, 18, 3), (31, 18, 6), (31, 17, 0), (48, 18, 0), (25, 18, 0),
+                                           (64, 18, 0), (29, 20, 4), (2, 18, 0)])
+def test_softmax_drops_the_fewest_bits_that_save_a_round(bits, f, drop):
+    from puma_onnx.runtime.nonlinear import SOFTMAX_MAX_SLACK, max_drop_bits
+    from puma_onnx.runtime.convert import LEAF_BITS
+
+    assert max_drop_bits(bits, f) == drop
+    tree = lambda b: math.ceil(math.log2(max(1, -(-(b - 1) // LEAF_BITS))))  # noqa: E731
+    if drop:
+        assert tree(bits - drop) == tree(bits) - 1 and tree(bits - drop + 1) == tree(bits)
+        assert drop <= f - SOFTMAX_MAX_SLACK

@@ -272,6 +272,20 @@ def test_softmax_against_the_exact_softmax(fit, bound):
     assert np.abs(got - exact_softmax(x, True)).max() < bound
 
 
+def test_softmax_whose_max_ignores_low_bits_stays_within_3_ulp_on_near_ties():
+    """On 28-bit comparisons (BERT-base's recorded scores) the max tree drops 3 low bits: rows whose top
+    entries differ by 0-8 ulp (its worst case: it may keep the smaller), with scores near the range's end."""
+    assert nonlinear.max_drop_bits(28, 18) == 3
+    top = rng.uniform(-60, 60, (16, 1))
+    x = top - rng.integers(0, 9, (16, 64)) * ULP  # the row's top within 8 ulp of each other
+    x[:, ::2] -= rng.uniform(0, 5, (16, 32))
+    x[:3, 1] = top[:3, 0] - 63.0  # the far end of the 28-bit range: 2^(28 - 2 - 18) = 64
+    got = secure(lambda p, a: nonlinear.softmax(p, a, None, approx.REFIT.exp, cmp_bits=28), x)
+    keep = np.ones(x.shape, bool)
+    want = approx.softmax(encoded(x), None, approx.REFIT.exp)
+    assert np.all(np.abs(got - want) <= softmax_tolerance(encoded(x), keep, approx.REFIT.exp))
+
+
 def test_softmax_with_causal_mask_within_3_ulp():
     x = rng.normal(0, 4, (4, 24, 24))
     causal = np.tril(np.ones((24, 24), dtype=bool))
