@@ -214,8 +214,8 @@ def _summed(runs: list[list[OpStats]]) -> list[OpStats]:
 def generate(comm: Communicator, opts: GenerateOptions) -> dict | None:
     """Secure generation on this rank; the client returns the report (with the answer), the others None."""
     started: Started = start(
-        comm, opts, lambda info: prompt_input(opts, info), check=check_decoder, caches=True
-    )
+        comm, opts, lambda info: prompt_input(opts, info), check=check_decoder, caches=True, prepare=True
+    )  # the prompt's walk runs on prepared masks (prepared.py); each later token's multiplies online
     comm.begin_trace()  # the online rounds start here (the prompt's public parameters are one)
     party, info, executor = started.party, started.info, started.executor
     executor.answers_stay_secret()
@@ -228,7 +228,7 @@ def generate(comm: Communicator, opts: GenerateOptions) -> dict | None:
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
     feeds, context = started.feeds, params["length"]
-    steps, walks = [], []
+    steps, walks, product_paths = [], [], {}
     online_start = time.perf_counter()
     for step in range(params["max_new_tokens"]):
         began, before = time.perf_counter(), comm.stats.snapshot()
@@ -239,6 +239,8 @@ def generate(comm: Communicator, opts: GenerateOptions) -> dict | None:
         else:
             outputs = executor.run(feeds)
         walks.append(executor.stats)
+        for path, count in executor.product_paths.items():
+            product_paths[path] = product_paths.get(path, 0) + count
         logits = Context(party).secret(outputs["logits"])
         logits = logits.reshape(-1)[-logits.shape[-1] :]
         noise = None
@@ -280,6 +282,7 @@ def generate(comm: Communicator, opts: GenerateOptions) -> dict | None:
         "bytes_share": round(report["steps"][0]["bytes"] / total_bytes, 4) if total_bytes else 1.0,
     }
     report["resident_weights"] = resident
+    report["weight_products"] = product_paths  # over every step: the prompt's prepared, the tokens' online
     report["outputs"] = streamer.result()
     return report
 

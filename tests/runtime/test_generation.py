@@ -61,6 +61,9 @@ def test_greedy_generation_matches_the_plaintext_loop_token_by_token(decoders, t
     assert all(s["bytes"] > 0 and s["rounds"] > 0 for s in report["steps"])
     # The logits feed the argmax: the LM head truncates in its node, not reshared untruncated first.
     assert "reshare_parts" not in report["by_protocol"] and "truncate_parts" in report["by_protocol"]
+    # The prompt's weight products ran on masks prepared in the setup, every later token's online.
+    paths = report["weight_products"]
+    assert paths["prepared"] >= 8 and paths["online"] == (NEW - 1) * paths["prepared"]
 
 
 def record_reveals(monkeypatch) -> list:
