@@ -379,7 +379,8 @@ def weight_products(ctx: Context, x: AShare, members: list[Product], group=None)
     f = ctx.party.fxp.frac_bits
     k = x.shape[-1]
     rows = x.size // max(k, 1)
-    path = "prepared" if ctx.prepared is not None and group is not None and ctx.prepared.covers(group, rows, k) else "online"
+    covered = ctx.prepared is not None and group is not None and ctx.prepared.covers(group, rows, k)
+    path = "prepared" if covered else "online"
     ctx.product_paths[path] += len(members)
     if path == "prepared":
         outs = prepared.products(ctx.party, x, group, members, ctx.prepared, None if ctx.final else f)

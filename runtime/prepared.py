@@ -19,7 +19,7 @@ its own Q; rank 2 receives nothing. The truncation's views are those of `arith.t
 Cost online: 3 rounds; bytes: 8 per input element (one R per input) from rank 2, then 44 per output
 element over the three ranks (rank 2 12, ranks 0 and 1 16 each); the only online product is the
 owner's (21 byte products, `byte_limbs.digit_count`). Setup: 8 bytes per output element from rank 2,
-one round per product, and ranks 1 and 2 each multiply R by a random matrix (36 byte products).
+in one round, and ranks 1 and 2 each multiply R by a random matrix (36 byte products).
 Compare `weights.matmul_part` + `arith.truncate_parts`: 2 rounds, 60 bytes per output element, and
 three products online. (The correlated-randomness split of SPDZ-style preprocessing; the
 dealer-aided truncation is Escudero et al. 2020, section 4.)
@@ -96,30 +96,44 @@ class Prepared:
 def prepare(party: Party, products: list[Product], rows: dict, widths: dict, seeds=None) -> Prepared:
     """Setup for `products`: rows[group] rows of inputs of width widths[group] each (see the module doc).
 
-    One round per product (rank 2 to rank 1, 8 bytes per output element); ranks 1 and 2 multiply R by
-    their components of W. All ranks call it alike with the same public lists.
+    One round (rank 2 to rank 1, 8 bytes per output element, one message); ranks 1 and 2 multiply R by
+    their components of W. Rank 2's components need no message, so it multiplies before the round, while
+    the owner still shares the weights with rank 1. All ranks call it alike with the same public lists.
     """
     seed_r, seed_m = seeds or mask_seeds(party)
     out = Prepared(seed_r, seed_m)
     for stream, group in enumerate(dict.fromkeys(p.group for p in products)):
         out.groups[group] = (int(rows[group]), int(widths[group]), stream)
     r, comm = party.rank, party.comm
-    with comm.tag("prepare_products"):
-        for stream, p in enumerate(products):
+    shapes = []
+    for stream, p in enumerate(products):
+        out.streams[p.key] = stream
+        n = out.groups[p.group][0]
+        shapes.append((n, p.weight.value_shape[0] if p.transpose else p.weight.value_shape[-1]))
+    mine = []
+    if r != OWNER:
+        for p in products:
             n, k, r_stream = out.groups[p.group]
-            out.streams[p.key] = stream
-            if r == OWNER:
-                comm.exchange({}, {})
-                continue
-            mask = PRG(seed_r, stream=r_stream).words((n, k))
-            product = ring_matmul(mask, p.right())
-            if r == HOLDER:
-                got = comm.exchange({}, {SENDER: (product.shape, U64)})[SENDER]
-                out.q[p.key] = product + got
-            else:
-                product -= PRG(seed_m, stream=stream).words(product.shape)
-                comm.exchange({HOLDER: product}, {})
+            product = ring_matmul(PRG(seed_r, stream=r_stream).words((n, k)), p.right())
+            mine.append(product if r == HOLDER else product - _mask_m(out, p.key, product.shape))
+    total = sum(n * m for n, m in shapes)
+    with comm.tag("prepare_products"):
+        if r == SENDER:
+            comm.exchange({HOLDER: np.concatenate([m.reshape(-1) for m in mine]) if mine else np.zeros(0, U64)}, {})
+        elif r == HOLDER:
+            got = comm.exchange({}, {SENDER: ((total,), U64)})[SENDER]
+            at = 0
+            for p, product, (n, m) in zip(products, mine, shapes):
+                out.q[p.key] = product + got[at : at + n * m].reshape(n, m)
+                at += n * m
+        else:
+            comm.exchange({}, {})
     return out
+
+
+def _mask_m(prepared: Prepared, key, shape) -> np.ndarray:
+    """The first rows of product `key`'s M (ranks 0 and 2), drawn again from its own stream."""
+    return PRG(prepared.seed_m, stream=prepared.streams[key]).words(shape)
 
 
 def products(party: Party, x: AShare, group, members: list[Product], prepared: Prepared, bits: int | None):
@@ -140,7 +154,7 @@ def products(party: Party, x: AShare, group, members: list[Product], prepared: P
             got = comm.exchange({}, {SENDER: ((n, k), U64)})[SENDER]
             left = (x.first + x.second).reshape(n, k) + got
             parts = [
-                ring_matmul(left, m.right(), OWNER_THREADS) + PRG(prepared.seed_m, stream=prepared.streams[m.key]).words((n, w))
+                ring_matmul(left, m.right(), OWNER_THREADS) + _mask_m(prepared, m.key, (n, w))
                 for m, w in zip(members, widths)
             ]
         else:

@@ -90,7 +90,7 @@ def test_a_prepared_mask_serves_one_input_only():
         run_parties(lambda p: prepared.Prepared(None, None).take("x"))
 
 
-def test_cost_online_three_rounds_and_setup_one_round_per_product():
+def test_cost_online_three_rounds_and_setup_one_round():
     """Online: 8 B per input element from rank 2, then truncate_from_two with rank 2 dealing (12 B per output
     element) and ranks 0 and 1 16 each. Setup: 8 B per prepared output element from rank 2 to rank 1."""
     n, k, m = 6, 24, 40 + 16
@@ -104,7 +104,7 @@ def test_cost_online_three_rounds_and_setup_one_round_per_product():
         return setup, online
 
     (s0, o0), (s1, o1), (s2, o2) = run_parties(prog)
-    assert [s.rounds for s in (s0, s1, s2)] == [3, 3, 3]
+    assert [s.rounds for s in (s0, s1, s2)] == [1, 1, 1]
     assert (s0.bytes, s1.bytes, s2.bytes) == (0, 0, 8 * (6 * 40 + 6 * 16 + 9 * 8))
     assert [o.rounds for o in (o0, o1, o2)] == [3, 3, 3]
     assert (o0.bytes, o1.bytes, o2.bytes) == (16 * n * m, 16 * n * m, 8 * n * k + 12 * n * m)
