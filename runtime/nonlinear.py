@@ -30,7 +30,7 @@ Two ideas used throughout, beyond PUMA:
   thresholds lo * 2^(j/k) in one batched comparison, b2a the bits, and read a piecewise-constant
   first guess as a public linear combination of the bits: y0 = g_m - sum_j [x < T_j](g_j - g_{j-1}).
   No normalisation by the highest set bit, no extra product: the guess and its square are
-  both free linear combinations, and a short series finishes the job in 3-4 batched products.
+  both free linear combinations, and a short series finishes the job in 2-3 batched products.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ EXP_BITS = 30
 EXP_SQ_BITS = 24
 # Thresholds per octave of the input range, and the series after the guess (see reciprocal, rsqrt).
 RECIP_STEPS_PER_OCTAVE = 2
-RSQRT_STEPS_PER_OCTAVE = 4
+RSQRT_STEPS_PER_OCTAVE = 8
 # Inside softmax, exp's values, their row sum and its reciprocal carry f + 8 bits: the sum of
 # n rounded exps would otherwise cost ~sqrt(n)/2 ulp.
 SOFTMAX_EXTRA_BITS = 8
@@ -62,10 +62,9 @@ SOFTMAX_MAX_SLACK = 12
 # ... while the reciprocal (at most 1, times e <= 1) needs only f + 5: the output product then truncates
 # by 13 + f = 31 bits, the most that ships a 4-byte share.
 SOFTMAX_INV_BITS = 5
-# Taylor coefficients of (1 - r)^(-1/2), k = 0..4, times 2^RSQRT_COEF_BITS (35/128 rounded to 36/128:
-# 4.4e-7 at the largest |r|, and the series keeps 2 more bits of room).
+# Taylor coefficients of (1 - r)^(-1/2), k = 0..3, times 2^RSQRT_COEF_BITS (exact: 1, 1/2, 3/8, 5/16).
 RSQRT_COEF_BITS = 5
-RSQRT_SERIES = (32, 16, 12, 10, 9)
+RSQRT_SERIES = (32, 16, 12, 10)
 # r = 1 - x y0^2 and its powers keep up to f + 8 bits when the output's range leaves room.
 RSQRT_R_EXTRA_BITS = 8
 # rsqrt normalises x by its octave when g^2 would otherwise keep fewer than RSQRT_MIN_BITS bits; the
@@ -311,16 +310,16 @@ def _rsqrt(
 ):
     """gain / sqrt(x) for x (at scale in_bits) in [lo, hi], at 2^out_bits; see rsqrt.
 
-    Guess on quarter-octaves [a, b): g with g^2 = 2/(a+b), so r = 1 - x g^2 lies in +-0.0864.
+    Guess on eighth-octaves [a, b): g with g^2 = 2/(a+b), so r = 1 - x g^2 lies in +-0.0433.
     g^2 is a linear combination of the bits like g, at scale 60 - in_bits so that x g^2 ~ 1 fills
     the ring; g^2's relative precision is then x 2^in_bits / 2^60, poor where x 2^in_bits nears 2^60.
     `normalise` (wide ranges) first takes x 2^-e for the interval's octave e, a product with an exact
     power of two (a linear combination of the bits, like g), so that x g^2 = (x 2^-e)(g^2 2^e) multiplies
     two numbers near 1, each at 30 bits: one more batch, any range.
-    (1 - r)^(-1/2) = sum_k C(2k,k)/4^k r^k to degree 4 (error <= 0.246 r^5 = 1.2e-6, and
-    4.4e-7 from rounding 35/128 to 9/32).
-    Batches: [x 2^-e;] x g^2; r^2; r^3 and r^4; g * series.
-    `ride` = (a, b, p): the caller's a * b / 2^p (a, b at f, result at f) goes out in the r^2 batch.
+    (1 - r)^(-1/2) = sum_k C(2k,k)/4^k r^k to degree 3 (error <= 0.274 r^4 = 9.6e-7), as
+    g + (g r)(1/2 + 3/8 r + 5/16 r^2): the coefficients are exact at 2^-5.
+    Batches: [x 2^-e;] x g^2; g r and r^2; (g r) times the bracket.
+    `ride` = (a, b, p): the caller's a * b / 2^p (a, b at f, result at f) goes out in the second batch.
     Returns (result, ride product or None).
     """
     f = party.fxp.frac_bits
@@ -331,7 +330,7 @@ def _rsqrt(
     if normalise and in_bits + top_octave > _HEADROOM - 2:
         raise ValueError(f"rsqrt: x up to 2^{top_octave + 1} at 2^{in_bits} leaves no room to normalise")
     below = _thermometer(party, x, thresholds, in_bits, cmp_bits)
-    # r and its powers carry rb bits, as many as the last product (result times series <= 2.5) allows.
+    # r and its square carry rb bits, as many as the products with the guess (result <= 1.03 of it) allow.
     top = math.log2(2.5 * gain / math.sqrt(lo))
     rb = f + max(0, min(RSQRT_R_EXTRA_BITS, math.floor(_HEADROOM - out_bits - f - RSQRT_COEF_BITS - top)))
     if normalise:
@@ -343,16 +342,17 @@ def _rsqrt(
         sq_bits = _HEADROOM - 1 - in_bits
         xg2 = arith.mul_fx(party, x, _steps(party, below, g2, sq_bits), bits=sq_bits + in_bits - rb)
     r = _one_minus(party, xg2, rb)
-    if ride is None:
-        r2, ridden = arith.mul_fx(party, r, r, bits=rb), None
-    else:
-        a, b, p = ride
-        r2, ridden = arith.mul_fx(party, [r, a], [r, b], bits=[rb, f + p])
-    r3, r4 = arith.mul_fx(party, [r, r2], [r2, r2], bits=rb)
-    c = RSQRT_SERIES
-    series = _lin(party, [(r, c[1], 0), (r2, c[2], 0), (r3, c[3], 0), (r4, c[4], 0)], 1.0, rb + RSQRT_COEF_BITS)
     guess = _steps(party, below, gain * np.sqrt(g2), out_bits)
-    return arith.mul_fx(party, guess, series, bits=rb + RSQRT_COEF_BITS), ridden
+    pairs, bits = [(guess, r), (r, r)], [rb, rb]
+    if ride is not None:
+        left, right, p = ride
+        pairs.append((left, right))
+        bits.append(f + p)
+    gr, r2, *ridden = arith.mul_fx(party, [u for u, _ in pairs], [v for _, v in pairs], bits=bits)
+    c = RSQRT_SERIES
+    bracket = _lin(party, [(r, c[2], 0), (r2, c[3], 0)], c[1] / c[0], rb + RSQRT_COEF_BITS)
+    tail = arith.mul_fx(party, gr, bracket, bits=rb + RSQRT_COEF_BITS)
+    return arith.add(guess, tail), (ridden[0] if ridden else None)
 
 
 def single_product_bits(lo: float, hi: float, in_bits: int) -> float:
@@ -367,13 +367,14 @@ def rsqrt(party: Party, x: AShare, lo: float = 2.0**-10, hi: float = 2.0**10) ->
     Domain: [lo, hi]; there the error is <= 2e-6 relative + 2 ulp (measured on [2^-10, 2^10] and at both
     ends of [2^-16, 2^40]). Below lo the guess of the lowest interval gives up to 2.5x the value at lo;
     above hi the series diverges.
-    Idea: a piecewise-constant guess from a quarter-octave thermometer (the highest set bit of x to a
-    quarter octave, without normalising x), then the binomial series of (1 - r)^(-1/2) to degree 4,
-    r = 1 - x y0^2 (|r| <= 0.0864): relative error <= 1.7e-6 (1.2e-6 truncation of the series, 4.4e-7
-    from coefficients on a 2^-5 grid) plus fixed-point rounding. No Newton loop.
+    Idea: a piecewise-constant guess from an eighth-octave thermometer (the highest set bit of x to an
+    eighth of an octave, without normalising x), then the binomial series of (1 - r)^(-1/2) to degree 3,
+    r = 1 - x y0^2 (|r| <= 0.0433): relative error <= 9.6e-7 from the series (its coefficients exact at
+    2^-5) plus fixed-point rounding, in two batches after x y0^2. No Newton loop. (A quarter-octave guess
+    needed degree 4 and one batch, two rounds, more; the finer thermometer costs bytes per input only.)
     Comparisons on L = party.msb_bits bits when hi 2^(f+2) < 2^L, else on 64 bits (`thermometer_bits`).
-    Rounds C + A + 8 = 16; bytes per element C + (k-2)X + (k-1)A + 4M + W with k <= ceil(4 log2(hi/lo))
-    intervals (79 thresholds for the default range: 1.2 KB).
+    Rounds C + A + 6 = 14; bytes per element C + (k-2)X + (k-1)A + 3M + W with k <= ceil(8 log2(hi/lo))
+    intervals (159 thresholds for the default range: 2.6 KB).
     """
     f = party.fxp.frac_bits
     if lo < 2.0 ** -(f + 3):
@@ -684,7 +685,7 @@ def _normalise(party: Party, d: AShare, base: AShare, scale: AShare, plan: NormP
     The rsqrt returns 2^p sqrt(n) / (mult sqrt(S + n eps)) at plan.inv_bits, while
     numerator * scale / 2^p (p = log2(mult) - 4, so the factor is 16..32) rides in its r^2 batch:
     one more full-size product gives the result.
-    Rounds 2 (+2 with truncations) + R_C + R_A (+2 normalised) + 8 + 2, R_C the thermometer's comparison
+    Rounds 2 (+2 with truncations) + R_C + R_A (+2 normalised) + 6 + 2, R_C the thermometer's comparison
     on plan.cmp_bits (6 rounds at 48 bits, 7 at 64); bytes/elem 2M (+ T per truncated value), plus per row
     M (2M pre-scaled) + rsqrt's (one M more when normalised).
     """
@@ -714,11 +715,11 @@ def layer_norm(
     truncation per row; the output's centring is exact (n x - sum x, truncated by a few bits when
     n |x scale| could pass 2^(61-2f)). Then var via one matmul per row (pre-scaled for large |x|),
     1/sqrt per row (thermometer + binomial series, see rsqrt) and two full-size products.
-    Rounds 2 + `_normalise`'s (22 for a narrow domain at L = 48; the default domain's variant adds 2 for
-    the truncations, 2 for the normalised rsqrt and 1 for 64-bit comparisons: 27); bytes/elem 2M (+T per
-    truncation), plus per row 5M + W + T (the mean's truncation, 44 B over the ranks) + C + (k-2)X + (k-1)A
-    (7M + W + ... pre-scaled and normalised) with k <= ceil(4 log2(hi/lo)) intervals (136 for var in
-    [2^-20, 2^14], 184 for the default domain). PUMA 4.4.
+    Rounds 2 + `_normalise`'s (20 for a narrow domain at L = 48; the default domain's variant adds 2 for
+    the truncations, 2 for the normalised rsqrt and 1 for 64-bit comparisons: 25); bytes/elem 2M (+T per
+    truncation), plus per row 4M + W + T (the mean's truncation, 44 B over the ranks) + C + (k-2)X + (k-1)A
+    (6M + W + ... pre-scaled and normalised) with k <= ceil(8 log2(hi/lo)) intervals (272 for var in
+    [2^-20, 2^14], 368 for the default domain). PUMA 4.4.
     """
     f = party.fxp.frac_bits
     n = x.shape[-1]
@@ -737,9 +738,9 @@ def rms_norm(party: Party, x: AShare, scale: AShare, eps: float, domain: NormDom
     Domain as layer_norm's, var = mean(x^2): by default |x| <= 2^15 and mean(x^2) + eps in [2^-16, 2^30],
     which covers SmolLM2's |x| = 24,926 and mean squares of 1.09e6; the numerator is 16 x while
     16 x_max scale_max < 2^(61-2f).
-    Rounds `_normalise`'s: 20 for a narrow domain at L = 48, 25 for the default domain's variant
+    Rounds `_normalise`'s: 18 for a narrow domain at L = 48, 23 for the default domain's variant
     (tests/runtime/test_nonlinear.py checks both); bytes/elem 2M (+T per truncation), plus per row
-    5M + W + C + (k-2)X + (k-1)A (7M + W + ... pre-scaled and normalised).
+    4M + W + C + (k-2)X + (k-1)A (6M + W + ... pre-scaled and normalised).
     """
     plan = norm_plan(party.fxp.frac_bits, x.shape[-1], eps, domain, centred=False, msb_bits=party.msb_bits)
     with party.comm.tag("rms_norm"):

@@ -547,9 +547,9 @@ def test_cost_reciprocal_matches_docstring():
 def test_cost_rsqrt_matches_docstring():
     rows = 16
     rounds, nbytes, u = total_cost(nonlinear.rsqrt, np.exp(rng.uniform(-5, 5, rows)))
-    k = 4 * 20
-    assert rounds == u["C"][0] + u["A"][0] + 8 == 16
-    assert nbytes == rows * (u["C"][1] + (k - 2) * u["X"][1] + (k - 1) * u["A"][1] + 4 * u["M"][1] + u["W"][1])
+    k = 8 * 20
+    assert rounds == u["C"][0] + u["A"][0] + 6 == 14
+    assert nbytes == rows * (u["C"][1] + (k - 2) * u["X"][1] + (k - 1) * u["A"][1] + 3 * u["M"][1] + u["W"][1])
 
 
 def test_cost_softmax_matches_docstring():
@@ -579,10 +579,10 @@ def test_cost_norms_match_docstring(name):
         rounds, nbytes, u = total_cost(kernel, x, scale, bias)
     else:
         rounds, nbytes, u = total_cost(lambda p, a, s: nonlinear.rms_norm(p, a, s, 1e-5, NARROW), x, scale)
-    k = len(nonlinear._grid(plan.lo, plan.hi, 4, plan.sum_bits)[0]) + 1
+    k = len(nonlinear._grid(plan.lo, plan.hi, 8, plan.sum_bits)[0]) + 1
     m, w = u["M"][1], u["W"][1]
-    assert rounds == 2 * centred + 2 + u["C"][0] + u["A"][0] + 8 + 2 == 20 + 2 * centred
-    per_row = 5 * m + centred * u["T"][1] + w + u["C"][1] + (k - 2) * u["X"][1] + (k - 1) * u["A"][1]
+    assert rounds == 2 * centred + 2 + u["C"][0] + u["A"][0] + 6 + 2 == 18 + 2 * centred
+    per_row = 4 * m + centred * u["T"][1] + w + u["C"][1] + (k - 2) * u["X"][1] + (k - 1) * u["A"][1]
     assert nbytes == rows * (2 * n * m + per_row)
 
 
@@ -594,8 +594,8 @@ def test_cost_wide_rms_norm_matches_docstring():
     plan = nonlinear.norm_plan(18, n, 1e-5, NormDomain(), centred=False)
     assert plan.prescale and plan.normalise and plan.shift >= 0 and plan.cmp_bits == 64
     rounds, nbytes, u = total_cost(lambda p, a, s: nonlinear.rms_norm(p, a, s, 1e-5), x, scale)
-    k = len(nonlinear._grid(plan.lo, plan.hi, 4, plan.sum_bits)[0]) + 1
+    k = len(nonlinear._grid(plan.lo, plan.hi, 8, plan.sum_bits)[0]) + 1
     m, w, (rc, c), x64 = u["M"][1], u["W"][1], u["C64"], u["X64"][1]
-    assert rounds == 2 + 2 + rc + u["A"][0] + 2 + 8 + 2 == 25
-    per_row = 7 * m + w + c + (k - 2) * x64 + (k - 1) * u["A"][1]
+    assert rounds == 2 + 2 + rc + u["A"][0] + 2 + 6 + 2 == 23
+    per_row = 6 * m + w + c + (k - 2) * x64 + (k - 1) * u["A"][1]
     assert nbytes == rows * (2 * n * m + n * u["T"][1] + per_row)
