@@ -282,7 +282,8 @@ def generate(comm: Communicator, opts: GenerateOptions) -> dict | None:
         "bytes_share": round(report["steps"][0]["bytes"] / total_bytes, 4) if total_bytes else 1.0,
     }
     report["resident_weights"] = resident
-    report["weight_products"] = product_paths  # over every step: the prompt's prepared, the tokens' online
+    # Over every step: the prompt's on prepared masks, each later token's online.
+    report["weight_products"] = {**report["weight_products"], **product_paths}
     report["outputs"] = streamer.result()
     return report
 

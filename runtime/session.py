@@ -26,7 +26,7 @@ import resource
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -698,6 +698,8 @@ class Started:
     setup: Cost
     online_from: Cost  # the counters when the weights were shared
     manifest: list  # the secret weights' (name, shape), public
+    masks: Cost = field(default_factory=Cost)  # preparing the weight products' masks (part of `setup`)
+    masks_s: float = 0.0
 
     def streamed(self) -> tuple[Cost, float]:
         """What sharing streamed weights has cost this rank so far: (counters, seconds)."""
@@ -780,13 +782,16 @@ def start(
         executor.stream = WeightStream(party, manifest, values, groups, starts, executor.last_use)
     else:
         executor.weights = share_weights(party, manifest, values, groups)
-        rows = token_rows(feeds)
-        if prepare and rows is not None:
-            executor.prepare_products(*rows)
+    masks_start, before_masks = time.perf_counter(), comm.stats.snapshot()
+    rows = token_rows(feeds)
+    if prepare and rows is not None and not streamed:
+        executor.prepare_products(*rows)
+    masks_s = time.perf_counter() - masks_start
     setup_s = time.perf_counter() - setup_start
     after_setup = comm.stats.snapshot()
     return Started(
-        party, info, executor, raw, feeds, extra, began, setup_s, after_setup - before_setup, after_setup, manifest
+        party, info, executor, raw, feeds, extra, began, setup_s, after_setup - before_setup, after_setup, manifest,
+        after_setup - before_masks, masks_s,
     )
 
 
@@ -865,7 +870,10 @@ def costs(comm: Communicator, started: Started, stats: list, extra: dict | None 
         "messages_online": online.messages,
         "bytes_setup": started.setup.bytes + streamed.bytes,
         "rounds_setup": started.setup.rounds + streamed.rounds,
-        "weights_s": round(started.setup_s + streamed_s, 3),
+        "bytes_masks": started.masks.bytes,
+        "rounds_masks": started.masks.rounds,
+        "weights_s": round(started.setup_s - started.masks_s + streamed_s, 3),
+        "masks_s": round(started.masks_s, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "op_bytes": [s.bytes for s in stats],
         "by_protocol": {k: [c.bytes, c.rounds] for k, c in comm.stats.by_protocol().items()},
@@ -894,12 +902,19 @@ def base_report(started: Started, everyone: list, opts: RunOptions, online_s: fl
             "mode": "streamed" if started.executor.stream is not None else "resident",
             "synthetic": info.get("synthetic_weights", False),
             "count": sum(int(np.prod(shape, dtype=np.int64)) for _, shape in started.manifest),
-            "bytes_sent": sum(e["bytes_setup"] for e in everyone),
-            "rounds": max(e["rounds_setup"] for e in everyone),
+            "bytes_sent": sum(e["bytes_setup"] - e["bytes_masks"] for e in everyone),
+            "rounds": max(e["rounds_setup"] - e["rounds_masks"] for e in everyone),
             "time_s": max(e["weights_s"] for e in everyone),
         },
-        # Weight products whose masks were prepared in the setup, and those computed online.
-        "weight_products": started.executor.product_paths,
+        # Weight products on masks prepared in the setup and computed online, and what preparing cost.
+        "weight_products": {
+            **started.executor.product_paths,
+            "masks": {
+                "bytes_sent": sum(e["bytes_masks"] for e in everyone),
+                "rounds": max(e["rounds_masks"] for e in everyone),
+                "time_s": max(e["masks_s"] for e in everyone),
+            },
+        },
         "frac_bits": opts.frac_bits,
         "approx": info["approx"],
         "ranges": info["ranges"],

@@ -74,7 +74,13 @@ def test_bert_matches_onnxruntime_on_the_rewritten_model(bert, tmp_path):
     # fixed-point error), not the exact ops nor another approximation set.
     assert np.abs(secure - rewritten).max() < np.abs(rewritten - original).max() / 4
     # Every weight product (6 a layer) ran on masks prepared in the setup.
-    assert results[CLIENT]["weight_products"] == {"prepared": 12, "online": 0}
+    paths = results[CLIENT]["weight_products"]
+    assert (paths["prepared"], paths["online"]) == (12, 0)
+    # Rank 2 sent rank 1 R W_0 - M, 8 bytes per output element of each product (16 rows; per layer q, k, v,
+    # the attention output and the FFN's second product 768 outputs, its first 3072), in one round; the
+    # weights' sharing is reported apart.
+    assert paths["masks"]["bytes_sent"] == 8 * 16 * 2 * (5 * 768 + 3072) and paths["masks"]["rounds"] == 1
+    assert results[CLIENT]["weights"]["bytes_sent"] == 8 * results[CLIENT]["weights"]["count"]
 
 
 def test_a_decoder_prepares_its_lm_head_for_the_last_position_only(exported, tmp_path):
