@@ -168,8 +168,25 @@ class Executor:
 
     def _product(self, index: int, weights: dict, group=None) -> prepared.Product:
         node = self.nodes[index]
-        transpose = node.op_type == "Gemm" and bool(node.attrs.get("transB", 0))
-        return prepared.Product(node.name, group, weights[node.inputs[1]], transpose)
+        return prepared.Product(node.name, group, weights[node.inputs[1]], self._product_transposed(index))
+
+    def mask_bytes(self, tokens: int, batch: int, shapes: dict) -> int:
+        """What `prepare_products` keeps on rank 1 (and rank 2 holds until its message leaves): 8 bytes per
+        output element of every product with a weight, from the weights' public `shapes` (name -> shape)."""
+        names = set(shapes)
+        widths = {**{name: list(shape) for name, shape in shapes.items()},
+                  **{alias: list(shapes[source])[::-1] for alias, source in self._transposed_weights(names).items()}}
+        total = 0
+        for head, members in product_groups(self.nodes, set(widths), self._final).items():
+            rows = batch if self.nodes[head].inputs[0].endswith(LAST_POSITION) else tokens
+            for i in members:
+                shape = widths[self.nodes[i].inputs[1]]
+                total += 8 * rows * (shape[0] if self._product_transposed(i) else shape[-1])
+        return total
+
+    def _product_transposed(self, index: int) -> bool:
+        node = self.nodes[index]
+        return node.op_type == "Gemm" and bool(node.attrs.get("transB", 0))
 
     def prepare_products(self, tokens: int, batch: int) -> None:
         """Setup for the next walk: masks for every product with a weight (`prepared.prepare`), for inputs

@@ -773,7 +773,18 @@ def start(
     count = sum(int(np.prod(shape, dtype=np.int64)) for _, shape in manifest)
     cached = CACHED_BYTES if caches and not streamed and caches_fit(count, opts.weight_budget) else 0
     needs = memory_needs(manifest, groups, streamed, cached)
-    agree(comm, OWNER, lambda: check_memory(hosts, needs, streamed))
+    rows = token_rows(feeds)
+    masks = executor.mask_bytes(*rows, {n: tuple(sh) for n, sh in manifest}) if prepare and rows and not streamed else 0
+    # Ranks 1 and 2 hold the masks' products (`Executor.mask_bytes`); where they do not fit, the products
+    # run online and the memory check is the plain one.
+    with_masks = [need + (masks if rank != OWNER else 0) for rank, need in enumerate(needs)]
+    prepare = bool(masks) and broadcast_json(
+        comm, {"fits": fits_memory(hosts, with_masks)} if r == OWNER else None, OWNER
+    )["fits"]
+    if masks and not prepare and r == OWNER:
+        print(f"puma-onnx: the weight products' prepared masks ({masks / 2**20:.0f} MiB on ranks 1 and 2) do not "
+              "fit in memory beside the weights: the products run online", file=sys.stderr)
+    agree(comm, OWNER, lambda: check_memory(hosts, with_masks if prepare else needs, streamed))
     before_setup = comm.stats.snapshot()
 
     setup_start = time.perf_counter()
@@ -783,8 +794,7 @@ def start(
     else:
         executor.weights = share_weights(party, manifest, values, groups)
     masks_start, before_masks = time.perf_counter(), comm.stats.snapshot()
-    rows = token_rows(feeds)
-    if prepare and rows is not None and not streamed:
+    if prepare:
         executor.prepare_products(*rows)
     masks_s = time.perf_counter() - masks_start
     setup_s = time.perf_counter() - setup_start
@@ -837,6 +847,15 @@ def _available_bytes() -> int | None:
     except OSError:
         return None
     return None
+
+
+def fits_memory(hosts: list[dict], needs: list[int]) -> bool:
+    """Whether `check_memory` passes."""
+    try:
+        check_memory(hosts, needs, False)
+    except UserError:
+        return False
+    return True
 
 
 def check_memory(hosts: list[dict], needs: list[int], streamed: bool) -> None:

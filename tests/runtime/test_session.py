@@ -102,6 +102,46 @@ def test_a_decoder_prepares_its_lm_head_for_the_last_position_only(exported, tmp
     assert {name: n for name, n in rows.items() if n != 12} == {"/lm_head/MatMul": 1}
 
 
+def test_the_memory_check_counts_the_masks_and_without_room_the_products_run_online(
+    exported, tmp_path, monkeypatch, capsys
+):
+    """Rank 1 keeps every prepared product (`Executor.mask_bytes`, checked against what it holds); where the
+    host cannot hold them beside the weights, the run multiplies online instead of failing."""
+    from puma_onnx.runtime import session
+    from puma_onnx.runtime.session import client_feeds, start
+
+    ids = np.random.default_rng(5).integers(0, 50257, size=(1, 12))
+    opts = RunOptions(model=str(exported("gpt2")), input_ids=ids_file(tmp_path, ids), progress=False)
+
+    needs = {}
+    real_needs = session.memory_needs
+
+    def remember(*args, **kw):
+        needs["plain"] = real_needs(*args, **kw)
+        return needs["plain"]
+
+    def program(comm, o):
+        ex = start(comm, o, lambda info: (client_feeds(o, info), None), prepare=True).executor
+        shapes = {name: w.shape for name, w in ex.weights.items()}
+        held = sum(q.nbytes for q in ex.prepared.q.values()) if ex.prepared else 0
+        return ex.mask_bytes(12, 1, shapes), held
+
+    monkeypatch.setattr(session, "memory_needs", remember)
+    results, errors = run_threads([opts] * 3, program)
+    assert errors == [None] * 3
+    assert results[1][0] == results[1][1] > 0 and results[0][1] == results[2][1] == 0
+
+    # Room for the weights and one rank's masks (ranks 1 and 2 hold them), on one host: the plain check
+    # passes, the one with masks does not.
+    masks = results[1][0]
+    monkeypatch.setattr(session, "_available_bytes", lambda: sum(needs["plain"]) + masks)
+    results, errors = run_threads([opts] * 3)
+    assert errors == [None] * 3
+    paths = results[CLIENT]["weight_products"]
+    assert paths["prepared"] == 0 and paths["online"] == 9 and paths["masks"]["bytes_sent"] == 0
+    assert "prepared masks" in capsys.readouterr().err
+
+
 def test_the_report_predicts_the_online_time_on_each_network(bert, tmp_path):
     opts = RunOptions(model=str(bert), seq_len=8, progress=False, networks=("10Gbit,0.5ms",))
     results, errors = run_threads([opts] * 3)
