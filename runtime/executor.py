@@ -38,17 +38,23 @@ def layer_of(name: str) -> int | None:
 
 
 def parse_nodes(graph: onnx.GraphProto) -> list[Node]:
-    return [
-        Node(
-            name=n.name or f"{n.op_type}_{i}",
+    """The graph's nodes, each with a name of its own: ONNX allows empty and repeated names, and the
+    executor keys per-node state by name (a repeat gets "#index" appended)."""
+    nodes, seen = [], set()
+    for i, n in enumerate(graph.node):
+        name = n.name or f"{n.op_type}_{i}"
+        if name in seen:
+            name = f"{name}#{i}"
+        seen.add(name)
+        nodes.append(Node(
+            name=name,
             op_type=n.op_type,
             domain=n.domain or "",
             inputs=list(n.input),
             outputs=list(n.output),
             attrs={a.name: onnx.helper.get_attribute_value(a) for a in n.attribute},
-        )
-        for i, n in enumerate(graph.node)
-    ]
+        ))
+    return nodes
 
 
 def _reads_weight(node: Node, weights) -> bool:
@@ -171,18 +177,24 @@ class Executor:
         return prepared.Product(node.name, group, weights[node.inputs[1]], self._product_transposed(index))
 
     def mask_bytes(self, tokens: int, batch: int, shapes: dict) -> int:
-        """What `prepare_products` keeps on rank 1 (and rank 2 holds until its message leaves): 8 bytes per
-        output element of every product with a weight, from the weights' public `shapes` (name -> shape)."""
-        names = set(shapes)
-        widths = {**{name: list(shape) for name, shape in shapes.items()},
-                  **{alias: list(shapes[source])[::-1] for alias, source in self._transposed_weights(names).items()}}
-        total = 0
+        """What `prepare_products` keeps on rank 1: 8 bytes per output element of every product it prepares,
+        from the weights' public `shapes` (name -> shape). (While preparing, ranks 1 and 2 hold twice that.)"""
+        plan = self._preparable(tokens, batch, {name: tuple(shape) for name, shape in shapes.items()})
+        return sum(8 * rows * width for rows, width in plan.values())
+
+    def _preparable(self, tokens: int, batch: int, shapes: dict) -> dict[int, tuple[int, int]]:
+        """Per prepared product (node index): (rows, output width). Only products of 2-D weights (others
+        multiply online), and only whole groups; `tokens` rows, `batch` for an LM head on the last position."""
+        widths = {**shapes, **{a: shapes[s][::-1] for a, s in self._transposed_weights(set(shapes)).items()}}
+        out = {}
         for head, members in product_groups(self.nodes, set(widths), self._final).items():
+            if any(len(widths[self.nodes[i].inputs[1]]) != 2 for i in members):
+                continue
             rows = batch if self.nodes[head].inputs[0].endswith(LAST_POSITION) else tokens
             for i in members:
                 shape = widths[self.nodes[i].inputs[1]]
-                total += 8 * rows * (shape[0] if self._product_transposed(i) else shape[-1])
-        return total
+                out[i] = (rows, shape[0] if self._product_transposed(i) else shape[1])
+        return out
 
     def _product_transposed(self, index: int) -> bool:
         node = self.nodes[index]
@@ -192,21 +204,19 @@ class Executor:
         """Setup for the next walk: masks for every product with a weight (`prepared.prepare`), for inputs
         of `tokens` rows (batch x sequence), or `batch` rows for an LM head on the last position. All ranks
         call it alike, after the weights are shared."""
-        groups = product_groups(self.nodes, self._weight_names(), self._final)
         weights = dict(self.weights)
         for name, source in self._transposed_weights(set(self.weights)).items():
             if len(weights[source].shape) == 2:
                 weights[name] = weights[source].transpose()
+        plan = self._preparable(tokens, batch, {name: w.shape for name, w in self.weights.items()})
+        groups = product_groups(self.nodes, self._weight_names(), self._final)
         products, rows, widths = [], {}, {}
         for head, members in groups.items():
-            if any(self.nodes[i].inputs[1] not in weights for i in members):
-                continue  # a Transpose of a weight of more than 2 dims: an AShare, multiplied online
-            for i in members:
-                p = self._product(i, weights, head)
-                products.append(p)
-                shape = p.weight.value_shape
-                widths[head] = shape[-1] if p.transpose else shape[0]
-            rows[head] = batch if self.nodes[head].inputs[0].endswith(LAST_POSITION) else tokens
+            if members[0] not in plan:
+                continue
+            products += [self._product(i, weights, head) for i in members]
+            shape = products[-1].weight.value_shape  # every member reads the same input: its width is k
+            rows[head], widths[head] = plan[head][0], shape[-1] if products[-1].transpose else shape[0]
         self.prepared = prepared.prepare(self.party, products, rows, widths)
 
     def run(self, feeds: dict, on_node: Callable[[Node], None] | None = None) -> dict:

@@ -379,7 +379,8 @@ def weight_products(ctx: Context, x: AShare, members: list[Product], group=None)
     f = ctx.party.fxp.frac_bits
     k = x.shape[-1]
     rows = x.size // max(k, 1)
-    covered = ctx.prepared is not None and group is not None and ctx.prepared.covers(group, rows, k)
+    keys = [m.key for m in members]
+    covered = ctx.prepared is not None and group is not None and ctx.prepared.covers(group, rows, k, keys)
     path = "prepared" if covered else "online"
     ctx.product_paths[path] += len(members)
     if path == "prepared":

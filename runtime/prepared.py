@@ -80,13 +80,15 @@ class Prepared:
     seed_r: bytes | None
     seed_m: bytes | None
     groups: dict = field(default_factory=dict)  # group -> (rows, k, stream of R)
+    members: dict = field(default_factory=dict)  # group -> its products' keys, in order
     streams: dict = field(default_factory=dict)  # product key -> stream of M
     q: dict = field(default_factory=dict)  # product key -> Q (rank 1 only)
 
-    def covers(self, group, rows: int, k: int) -> bool:
-        """Whether `group` is prepared (and not yet taken) for an input of `rows` rows of width k."""
+    def covers(self, group, rows: int, k: int, keys) -> bool:
+        """Whether `group` is prepared (and not yet taken) for an input of `rows` rows of width k, and for
+        exactly the products `keys` (a group that the walk formed otherwise multiplies online)."""
         got = self.groups.get(group)
-        return got is not None and got[0] >= rows and got[1] == k
+        return got is not None and got[0] >= rows and got[1] == k and self.members.get(group) == tuple(keys)
 
     def take(self, group) -> tuple[int, int, int]:
         """The group's (rows, k, stream), once: a mask reused for a second input would open x - x'."""
@@ -100,10 +102,13 @@ def prepare(party: Party, products: list[Product], rows: dict, widths: dict, see
     their components of W. Rank 2's components need no message, so it multiplies before the round, while
     the owner still shares the weights with rank 1. All ranks call it alike with the same public lists.
     """
+    if len({p.key for p in products}) != len(products):
+        raise ValueError("prepare: two products share a key (each needs a mask M of its own)")
     seed_r, seed_m = seeds or mask_seeds(party)
     out = Prepared(seed_r, seed_m)
     for stream, group in enumerate(dict.fromkeys(p.group for p in products)):
         out.groups[group] = (int(rows[group]), int(widths[group]), stream)
+        out.members[group] = tuple(p.key for p in products if p.group == group)
     r, comm = party.rank, party.comm
     shapes = []
     for stream, p in enumerate(products):
@@ -124,7 +129,8 @@ def prepare(party: Party, products: list[Product], rows: dict, widths: dict, see
             got = comm.exchange({}, {SENDER: ((total,), U64)})[SENDER]
             at = 0
             for p, product, (n, m) in zip(products, mine, shapes):
-                out.q[p.key] = product + got[at : at + n * m].reshape(n, m)
+                product += got[at : at + n * m].reshape(n, m)  # in place: the peak is twice Q, not three times
+                out.q[p.key] = product
                 at += n * m
         else:
             comm.exchange({}, {})

@@ -775,9 +775,9 @@ def start(
     needs = memory_needs(manifest, groups, streamed, cached)
     rows = token_rows(feeds)
     masks = executor.mask_bytes(*rows, {n: tuple(sh) for n, sh in manifest}) if prepare and rows and not streamed else 0
-    # Ranks 1 and 2 hold the masks' products (`Executor.mask_bytes`); where they do not fit, the products
-    # run online and the memory check is the plain one.
-    with_masks = [need + (masks if rank != OWNER else 0) for rank, need in enumerate(needs)]
+    # Ranks 1 and 2 hold the masks' products (`Executor.mask_bytes`), twice that while preparing; where
+    # they do not fit, the products run online and the memory check is the plain one.
+    with_masks = [need + (2 * masks if rank != OWNER else 0) for rank, need in enumerate(needs)]
     prepare = bool(masks) and broadcast_json(
         comm, {"fits": fits_memory(hosts, with_masks)} if r == OWNER else None, OWNER
     )["fits"]

@@ -79,15 +79,31 @@ def test_a_prepared_mask_serves_one_input_only():
         w = _shared(p)
         products, n, k = _plan(w)
         ready = prepared.prepare(p, products, n, k)
-        before = ready.covers("x", 6, 24), ready.covers("x", 7, 24), ready.covers("x", 6, 25)
+        ab = ["a", "b"]
+        before = (ready.covers("x", 6, 24, ab), ready.covers("x", 7, 24, ab), ready.covers("x", 6, 25, ab),
+                  ready.covers("x", 6, 24, ["a"]), ready.covers("x", 6, 24, ["b", "a"]))
         prepared.products(p, share_fx(p, X), "x", products[:2], ready, F)
-        return before, ready.covers("x", 6, 24), ready.covers("z", 9, 40)
+        return before, ready.covers("x", 6, 24, ab), ready.covers("z", 9, 40, ["c"])
 
     before, after, other = run_parties(prog)[0]
-    assert before == (True, False, False)  # more rows or another width than prepared: not covered
+    # More rows, another width, or other products than prepared (the walk grouped them otherwise): not covered.
+    assert before == (True, False, False, False, False)
     assert not after and other
     with pytest.raises(KeyError):
         run_parties(lambda p: prepared.Prepared(None, None).take("x"))
+
+
+def test_two_products_of_one_key_are_refused():
+    """Each product needs an M of its own: two under one key (two nodes of one name) would share it, and
+    rank 1 would learn R W_0 - R' W_0'."""
+
+    def prog(p):
+        w = _shared(p)
+        prepared.prepare(p, [prepared.Product("a", "x", w["a"]), prepared.Product("a", "y", w["c"])],
+                         {"x": 6, "y": 6}, {"x": 24, "y": 40})
+
+    with pytest.raises(ValueError, match="share a key"):
+        run_parties(prog)
 
 
 def test_cost_online_three_rounds_and_setup_one_round():
@@ -127,3 +143,39 @@ def test_products_that_read_one_input_form_one_group():
     ]
     final = [False] * 8 + [True]
     assert product_groups(nodes, {"wq", "wk", "wv", "wo", "wh"}, final) == {0: [0, 2, 3], 6: [6], 8: [8]}
+
+
+def test_nodes_of_one_name_get_names_of_their_own():
+    """Per-node state (prepared masks, products computed ahead) is keyed by name; ONNX allows repeats."""
+    from onnx import helper
+
+    from puma_onnx.runtime.executor import parse_nodes
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["h", "w"], ["a"], name="mm"), helper.make_node("MatMul", ["h", "v"], ["b"], name="mm"),
+         helper.make_node("Relu", ["a"], ["c"])], "g", [], [],
+    )
+    assert [n.name for n in parse_nodes(graph)] == ["mm", "mm#1", "Relu_2"]
+
+
+def test_only_products_of_2d_weights_are_prepared():
+    """A 3-D weight's product (and the group it is in) multiplies online; the masks count the others only."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from puma_onnx.runtime.executor import Executor
+
+    f32 = TensorProto.FLOAT
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["h", "w2"], ["a"], name="two"),
+         helper.make_node("MatMul", ["g", "w3"], ["b"], name="three"),
+         helper.make_node("Transpose", ["w2"], ["w2t"], name="t"),
+         helper.make_node("MatMul", ["a", "w2t"], ["c"], name="tied")],
+        "g",
+        [helper.make_tensor_value_info("h", f32, [5, 4]), helper.make_tensor_value_info("g", f32, [2, 5, 4])],
+        [helper.make_tensor_value_info(n, f32, None) for n in ("b", "c")],
+    )
+    executor = Executor(None, helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), {})
+    shapes = {"w2": (4, 3), "w3": (2, 4, 6)}
+    # "two": 5 rows x 3; "tied" reads w2 transposed (3 x 4): 5 rows x 4, an answer but still prepared.
+    assert executor.mask_bytes(5, 1, shapes) == 8 * 5 * (3 + 4)
