@@ -505,16 +505,20 @@ def softmax(
     element, so no sentinel value has to fit the ring), e = exp_neg(x - max) * mask, ONE reciprocal
     per row of the sum (in [1, n]: the max contributes exp(0) = 1; kept at f + 8 bits), then a
     broadcast product. Where fewer low bits keep a comparison a round shorter (`max_drop_bits`), the max
-    tree ignores them: its max is then an entry up to ceil(log2 n) 2^-12 below the row's, so the sum
-    stays >= 1 and may pass n by 0.2% at most, and softmax's invariance to the shift keeps the result.
+    tree's levels of two ignore them: its max is then an entry up to 2^-12 per such level below the row's,
+    so the sum stays >= 1 and may pass n by 0.2% at most, and softmax's invariance to the shift keeps the
+    result.
     A row with no kept position gives 0 (approx.softmax gives NaN there; the ONNX export maps it to 0).
     Measured error vs approx.softmax 1.1 ulp (plus what the cut zone of exp keeps); approx.softmax is up to
     0.07 from the exact softmax with PUMA's exp, 4e-4 with the refit one (rows of 128 scores).
     The reciprocal carries f + 5 bits (enough against e <= 1), so the output product truncates by 31.
-    Rounds ceil(log2 n) (C' + S) + 18 (exp) + 16 (reciprocal) + 2 = 8 ceil(log2 n) + 36 (92 for
-    n = 128) at L = 48, C' the max's comparison on L - max_drop_bits(L, f) bits (BERT-base, L = 28: 5
-    rounds instead of 6: 83 rounds); bytes per element (n-1)/n (C + S) [max] + exp's + M [product], plus the reciprocal's
-    305 B per row at n = 128: 157.0 B per element per rank there (471 over the three; was 603).
+    The max (`compare.max`): levels of four (exact comparisons, C + 4 rounds each) while four entries
+    remain, then levels of two (C' + S), C' on L - max_drop_bits(L, f) bits.
+    Rounds for n = 128: 3 (C + 4) + (C' + 2) + 18 (exp) + 16 (reciprocal) + 2 = 74 at L = 48, 71 at L = 28
+    (BERT-base's recorded scores; 83 with levels of two only, 92 before the dropped bits); bytes per
+    element: the max's (six comparisons and 80 B per output of a level of four, C + S per pair of a level
+    of two: about 25 B more per element than levels of two at L = 48) + exp's + M [product], plus the
+    reciprocal's 305 B per row at n = 128.
     PUMA section 4.2.
     """
     f = party.fxp.frac_bits
@@ -527,7 +531,7 @@ def softmax(
             filler = AShare(np.take_along_axis(x.first, first, -1), np.take_along_axis(x.second, first, -1))
             x = arith.add(arith.mul_public(arith.sub(x, filler), keep.astype(np.int64)), filler)
         drop = max_drop_bits(cmp_bits or party.msb_bits, f)
-        top = compare.max(party, x, axis=-1, keepdims=True, bits=cmp_bits, drop=drop)
+        top = compare.max(party, x, axis=-1, keepdims=True, bits=cmp_bits, drop=drop, quads=True)
         with party.comm.tag("exp_neg"):
             e = _exp_neg(party, arith.sub(x, top), f + SOFTMAX_EXTRA_BITS, fit, cmp_bits)
         if keep is not None:

@@ -33,6 +33,8 @@ MUTANTS = [
     # --- protocols
     ("runtime/byte_limbs.py", "and hi < 256**j - _C_LOW[j]", "and hi <= 256**j - _C_LOW[j]",
      "a right operand one past the top of J digits still taken as J digits"),
+    ("runtime/compare.py", "else not_(party, greater[(j, i)])", "else greater[(j, i)]",
+     "a level of four reads 'j beats i' as 'i beats j': two winners, or none"),
     ("runtime/prepared.py", "return got is not None and got[0] >= rows and got[1] == k",
      "return got is not None and got[0] + 1 >= rows and got[1] == k",
      "a prepared mask taken for an input one row longer than prepared"),

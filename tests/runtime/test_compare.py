@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from puma_onnx.runtime import arith, compare
+from puma_onnx.runtime import arith, compare, convert
 from puma_onnx.runtime.boolean import reveal_bits
 from puma_onnx.runtime.comm import run_parties
 
@@ -211,3 +211,32 @@ def test_softmax_drops_the_fewest_bits_that_save_a_round(bits, f, drop):
     if drop:
         assert tree(bits - drop) == tree(bits) - 1 and tree(bits - drop + 1) == tree(bits)
         assert drop <= f - SOFTMAX_MAX_SLACK
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (2, 5), (6, 16), (2, 128), (1, 7), (3, 13)])
+def test_max_by_levels_of_four_with_ties_and_leftovers(shape):
+    """Integers with many ties (exactly one entry of four must win: ties go to the later one) and lengths
+    that leave one to three entries over for the levels of two."""
+    x = rng.integers(-4, 4, shape).astype(np.float64)
+    x[0, -1] = x[0].max()  # a tie for the maximum
+    got = run_parties(lambda p: open_fx(p, compare.max(p, share_fx(p, x), quads=True)))[0]
+    assert np.array_equal(got, x.max(axis=-1, keepdims=True))
+
+
+def test_cost_max_levels_of_four():
+    """16 entries a row, 4 rows: two levels of four, each the msb of its six differences, two AND rounds of
+    four rows and the selection (rank 0: 8 bytes per bit and per term, 4 of each; ranks 1, 2: the reshare)."""
+    x = rng.uniform(-1, 1, (4, 16))
+
+    def prog(p):
+        a = share_fx(p, x)
+        _, total = cost_of(p, lambda: compare.max(p, a, quads=True))
+        diffs = [share_fx(p, np.zeros(6 * n)) for n in (16, 4)]  # each level's six differences, one batch
+        probes = [cost_of(p, lambda d=d: convert.msb(p, d))[1] for d in diffs]
+        return total, probes
+
+    for rank, (total, probes) in enumerate(run_parties(prog)):
+        assert total.rounds == 2 * (6 + 2 + 2) == 20 < 4 * 8  # levels of two: 4 x (msb + mul_bit)
+        ands = 2 * 4 * (2 + 1)  # four rows of 16 then of 4 elements, packed 8 to a byte
+        select = (64 if rank == 0 else 8) * (16 + 4)
+        assert total.bytes == sum(c.bytes for c in probes) + ands + select

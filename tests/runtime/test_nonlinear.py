@@ -556,10 +556,15 @@ def test_cost_softmax_matches_docstring():
     rows, n = 8, 32
     rounds, nbytes, u = total_cost(nonlinear.softmax, rng.normal(0, 3, (rows, n)))
     (rc, c), (rs, s), (ra, a), x, m = u["C"], u["S"], u["A"], u["X"][1], u["M"][1]
-    levels, k = int(math.log2(n)), math.ceil(2 * math.log2(n))
+    k = math.ceil(2 * math.log2(n))
     exp = u["D"][1] + 4 * m + u["R"][1] + u["Y"][1]
-    assert rounds == levels * (rc + rs) + (u["D"][0] + 8 + 1 + u["Y"][0]) + (rc + ra + 8) + 2 == 76
-    per_row = (n - 1) * (c + s) + n * exp + c + (k - 2) * x + (k - 1) * a + 6 * m + n * m
+    # The max: levels of four 32 -> 8 -> 2 (compare._max_of_four: C + 2 AND rounds + 2), then one of two.
+    assert rounds == 2 * (rc + 4) + (rc + rs) + (u["D"][0] + 8 + 1 + u["Y"][0]) + (rc + ra + 8) + 2 == 64
+    # Per row: 6 comparisons per output of a level of four (8, then 2 outputs), 2 AND rounds of 4 bit rows
+    # (on the 8 rows' 64, then 16, elements: 8 and 2 bytes a row, from each rank), 80 B per output for the
+    # selection; then one comparison and one mul_bit.
+    quads = 6 * (8 + 2) * c + 2 * 4 * (8 + 2) * 3 / rows + 80 * (8 + 2)
+    per_row = quads + c + s + n * exp + c + (k - 2) * x + (k - 1) * a + 6 * m + n * m
     assert nbytes == rows * per_row
 
 
