@@ -176,48 +176,44 @@ class Executor:
         node = self.nodes[index]
         return prepared.Product(node.name, group, weights[node.inputs[1]], self._product_transposed(index))
 
-    def mask_bytes(self, tokens: int, batch: int, shapes: dict) -> int:
-        """What `prepare_products` keeps on rank 1: 8 bytes per output element of every product it prepares,
-        from the weights' public `shapes` (name -> shape). (While preparing, ranks 1 and 2 hold twice that.)"""
-        plan = self._preparable(tokens, batch, {name: tuple(shape) for name, shape in shapes.items()})
-        return sum(8 * rows * width for rows, width in plan.values())
+    def _with_transposes(self, by_name: dict, transpose) -> dict:
+        """`by_name` (weight name -> value) with every Transpose of a weight (`_transposed_weights`) under its
+        output's name, its value transpose(the weight's)."""
+        aliases = self._transposed_weights(set(by_name))
+        return {**by_name, **{alias: transpose(by_name[source]) for alias, source in aliases.items()}}
 
-    def _preparable(self, tokens: int, batch: int, shapes: dict) -> dict[int, tuple[int, int]]:
-        """Per prepared product (node index): (rows, output width). Only products of 2-D weights (others
-        multiply online), and only whole groups; `tokens` rows, `batch` for an LM head on the last position."""
-        widths = {**shapes, **{a: shapes[s][::-1] for a, s in self._transposed_weights(set(shapes)).items()}}
-        out = {}
-        for head, members in product_groups(self.nodes, set(widths), self._final).items():
-            if any(len(widths[self.nodes[i].inputs[1]]) != 2 for i in members):
-                continue
-            rows = batch if self.nodes[head].inputs[0].endswith(LAST_POSITION) else tokens
-            for i in members:
-                shape = widths[self.nodes[i].inputs[1]]
-                out[i] = (rows, shape[0] if self._product_transposed(i) else shape[1])
-        return out
+    def _prepared_groups(self, shapes: dict) -> dict[int, list[int]]:
+        """The product groups `prepare_products` prepares (head -> members): those whose weights are all 2-D;
+        a group with another multiplies online. `shapes`: weight name -> shape, transposed weights included."""
+        groups = product_groups(self.nodes, set(shapes), self._final)
+        return {h: m for h, m in groups.items() if all(len(shapes[self.nodes[i].inputs[1]]) == 2 for i in m)}
+
+    def _rows(self, head: int, tokens: int, batch: int) -> int:
+        """A group's input rows: `tokens` (batch x sequence), or `batch` for an LM head on the last position."""
+        return batch if self.nodes[head].inputs[0].endswith(LAST_POSITION) else tokens
 
     def _product_transposed(self, index: int) -> bool:
         node = self.nodes[index]
         return node.op_type == "Gemm" and bool(node.attrs.get("transB", 0))
 
+    def mask_bytes(self, tokens: int, batch: int, shapes: dict) -> int:
+        """What `prepare_products` keeps on rank 1: 8 bytes per output element of every product it prepares,
+        from the weights' public `shapes` (name -> shape). (While preparing, ranks 1 and 2 hold twice that.)"""
+        shapes = self._with_transposes({name: tuple(shape) for name, shape in shapes.items()}, lambda s: s[::-1])
+        return sum(
+            8 * self._rows(head, tokens, batch) * shapes[self.nodes[i].inputs[1]][0 if self._product_transposed(i) else 1]
+            for head, members in self._prepared_groups(shapes).items()
+            for i in members
+        )
+
     def prepare_products(self, tokens: int, batch: int) -> None:
-        """Setup for the next walk: masks for every product with a weight (`prepared.prepare`), for inputs
-        of `tokens` rows (batch x sequence), or `batch` rows for an LM head on the last position. All ranks
-        call it alike, after the weights are shared."""
-        weights = dict(self.weights)
-        for name, source in self._transposed_weights(set(self.weights)).items():
-            if len(weights[source].shape) == 2:
-                weights[name] = weights[source].transpose()
-        plan = self._preparable(tokens, batch, {name: w.shape for name, w in self.weights.items()})
-        groups = product_groups(self.nodes, self._weight_names(), self._final)
-        products, rows, widths = [], {}, {}
-        for head, members in groups.items():
-            if members[0] not in plan:
-                continue
-            products += [self._product(i, weights, head) for i in members]
-            shape = products[-1].weight.value_shape  # every member reads the same input: its width is k
-            rows[head], widths[head] = plan[head][0], shape[-1] if products[-1].transpose else shape[0]
-        self.prepared = prepared.prepare(self.party, products, rows, widths)
+        """Setup for the next walk: masks for every product with a 2-D weight (`prepared.prepare`), for inputs
+        of `_rows` rows. All ranks call it alike, after the weights are shared."""
+        weights = self._with_transposes(dict(self.weights), lambda w: w.transpose() if len(w.shape) == 2 else w)
+        groups = self._prepared_groups({n: w.value_shape for n, w in weights.items()})
+        products = [self._product(i, weights, head) for head, members in groups.items() for i in members]
+        rows = {head: self._rows(head, tokens, batch) for head in groups}
+        self.prepared = prepared.prepare(self.party, products, rows)
 
     def run(self, feeds: dict, on_node: Callable[[Node], None] | None = None) -> dict:
         """Walk the graph; returns the graph outputs (shares, private or public values)."""

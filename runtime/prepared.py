@@ -67,6 +67,18 @@ class Product:
     weight: WeightShare
     transpose: bool = False
 
+    @property
+    def inner(self) -> int:
+        """k: the width of the input x it multiplies."""
+        shape = self.weight.value_shape
+        return shape[-1] if self.transpose else shape[0]
+
+    @property
+    def width(self) -> int:
+        """The width of x @ W (x @ W^T)."""
+        shape = self.weight.value_shape
+        return shape[0] if self.transpose else shape[-1]
+
     def right(self) -> np.ndarray:
         """This rank's right operand (weights.matmul_part's): W, W_1 + W_2 or W_0, transposed as asked."""
         op = self.weight.operand()
@@ -95,8 +107,9 @@ class Prepared:
         return self.groups.pop(group)
 
 
-def prepare(party: Party, products: list[Product], rows: dict, widths: dict, seeds=None) -> Prepared:
-    """Setup for `products`: rows[group] rows of inputs of width widths[group] each (see the module doc).
+def prepare(party: Party, products: list[Product], rows: dict, seeds=None) -> Prepared:
+    """Setup for `products`: rows[group] rows of inputs for each group (see the module doc); a group's
+    products read one input, so its width k is any member's `inner`.
 
     One round (rank 2 to rank 1, 8 bytes per output element, one message); ranks 1 and 2 multiply R by
     their components of W. Rank 2's components need no message, so it multiplies before the round, while
@@ -107,19 +120,20 @@ def prepare(party: Party, products: list[Product], rows: dict, widths: dict, see
     seed_r, seed_m = seeds or mask_seeds(party)
     out = Prepared(seed_r, seed_m)
     for stream, group in enumerate(dict.fromkeys(p.group for p in products)):
-        out.groups[group] = (int(rows[group]), int(widths[group]), stream)
+        k = next(p.inner for p in products if p.group == group)
+        out.groups[group] = (int(rows[group]), int(k), stream)
         out.members[group] = tuple(p.key for p in products if p.group == group)
     r, comm = party.rank, party.comm
     shapes = []
     for stream, p in enumerate(products):
         out.streams[p.key] = stream
         n = out.groups[p.group][0]
-        shapes.append((n, p.weight.value_shape[0] if p.transpose else p.weight.value_shape[-1]))
+        shapes.append((n, p.width))
     mine = []
     if r != OWNER:
         for p in products:
             n, k, r_stream = out.groups[p.group]
-            product = ring_matmul(PRG(seed_r, stream=r_stream).words((n, k)), p.right())
+            product = ring_matmul(_mask_r(out, r_stream, (n, k)), p.right())
             mine.append(product if r == HOLDER else product - _mask_m(out, p.key, product.shape))
     total = sum(n * m for n, m in shapes)
     with comm.tag("prepare_products"):
@@ -137,6 +151,11 @@ def prepare(party: Party, products: list[Product], rows: dict, widths: dict, see
     return out
 
 
+def _mask_r(prepared: Prepared, stream: int, shape) -> np.ndarray:
+    """The first rows of a group's R (ranks 1 and 2), drawn again from its own stream."""
+    return PRG(prepared.seed_r, stream=stream).words(shape)
+
+
 def _mask_m(prepared: Prepared, key, shape) -> np.ndarray:
     """The first rows of product `key`'s M (ranks 0 and 2), drawn again from its own stream."""
     return PRG(prepared.seed_m, stream=prepared.streams[key]).words(shape)
@@ -150,11 +169,11 @@ def products(party: Party, x: AShare, group, members: list[Product], prepared: P
     lead, k = x.shape[:-1], x.shape[-1]
     n = int(np.prod(lead, dtype=np.int64))
     _, _, r_stream = prepared.take(group)
-    widths = [m.weight.value_shape[0] if m.transpose else m.weight.value_shape[-1] for m in members]
+    widths = [m.width for m in members]
     with comm.tag("masked_products"):
         parts = None
         if r == SENDER:
-            masked = x.first.reshape(n, k) - PRG(prepared.seed_r, stream=r_stream).words((n, k))
+            masked = x.first.reshape(n, k) - _mask_r(prepared, r_stream, (n, k))
             comm.exchange({OWNER: masked}, {})
         elif r == OWNER:
             got = comm.exchange({}, {SENDER: ((n, k), U64)})[SENDER]

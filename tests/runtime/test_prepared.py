@@ -30,7 +30,7 @@ def _shared(p):
 def _plan(w):
     products = [prepared.Product("a", "x", w["a"]), prepared.Product("b", "x", w["b"], transpose=True),
                 prepared.Product("c", "z", w["c"])]
-    return products, {"x": 6, "z": 9}, {"x": 24, "z": 40}
+    return products, {"x": 6, "z": 9}
 
 
 def _exact(x, w, transpose=False):
@@ -45,8 +45,8 @@ def test_prepared_products_match_the_exact_product_within_one_ulp(rows):
 
     def prog(p):
         w = _shared(p)
-        products, n, k = _plan(w)
-        ready = prepared.prepare(p, products, n, k)
+        products, n = _plan(w)
+        ready = prepared.prepare(p, products, n)
         xs, zs = share_fx(p, x), share_fx(p, Z)
         ab = prepared.products(p, xs, "x", products[:2], ready, F)
         (c,) = prepared.products(p, zs, "z", products[2:], ready, F)
@@ -65,8 +65,8 @@ def test_unscaled_products_are_the_exact_ring_product():
 
     def prog(p):
         w = _shared(p)
-        products, n, k = _plan(w)
-        ready = prepared.prepare(p, products, n, k)
+        products, n = _plan(w)
+        ready = prepared.prepare(p, products, n)
         (c,) = prepared.products(p, share_fx(p, Z), "z", products[2:], ready, None)
         return arith.reveal(p, c)
 
@@ -77,8 +77,8 @@ def test_unscaled_products_are_the_exact_ring_product():
 def test_a_prepared_mask_serves_one_input_only():
     def prog(p):
         w = _shared(p)
-        products, n, k = _plan(w)
-        ready = prepared.prepare(p, products, n, k)
+        products, n = _plan(w)
+        ready = prepared.prepare(p, products, n)
         ab = ["a", "b"]
         before = (ready.covers("x", 6, 24, ab), ready.covers("x", 7, 24, ab), ready.covers("x", 6, 25, ab),
                   ready.covers("x", 6, 24, ["a"]), ready.covers("x", 6, 24, ["b", "a"]))
@@ -100,7 +100,7 @@ def test_two_products_of_one_key_are_refused():
     def prog(p):
         w = _shared(p)
         prepared.prepare(p, [prepared.Product("a", "x", w["a"]), prepared.Product("a", "y", w["c"])],
-                         {"x": 6, "y": 6}, {"x": 24, "y": 40})
+                         {"x": 6, "y": 6})
 
     with pytest.raises(ValueError, match="share a key"):
         run_parties(prog)
@@ -113,8 +113,8 @@ def test_cost_online_three_rounds_and_setup_one_round():
 
     def prog(p):
         w = _shared(p)
-        products, rows, widths = _plan(w)
-        ready, setup = cost_of(p, lambda: prepared.prepare(p, products, rows, widths))
+        products, rows = _plan(w)
+        ready, setup = cost_of(p, lambda: prepared.prepare(p, products, rows))
         xs = share_fx(p, X)
         _, online = cost_of(p, lambda: prepared.products(p, xs, "x", products[:2], ready, F))
         return setup, online

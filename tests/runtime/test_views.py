@@ -42,7 +42,7 @@ def _weights(p):
 def _prepared_products(p, x, w):
     """x (2 x 3) @ w from prepared masks, truncated and (another mask) unscaled: setup and online."""
     products = [prepared.Product("t", "x", w), prepared.Product("u", "y", w)]
-    ready = prepared.prepare(p, products, {"x": 2, "y": 2}, {"x": 3, "y": 3})
+    ready = prepared.prepare(p, products, {"x": 2, "y": 2})
     return [prepared.products(p, x, group, [m], ready, bits)[0] for group, m, bits in (("x", products[0], 18),
                                                                                          ("y", products[1], None))]
 
