@@ -103,6 +103,7 @@ def _attach_functions(model: ir.Model, fits: approx.ApproxSet) -> None:
     if used:
         model.graph.opset_imports[functions.DOMAIN] = functions.VERSION
         model.metadata_props[functions.APPROX_KEY] = fits.name
+        model.metadata_props[functions.APPROX_DIGEST_KEY] = fits.digest
 
 
 def _name_puma_nodes(graph: ir.Graph) -> None:

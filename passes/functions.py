@@ -28,6 +28,7 @@ DOMAIN = "puma"
 VERSION = 1
 # The model metadata key that names the approximation set of the functions.
 APPROX_KEY = "puma_onnx.approx"
+APPROX_DIGEST_KEY = "puma_onnx.approx_digest"  # approx.ApproxSet.digest of the set the functions hold
 
 # Attribute each op takes, in the order of the function's declaration.
 ATTRIBUTES = {
@@ -87,11 +88,12 @@ class _Body:
         return out
 
     def piecewise(self, x: str, fit: approx.Piecewise) -> str:
-        """0 below breaks[0], low to breaks[1], mid to breaks[2], x above (approx.Piecewise)."""
-        b0, b1, b2 = fit.breaks
-        upper = self.op("Where", self.op("Less", x, self.const(b2)), self.poly(x, fit.mid), x)
-        middle = self.op("Where", self.op("Less", x, self.const(b1)), self.poly(x, fit.low), upper)
-        return self.op("Where", self.op("Less", x, self.const(b0)), self.const(0.0), middle)
+        """0 below breaks[0], low to breaks[1] (three breaks only), mid to breaks[-1], x above
+        (approx.Piecewise)."""
+        upper = self.op("Where", self.op("Less", x, self.const(fit.breaks[-1])), self.poly(x, fit.mid), x)
+        if len(fit.breaks) == 3:
+            upper = self.op("Where", self.op("Less", x, self.const(fit.breaks[1])), self.poly(x, fit.low), upper)
+        return self.op("Where", self.op("Less", x, self.const(fit.breaks[0])), self.const(0.0), upper)
 
 
 def _gelu(b: _Body, fits: approx.ApproxSet) -> tuple[list[str], str]:

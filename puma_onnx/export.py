@@ -326,6 +326,7 @@ def prepare(
     )
     nodes = record_ranges(out_dir / REWRITTEN_FILE, inputs)
     meta["approx"] = approx_set
+    meta["approx_digest"] = approx.lookup(approx_set).digest
     meta["ranges"] = {"source": source, "inputs": len(inputs), "nodes": nodes}
     meta_file.write_text(json.dumps(meta, indent=2) + "\n")
     if meta.get("synthetic_weights"):
@@ -384,6 +385,17 @@ def synthesize(out_dir: str | Path) -> dict:
 CACHE_ENV = "PUMA_ONNX_CACHE"
 
 
+def _current_approximations(meta_file: Path) -> bool:
+    """Whether an export's puma.json records the digest of this version's constants for its set."""
+    from puma_onnx.runtime import approx
+
+    try:
+        meta = json.loads(meta_file.read_text())
+        return meta["approx_digest"] == approx.lookup(meta["approx"]).digest
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def cache_root() -> Path:
     """Where `run NAME` keeps registry exports: $PUMA_ONNX_CACHE, else ~/.cache/puma-onnx."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "puma-onnx")
@@ -397,9 +409,13 @@ def cached_export(name: str, warn: Callable[[str], None] = lambda msg: print(msg
     """
     folder = cache_root() / name
     if (folder / REWRITTEN_FILE).exists() and (folder / METADATA_FILE).exists():
-        warn(f"puma-onnx: using the export of {name} cached in {folder}")
-        return folder
-    warn(f"puma-onnx: exporting {name} into {folder} (once: later runs reuse it)")
+        if _current_approximations(folder / METADATA_FILE):
+            warn(f"puma-onnx: using the export of {name} cached in {folder}")
+            return folder
+        warn(f"puma-onnx: the export of {name} cached in {folder} has other approximations than this version's: "
+             "exporting it again")
+    else:
+        warn(f"puma-onnx: exporting {name} into {folder} (once: later runs reuse it)")
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
     try:
@@ -407,8 +423,8 @@ def cached_export(name: str, warn: Callable[[str], None] = lambda msg: print(msg
         prepare(staging, warn=warn)
         try:
             staging.rename(folder)
-        except OSError:  # another run finished first, or a stale entry without a model: keep one
-            if not (folder / REWRITTEN_FILE).exists():
+        except OSError:  # another run finished first, or a stale entry: keep one that is current
+            if not (folder / REWRITTEN_FILE).exists() or not _current_approximations(folder / METADATA_FILE):
                 shutil.rmtree(folder, ignore_errors=True)
                 staging.rename(folder)
     finally:

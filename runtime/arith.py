@@ -284,7 +284,7 @@ def _trunc_parts(party: Party, parts: list[np.ndarray], bits) -> list[AShare]:
     d, widest = _part_bits(bits, [p.size for p in parts])
     z = _flat(parts)
     n = z.size
-    rb_dtype = np.uint32 if widest <= 31 else np.uint64
+    rb_dtype = rb_type(widest)
     dealer = party.next_dealer()
     a_rank, b_rank = (dealer + 1) % PARTIES, (dealer + 2) % PARTIES
 
@@ -293,9 +293,7 @@ def _trunc_parts(party: Party, parts: list[np.ndarray], bits) -> list[AShare]:
         r_a, rc_a, rb_a = with_a.words(n), with_a.words(n), with_a.words(n, rb_dtype)
         r_b = with_b.words(n)
         r_d = party.prg_own.words(n)
-        rr = r_a + r_b + r_d
-        rc_b = ((rr & _LOW63) >> d) - rc_a
-        rb_b = (rr >> U64(63)).astype(rb_dtype) - rb_a
+        rc_b, rb_b = trunc_deal(r_a + r_b + r_d, rc_a, rb_a, d)
         c_d = z + r_d
         comm.exchange({a_rank: c_d, b_rank: _pack(c_d, rc_b, rb_b)}, {})
         y = None
@@ -305,23 +303,15 @@ def _trunc_parts(party: Party, parts: list[np.ndarray], bits) -> list[AShare]:
         # The offset makes z + 2^62 non-negative for |z| < 2^62; A adds it and removes it below.
         c_a = z + U64(1 << 62) + r_a
         got = comm.exchange({b_rank: c_a}, {b_rank: ((n,), U64), dealer: ((n,), U64)})
-        c = c_a + got[b_rank] + got[dealer]
-        c_msb = c >> U64(63)
-        e_a = c_msb + rb_a.astype(U64) * (U64(1) - U64(2) * c_msb)
-        y = ((c & _LOW63) >> d) - rc_a + (e_a << (U64(63) - d)) - (U64(1) << (U64(62) - d))
+        y = trunc_finish_a(c_a + got[b_rank] + got[dealer], rc_a, rb_a, d)
     else:
         r_b = party.prg_next.words(n)
         c_b = z + r_b
         rb_bytes = np.dtype(rb_dtype).itemsize
         got = comm.exchange({a_rank: c_b}, {a_rank: ((n,), U64), dealer: ((n * (16 + rb_bytes),), np.uint8)})
         dealt = got[dealer]
-        c_d = dealt[: 8 * n].view(U64)
-        rc_b = dealt[8 * n : 16 * n].view(U64)
-        rb_b = dealt[16 * n :].view(rb_dtype)
-        c = got[a_rank] + c_b + c_d
-        c_msb = c >> U64(63)
-        e_b = rb_b.astype(U64) * (U64(1) - U64(2) * c_msb)
-        y = (e_b << (U64(63) - d)) - rc_b
+        c = got[a_rank] + c_b + dealt[: 8 * n].view(U64)
+        y = trunc_finish_b(c, dealt[8 * n : 16 * n].view(U64), dealt[16 * n :].view(rb_dtype), d)
     flat = reshare_from_two(party, dealer, y, (n,))
     return [AShare(s, t) for s, t in zip(_unflat(flat.first, shapes), _unflat(flat.second, shapes))]
 
@@ -343,15 +333,13 @@ def truncate_from_two(party: Party, dealer: int, part: np.ndarray | None, bits, 
     comm, r = party.comm, party.rank
     shape = tuple(shape)
     n = int(np.prod(shape))
-    rb_dtype = np.uint32 if widest <= 31 else np.uint64
+    rb_dtype = rb_type(widest)
     a_rank, b_rank = (dealer + 1) % PARTIES, (dealer + 2) % PARTIES
     with comm.tag("truncate_from_two"):
         if r == dealer:
             with_a, with_b = party.prg_next, party.prg_prev
             r_a, rc_a, rb_a = with_a.words(n), with_a.words(n), with_a.words(n, rb_dtype)
-            rr = r_a + with_b.words(n)
-            rc_b = ((rr & _LOW63) >> d) - rc_a
-            rb_b = (rr >> U64(63)).astype(rb_dtype) - rb_a
+            rc_b, rb_b = trunc_deal(r_a + with_b.words(n), rc_a, rb_a, d)
             comm.exchange({b_rank: _pack(rc_b, rb_b)}, {})
             y = None
         elif r == a_rank:
@@ -359,24 +347,44 @@ def truncate_from_two(party: Party, dealer: int, part: np.ndarray | None, bits, 
             r_a, rc_a, rb_a = with_d.words(n), with_d.words(n), with_d.words(n, rb_dtype)
             c_a = np.ravel(part) + U64(1 << 62) + r_a
             got = comm.exchange({b_rank: c_a}, {b_rank: ((n,), U64)})
-            c = c_a + got[b_rank]
-            c_msb = c >> U64(63)
-            e_a = c_msb + rb_a.astype(U64) * (U64(1) - U64(2) * c_msb)
-            y = ((c & _LOW63) >> d) - rc_a + (e_a << (U64(63) - d)) - (U64(1) << (U64(62) - d))
+            y = trunc_finish_a(c_a + got[b_rank], rc_a, rb_a, d)
         else:
             c_b = np.ravel(part) + party.prg_next.words(n)
             rb_bytes = np.dtype(rb_dtype).itemsize
             got = comm.exchange({a_rank: c_b}, {a_rank: ((n,), U64), dealer: ((n * (8 + rb_bytes),), np.uint8)})
             dealt = got[dealer]
-            rc_b = dealt[: 8 * n].view(U64)
-            rb_b = dealt[8 * n :].view(rb_dtype)
-            c = got[a_rank] + c_b
-            c_msb = c >> U64(63)
-            y = ((rb_b.astype(U64) * (U64(1) - U64(2) * c_msb)) << (U64(63) - d)) - rc_b
+            y = trunc_finish_b(got[a_rank] + c_b, dealt[: 8 * n].view(U64), dealt[8 * n :].view(rb_dtype), d)
         if y is not None and addend is not None:
             y = y + np.ravel(addend)
         out = reshare_from_two(party, dealer, y, (n,))
     return out.reshape(shape)
+
+
+# The pieces of the dealer-aided truncation (`_trunc_parts`' proof) for a protocol that opens c = z + 2^62 + r
+# its own way (`prepared.products`: rank 1's part of c is known before the input arrives).
+
+
+def rb_type(widest: int):
+    """The dtype of the dealt shares of msb(r): only rb mod 2^(d+1) matters."""
+    return np.uint32 if widest <= 31 else np.uint64
+
+
+def trunc_deal(rr: np.ndarray, rc_a: np.ndarray, rb_a: np.ndarray, d) -> tuple[np.ndarray, np.ndarray]:
+    """The dealer's words for B: its shares of rc = (r mod 2^63) >> d and of rb = msb(r), given A's (PRG) shares."""
+    return ((rr & _LOW63) >> d) - rc_a, (rr >> U64(63)).astype(rb_a.dtype) - rb_a
+
+
+def trunc_finish_a(c: np.ndarray, rc_a: np.ndarray, rb_a: np.ndarray, d) -> np.ndarray:
+    """A's part of floor(z / 2^d) (+1) from the opened c = z + 2^62 + r (A added the 2^62)."""
+    c_msb = c >> U64(63)
+    e_a = c_msb + rb_a.astype(U64) * (U64(1) - U64(2) * c_msb)
+    return ((c & _LOW63) >> d) - rc_a + (e_a << (U64(63) - d)) - (U64(1) << (U64(62) - d))
+
+
+def trunc_finish_b(c: np.ndarray, rc_b: np.ndarray, rb_b: np.ndarray, d) -> np.ndarray:
+    """B's part of floor(z / 2^d) (+1) from the opened c."""
+    c_msb = c >> U64(63)
+    return ((rb_b.astype(U64) * (U64(1) - U64(2) * c_msb)) << (U64(63) - d)) - rc_b
 
 
 def truncate_parts(party: Party, parts: list[np.ndarray], bits: int) -> list[AShare]:
@@ -390,7 +398,7 @@ def truncate_parts(party: Party, parts: list[np.ndarray], bits: int) -> list[ASh
         return _trunc_parts(party, parts, bits)
 
 
-def _two_parts(party: Party, xs: list[AShare]) -> np.ndarray | None:
+def two_parts(party: Party, xs: list[AShare]) -> np.ndarray | None:
     """x held 2-of-2 by ranks 1 and 2, free: x_1 + x_2 on rank 1, x_0 on rank 2 (None on rank 0)."""
     if party.rank == 0:
         return None
@@ -410,7 +418,7 @@ def truncate(party: Party, x, bits):
     shapes = [a.shape for a in xs]
     n = sum(int(np.prod(s)) for s in shapes)
     with party.comm.tag("truncate"):
-        flat = truncate_from_two(party, 0, _two_parts(party, xs), _part_bits(bits, [a.size for a in xs]), (n,))
+        flat = truncate_from_two(party, 0, two_parts(party, xs), _part_bits(bits, [a.size for a in xs]), (n,))
     out = [AShare(s, t) for s, t in zip(_unflat(flat.first, shapes), _unflat(flat.second, shapes))]
     return _unlisted(out, was_list)
 
@@ -453,5 +461,5 @@ def mul_public_fx(party: Party, x: AShare, c, bits: int | None = None) -> AShare
     prod = mul_public(x, party.fxp.encode(c))
     with party.comm.tag("mul_public_fx"):
         return truncate_from_two(
-            party, 0, _two_parts(party, [prod]), party.fxp.frac_bits if bits is None else bits, prod.shape
+            party, 0, two_parts(party, [prod]), party.fxp.frac_bits if bits is None else bits, prod.shape
         )

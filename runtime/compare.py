@@ -80,17 +80,21 @@ def max(  # noqa: A001
     With `drop` = k the comparisons ignore the carry of the k low bits (convert.msb): a level may keep
     the smaller of two entries less than 2^k apart, so the result is an entry within
     ceil(log2 n) (2^k - 1) ring units below the maximum, for an (L - k)-bit comparison.
-    With `quads`, levels of four (`_max_of_four`) come first while four entries remain, then levels of
-    two: a level of four takes C + 4 rounds where two levels of two take 2 (C' + 2).
+    With `quads`, levels of four (`_max_of_group`) come first while more than eight entries remain, then
+    one group of the three to eight left: a level of four takes C + 4 rounds where two levels of two take
+    2 (C' + 2), and the last group of eight C + 5 where three levels of two (or a level of four and one of
+    two) take more (128 entries: 32, 8, 1 in 3 C + 13 rounds).
     Rounds per level of two msb's + 2 (8 at L = 48), ceil(log2 n) levels;
     bytes per compared pair 31.6 + 32 over the three ranks (msb and mul_bit). PUMA section 4 / SPU's reduce max.
     """
     with party.comm.tag("max"):
         x = x.moveaxis(axis, -1)
-        while quads and x.shape[-1] >= 4:
+        while quads and x.shape[-1] > 8:
             q = x.shape[-1] // 4
-            x = concat([_max_of_four(party, [x[..., i * q : (i + 1) * q] for i in range(4)], bits), x[..., 4 * q :]],
+            x = concat([_max_of_group(party, [x[..., i * q : (i + 1) * q] for i in range(4)], bits), x[..., 4 * q :]],
                        axis=-1)
+        if quads and x.shape[-1] >= 3:
+            x = _max_of_group(party, [x[..., i : i + 1] for i in range(x.shape[-1])], bits)
         while x.shape[-1] > 1:
             h = x.shape[-1] // 2
             a, b = x[..., :h], x[..., h : 2 * h]
@@ -101,30 +105,35 @@ def max(  # noqa: A001
     return x
 
 
-def _max_of_four(party: Party, a: list[AShare], bits: int | None) -> AShare:
-    """The elementwise maximum of four shares of one shape: one level of four in `max`'s tree.
+def _max_of_group(party: Party, a: list[AShare], bits: int | None) -> AShare:
+    """The elementwise maximum of g shares of one shape (3 <= g <= 8): one level of `max`'s tree.
 
-    Idea: all six t_ij = [a_i > a_j] (i < j) in one msb batch; entry i wins when it beats the other three
-    (i beats j: t_ij for i < j, not t_ji for i > j: ties go to the later entry), an AND of three bits in two
-    rounds for the four entries at once. The comparisons are exact (no dropped bits), so the order is
-    total and exactly one entry wins: max = sum_i w_i a_i, one `_bit_terms` round and a reshare.
-    Rounds C + 2 + 2 (10 at L = 48); bytes per output element: 6 comparisons, 2 x 4 AND bits per rank,
-    and 64 from rank 0 plus 8 from each of ranks 1 and 2 (four bits and four terms, the reshare): about
-    6 x 31.6 + 83 = 273 over the ranks at L = 48, against 3 x (31.6 + 32) = 191 for the two levels of two
-    it replaces (20 B more per entry of the level).
-    This repository's construction (a tournament of four, as in sorting networks' comparators of four).
+    Idea: all g (g - 1) / 2 t_ij = [a_i > a_j] (i < j) in one msb batch; entry i wins when it beats the
+    other g - 1 (i beats j: t_ij for i < j, not t_ji for i > j: ties go to the later entry), an AND of
+    g - 1 bits in a balanced tree for the g entries at once. The comparisons are exact (no dropped bits),
+    so the order is total and exactly one entry wins: max = sum_i w_i a_i, one `_bit_terms` round and a
+    reshare.
+    Rounds C + ceil(log2(g - 1)) + 2 (g = 4: 10 at L = 48; g = 8: 11); bytes per output element:
+    g (g - 1) / 2 comparisons, (g - 2) g AND bits per rank, and 16 g from rank 0 plus 8 from each of ranks 1
+    and 2 (g bits and g terms, the reshare). g = 4: about 6 x 31.6 + 83 = 273 over the ranks at L = 48,
+    against 3 x (31.6 + 32) = 191 for the two levels of two it replaces (20 B more per entry of the level).
+    This repository's construction (a tournament, as in sorting networks' comparators of four).
     """
-    pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    g = len(a)
+    pairs = [(i, j) for i in range(g) for j in range(i + 1, g)]
     greater = dict(zip(pairs, msb(party, [arith.sub(a[j], a[i]) for i, j in pairs], bits=bits)))
 
     def beats(i, j):
         return greater[(i, j)] if i < j else not_(party, greater[(j, i)])
 
-    others = [[j for j in range(4) if j != i] for i in range(4)]
-    two = and_(party, vconcat([beats(i, o[0]) for i, o in enumerate(others)]),
-               vconcat([beats(i, o[1]) for i, o in enumerate(others)]))
-    wins = and_(party, two, vconcat([beats(i, o[2]) for i, o in enumerate(others)]))
-    (part,) = _bit_terms(party, [[(wins.row(i), a[i]) for i in range(4)]])
+    # Term k: row i holds whether entry i beats its k-th other; the terms' AND, a level at a time.
+    terms = [vconcat([beats(i, [j for j in range(g) if j != i][k]) for i in range(g)]) for k in range(g - 1)]
+    while len(terms) > 1:
+        h = len(terms) // 2
+        both = and_(party, vconcat(terms[0 : 2 * h : 2]), vconcat(terms[1 : 2 * h : 2]))
+        terms = [both.row(slice(k * g, (k + 1) * g)) for k in range(h)] + terms[2 * h :]
+    (wins,) = terms
+    (part,) = _bit_terms(party, [[(wins.row(i), a[i]) for i in range(g)]])
     shape = a[0].shape
     return arith.reshare_from_two(party, 0, part, (int(np.prod(shape)),)).reshape(shape)
 

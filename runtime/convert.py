@@ -277,8 +277,9 @@ def mul_bit(party: Party, b, x):
     return out if was_list else out[0]
 
 
-def select(party: Party, terms, bits: int, plain=()) -> AShare:
-    """sum_k b_k y_k truncated by `bits`, plus sum_j b_j x_j untruncated: one secret selection-and-rescale.
+def select(party: Party, terms, bits: int, plain=(), base: AShare | None = None) -> AShare:
+    """sum_k b_k y_k (+ base) truncated by `bits`, plus sum_j b_j x_j untruncated: one secret
+    selection-and-rescale.
 
     terms, plain: lists of (one-row BShare b, AShare y) with b of y's shape and all y of one shape.
     Idea: `_bit_terms` makes both sums additive between ranks 1 and 2 in one round, then
@@ -286,11 +287,14 @@ def select(party: Party, terms, bits: int, plain=()) -> AShare:
     before its final reshare. The sum (not each term) must satisfy |sum| < 2^62, so out-of-range
     garbage in a term whose bit is 0, or terms that cancel in the ring, cost nothing.
     Rounds 3; bytes/elem: 8 per distinct bit and 8 per term (plain ones too) from rank 0, plus
-    the truncation's 44 over the three ranks (48 beyond 31 bits). This repository's construction.
+    the truncation's 44 over the three ranks (48 beyond 31 bits). `base`, a share of the terms' shape, joins
+    the truncated sum for free: ranks 1 and 2 hold it 2-of-2 already. This repository's construction.
     """
     terms, plain = list(terms), list(plain)
     shape = terms[0][1].shape
     with party.comm.tag("select"):
         groups = [terms] + ([plain] if plain else [])
         parts = _bit_terms(party, groups)
+        if base is not None and party.rank != 0:
+            parts[0] = parts[0] + arith.two_parts(party, [base])
         return arith.truncate_from_two(party, 0, parts[0], bits, shape, parts[1] if plain else None)

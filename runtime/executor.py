@@ -196,24 +196,34 @@ class Executor:
         node = self.nodes[index]
         return node.op_type == "Gemm" and bool(node.attrs.get("transB", 0))
 
-    def mask_bytes(self, tokens: int, batch: int, shapes: dict) -> int:
-        """What `prepare_products` keeps on rank 1: 8 bytes per output element of every product it prepares,
-        from the weights' public `shapes` (name -> shape). (While preparing, ranks 1 and 2 hold twice that.)"""
+    def _shift(self, head: int) -> int | None:
+        """The truncation a prepared group's products take: f, or None for answers left unscaled."""
+        return None if self._final[head] else self.party.fxp.frac_bits
+
+    def mask_bytes(self, tokens: int, batch: int, shapes: dict) -> list[int]:
+        """The peak bytes `prepare_products` adds on each rank, from the weights' public `shapes` (name ->
+        shape), per output element of every product it prepares: rank 1 keeps Q (8 bytes; twice that while
+        preparing), rank 2 holds its products and builds its messages (16, and 12 more where the truncation is
+        prepared), and the owner keeps c_1 and the dealt words of each prepared truncation (20)."""
         shapes = self._with_transposes({name: tuple(shape) for name, shape in shapes.items()}, lambda s: s[::-1])
-        return sum(
-            8 * self._rows(head, tokens, batch) * shapes[self.nodes[i].inputs[1]][0 if self._product_transposed(i) else 1]
-            for head, members in self._prepared_groups(shapes).items()
-            for i in members
-        )
+        every, cut = 0, 0
+        for head, members in self._prepared_groups(shapes).items():
+            rows = self._rows(head, tokens, batch)
+            for i in members:
+                out = rows * shapes[self.nodes[i].inputs[1]][0 if self._product_transposed(i) else 1]
+                every += out
+                cut += 0 if self._final[head] else out
+        return [20 * cut, 16 * every, 16 * every + 12 * cut]
 
     def prepare_products(self, tokens: int, batch: int) -> None:
         """Setup for the next walk: masks for every product with a 2-D weight (`prepared.prepare`), for inputs
-        of `_rows` rows. All ranks call it alike, after the weights are shared."""
+        of `_rows` rows, and their truncations. All ranks call it alike, after the weights are shared."""
         weights = self._with_transposes(dict(self.weights), lambda w: w.transpose() if len(w.shape) == 2 else w)
         groups = self._prepared_groups({n: w.value_shape for n, w in weights.items()})
         products = [self._product(i, weights, head) for head, members in groups.items() for i in members]
         rows = {head: self._rows(head, tokens, batch) for head in groups}
-        self.prepared = prepared.prepare(self.party, products, rows)
+        shifts = {head: self._shift(head) for head in groups}
+        self.prepared = prepared.prepare(self.party, products, rows, shifts=shifts)
 
     def run(self, feeds: dict, on_node: Callable[[Node], None] | None = None) -> dict:
         """Walk the graph; returns the graph outputs (shares, private or public values)."""

@@ -372,7 +372,8 @@ def weight_products(ctx: Context, x: AShare, members: list[Product], group=None)
     """x @ W for each member's weight, in one batch (the products that read one input: attention's q, k, v).
 
     From masks prepared before the input arrived when they cover x (`prepared.products`: 3 rounds, 8 B per
-    input element and 44 per output element, one product online); else each rank's part
+    input element and 24 per output element with the truncation prepared too, 44 without, one product
+    online); else each rank's part
     (`weights.matmul_part`, one product per rank) and one truncation (2 rounds, 60 B per output element).
     With `ctx.final` the products are reshared untruncated (`Unscaled`): 1 round less.
     """

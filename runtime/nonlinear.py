@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import approx, arith, boolean, compare, convert
+from .parallel import parallel
 from .convert import b2a
 from .party import Party
 from .shares import AShare, stack
@@ -87,8 +88,9 @@ MEAN_EXTRA_BITS = 12
 CENTER_EXTRA_BITS = 4
 # S = sum of squares carries up to f + 8 bits (fewer when the comparison range needs the room).
 NORM_SUM_EXTRA_BITS = 8
-# Fractional bits of u^2 in the piecewise polynomials (u = x / 2^s, |u| <= 1 where it matters).
-PIECEWISE_SQ_BITS = 22
+# Fractional bits of s = x^2 / 2^k, w = s - c and w^2 in the piecewise polynomials (|w| <= 1 where it
+# matters), and of the coefficients of the one ring product there (K - 2 * 20 bits, K ~ 60).
+PIECEWISE_SQ_BITS = 20
 # Ring products before a truncation stay below 2^62 (arith's truncation bound) with this margin.
 _HEADROOM = 61
 
@@ -127,14 +129,34 @@ class DomainError(ValueError):
 # ----------------------------------------------------------------------------- thermometer
 
 
-def _thermometer(party: Party, x: AShare, thresholds: np.ndarray, bits: int, cmp_bits: int | None = None) -> AShare:
-    """[x < T_j] for each public threshold (x at scale `bits`), as integer 0/1 AShares on a new trailing axis.
+def _below(party: Party, x: AShare, thresholds: np.ndarray, bits: int, cmp_bits: int | None = None) -> list:
+    """The thermometer's bits [x < T_j] for each public threshold (x at scale `bits`), as boolean shares: one
+    `less_than_public` batch on cmp_bits-bit words (default party.msb_bits), C + (len(T) - 1) X bytes per
+    element of x. `_steps` reads a step function from their b2a."""
+    return compare.less_than_public(party, x, [_encode(t, bits) for t in thresholds], bits=cmp_bits)
 
-    One `less_than_public` batch (on cmp_bits-bit words, default party.msb_bits) and one batched b2a:
-    C + A rounds, C + (len(T) - 1) X + len(T) A bytes per element of x.
+
+def _guess_and_product(party: Party, below: list, x: AShare, guess: tuple, product: tuple) -> tuple[AShare, AShare]:
+    """From the thermometer's boolean bits: the step function guess = (values, bits) (`_steps`, after a b2a),
+    and beside it x times the step function product = (values, bits, shift), truncated by `shift`.
+
+    x g(x) = g_m x - sum_j [x < T_j] (g_j - g_{j-1}) x is a selection of public multiples of x by the bits
+    themselves (`convert.select`, g_m x its base), so it needs no b2a first; the two run side by side
+    (`parallel`): max(A, 3) = 3 rounds where b2a and then a product take A + 2 = 4. Bytes per element of x:
+    len(T) A for the b2a, 16 len(T) from rank 0 and the truncation's 48 over the ranks for the select.
     """
-    below = compare.less_than_public(party, x, [_encode(t, bits) for t in thresholds], bits=cmp_bits)
-    return stack(b2a(party, below), axis=-1)
+    values, bits, shift = product
+    g = _encode(values, bits)
+
+    def steps(party: Party):
+        return _steps(party, stack(b2a(party, below), axis=-1), *guess)
+
+    def times_x(party: Party):
+        minus = g[:-1] - g[1:]  # -(g_j - g_{j-1}), wrapping in the ring
+        terms = [(b, arith.mul_public(x, minus[j])) for j, b in enumerate(below)]
+        return convert.select(party, terms, shift, base=arith.mul_public(x, g[-1]))
+
+    return tuple(parallel(party, steps, times_x))
 
 
 def comparison_bits(spread: float, bits: int, msb_bits: int, narrow: bool = False) -> int:
@@ -206,7 +228,9 @@ def exp_neg(party: Party, x: AShare, fit: approx.ExpNeg = approx.REFIT.exp, cmp_
     The clip compares x with -fit.cut_far ignoring the carry of the low f + log2(cut_far - cut) bits
     (convert.msb's drop), so the cut falls in [-cut_far, -cut], where the value is negligible.
     Garbage below the cut (even wrapped values) is multiplied by an exact 0.
-    Rounds C' + 2 (t' - 1) + 1 + 3 = 18 for both sets (t' = 5 products in sequence); bytes C' + 4M + R + Z'
+    The clip's comparison runs beside the products (`parallel`: their rounds travel together).
+    Rounds max(C', 2 (t' - 1) + 1) + 3 = 12 for both sets (t' = 5 products in sequence; 18 one after the
+    other); bytes C' + 4M + R + Z'
     per element, C' the comparison on L - f - log2(cut_far - cut) bits (16.8 B over the ranks at L = 48,
     9 leaf groups for both sets), Z' = select of one bit and term with a truncation within 31 bits (60 B):
     340.8 B over the three ranks (was 415.9 before the fused select). PUMA section 4.2.
@@ -245,15 +269,24 @@ def _exp_neg(party: Party, x: AShare, bits: int, fit: approx.ExpNeg, cmp_bits: i
     """exp_neg with the result at scale `bits`."""
     f, t = party.fxp.frac_bits, fit.squarings
     slack = math.floor(math.log2(fit.cut_far - fit.cut))
-    below = convert.msb(party, arith.add_public(party, x, _encode(fit.cut_far, f)), bits=cmp_bits, drop=f + slack)
     scales = _square_scales(bits, t)
-    y, scale = _exp_base(party, x, fit, min(EXP_BITS, (31 + scales[0]) // 2))
-    if 2 * scale - scales[0] > 31:
-        raise ValueError(f"exp_neg: no 31-bit schedule from scale {scale} to {bits}")
-    for out in scales[:-1]:
-        y = arith.mul_fx(party, y, y, bits=2 * scale - out)
-        scale = out
-    return convert.select(party, [(boolean.not_(party, below), arith.mul(party, y, y))], 2 * scale - bits)
+
+    def clip(party: Party):
+        return convert.msb(party, arith.add_public(party, x, _encode(fit.cut_far, f)), bits=cmp_bits, drop=f + slack)
+
+    def power(party: Party):
+        """p(x/2^t)^(2^(t-1)) squared in the ring (its truncation rides in the select), and that square's scale."""
+        y, scale = _exp_base(party, x, fit, min(EXP_BITS, (31 + scales[0]) // 2))
+        if 2 * scale - scales[0] > 31:
+            raise ValueError(f"exp_neg: no 31-bit schedule from scale {scale} to {bits}")
+        for out in scales[:-1]:
+            y = arith.mul_fx(party, y, y, bits=2 * scale - out)
+            scale = out
+        return arith.mul(party, y, y), 2 * scale
+
+    # The clip's comparison and the polynomial do not depend on each other: their rounds travel together.
+    below, (square, scale) = parallel(party, clip, power)
+    return convert.select(party, [(boolean.not_(party, below), square)], scale - bits)
 
 
 # ----------------------------------------------------------------------------- reciprocal
@@ -274,12 +307,15 @@ def reciprocal(party: Party, x: AShare, lo: float = 1.0, hi: float = 1024.0) -> 
     relative error is r^8 <= 7.5e-7 before fixed-point rounding; measured on [1, 128]: 3.8 ulp
     absolute. Outside [lo, hi] the guess is that of the nearest end and the error grows (it
     diverges beyond 2 hi).
-    Rounds C + A + 8 = 16; bytes per row C + (k-2)X + (k-1)A + 6M with k <= ceil(2 log2(hi/lo)) intervals
-    (softmax over 128: 13 thresholds, 305 B per row).
+    x y0 is a selection of public multiples of x by the thermometer's bits, beside the b2a of the guess
+    (`_guess_and_product`).
+    Rounds C + max(A, 3) + 6 = 15; bytes per row C + (k-2)X + (k-1)A + 16 (k-1) + 44 + 5M with
+    k <= ceil(2 log2(hi/lo)) intervals (softmax over 128: 13 thresholds, about 500 B per row, 190 of them the
+    select's).
     Why: SPU normalises by the highest set bit (a bit decomposition) and runs 2 Goldschmidt steps
     from 2.9142 - 2c, |1 - c w0| <= 0.0858, so 5.4e-5 relative; CrypTen's Newton from
     3 exp(0.5 - x) + 0.003 needs an exp and ~10 dependent Newton steps on [1, 128] (> 50 rounds).
-    Here the rounds are one comparison, one b2a and 4 products, and the comparisons are per row.
+    Here the rounds are one comparison, a b2a beside a select, and 3 products, and the comparisons are per row.
     """
     f = party.fxp.frac_bits
     if lo < 2.0 ** -(60 - 2 * f):
@@ -291,9 +327,10 @@ def reciprocal(party: Party, x: AShare, lo: float = 1.0, hi: float = 1024.0) -> 
 def _reciprocal(party: Party, x: AShare, in_bits: int, lo: float, hi: float, bits: int) -> AShare:
     """1/x at scale `bits` for x at scale in_bits: y, r and their products all carry `bits` bits."""
     thresholds, a, b = _grid(lo, hi, RECIP_STEPS_PER_OCTAVE, in_bits)
-    below = _thermometer(party, x, thresholds, in_bits, thermometer_bits(party, hi, in_bits))
-    y = _steps(party, below, 2.0 / (a + b), bits)
-    r = _one_minus(party, arith.mul_fx(party, x, y, bits=in_bits), bits)
+    below = _below(party, x, thresholds, in_bits, thermometer_bits(party, hi, in_bits))
+    guess = 2.0 / (a + b)
+    y, xy = _guess_and_product(party, below, x, (guess, bits), (guess, bits, in_bits))
+    r = _one_minus(party, xy, bits)
     yr, r2 = arith.mul_fx(party, [y, r], [r, r], bits=bits)
     y = arith.add(y, yr)
     yr2, r4 = arith.mul_fx(party, [y, r2], [r2, r2], bits=bits)
@@ -329,20 +366,23 @@ def _rsqrt(
     top_octave = int(octave.max())  # 2^(top_octave - e) >= 1: every power of two below is exact
     if normalise and in_bits + top_octave > _HEADROOM - 2:
         raise ValueError(f"rsqrt: x up to 2^{top_octave + 1} at 2^{in_bits} leaves no room to normalise")
-    below = _thermometer(party, x, thresholds, in_bits, cmp_bits)
+    below = _below(party, x, thresholds, in_bits, cmp_bits)
     # r and its square carry rb bits, as many as the products with the guess (result <= 1.03 of it) allow.
     top = math.log2(2.5 * gain / math.sqrt(lo))
     rb = f + max(0, min(RSQRT_R_EXTRA_BITS, math.floor(_HEADROOM - out_bits - f - RSQRT_COEF_BITS - top)))
     if normalise:
+        ones = stack(b2a(party, below), axis=-1)  # the thermometer's bits as integer 0/1 shares
         z = min(RSQRT_NORM_BITS, in_bits + top_octave - 1)
-        scaled = arith.mul_fx(party, x, _steps(party, below, 2.0**-octave, top_octave), bits=in_bits + top_octave - z)
-        mantissa = _steps(party, below, g2 * 2.0**octave, _HEADROOM - 1 - z)
+        scaled = arith.mul_fx(party, x, _steps(party, ones, 2.0**-octave, top_octave), bits=in_bits + top_octave - z)
+        mantissa = _steps(party, ones, g2 * 2.0**octave, _HEADROOM - 1 - z)
         xg2 = arith.mul_fx(party, scaled, mantissa, bits=_HEADROOM - 1 - rb)
+        guess = _steps(party, ones, gain * np.sqrt(g2), out_bits)
     else:
         sq_bits = _HEADROOM - 1 - in_bits
-        xg2 = arith.mul_fx(party, x, _steps(party, below, g2, sq_bits), bits=sq_bits + in_bits - rb)
+        guess, xg2 = _guess_and_product(
+            party, below, x, (gain * np.sqrt(g2), out_bits), (g2, sq_bits, sq_bits + in_bits - rb)
+        )
     r = _one_minus(party, xg2, rb)
-    guess = _steps(party, below, gain * np.sqrt(g2), out_bits)
     pairs, bits = [(guess, r), (r, r)], [rb, rb]
     if ride is not None:
         left, right, p = ride
@@ -373,8 +413,11 @@ def rsqrt(party: Party, x: AShare, lo: float = 2.0**-10, hi: float = 2.0**10) ->
     2^-5) plus fixed-point rounding, in two batches after x y0^2. No Newton loop. (A quarter-octave guess
     needed degree 4 and one batch, two rounds, more; the finer thermometer costs bytes per input only.)
     Comparisons on L = party.msb_bits bits when hi 2^(f+2) < 2^L, else on 64 bits (`thermometer_bits`).
-    Rounds C + A + 6 = 14; bytes per element C + (k-2)X + (k-1)A + 3M + W with k <= ceil(8 log2(hi/lo))
-    intervals (159 thresholds for the default range: 2.6 KB).
+    x y0^2 is a selection of public multiples of x by the thermometer's bits, beside the b2a of the guess
+    (`_guess_and_product`; where x is normalised by its octave, b2a and the products one after the other).
+    Rounds C + max(A, 3) + 4 = 13; bytes per element C + (k-2)X + (k-1)A + 3M + 16 (k-1) + 48 with
+    k <= ceil(8 log2(hi/lo)) intervals (159 thresholds for the default range: 3.1 KB per rank, 9.4 KB over the
+    three; 6.9 before the select, which sends 8 bytes per bit and per term from rank 0).
     """
     f = party.fxp.frac_bits
     if lo < 2.0 ** -(f + 3):
@@ -394,51 +437,86 @@ def _max_abs(poly, lo: float, hi: float) -> float:
     return float(np.abs(approx.poly(np.linspace(lo, hi, 4097), tuple(poly))).max())
 
 
-def _piecewise(party: Party, x: AShare, fit: approx.Piecewise, cmp_bits: int | None) -> AShare:
-    """0 below breaks[0], `low` (degree <= 3) up to breaks[1], `mid` (even degree <= 6 plus a linear term) up to
-    breaks[2], x above (`approx.Piecewise`).
+@dataclass(frozen=True)
+class PiecewisePlan:
+    """How `_piecewise` reads a fit at f fractional bits; every field is public.
 
-    Variable u = x / 2^s with 2^s >= |breaks[1]|, |breaks[2]| (x read at scale q = f + s, free), so |u| <= 1
-    on mid's segment; s2 = u^2. Two truncations and two plain ring products:
-      s2 = u u, truncated to PIECEWISE_SQ_BITS;  T = s2 (m4 + m6 s2), truncated so that s2 T lands at K;
-      ring: s2 T and (low only) s2 (l2 + l3 u), both at K (the largest scale that keeps |mid| < 2^62).
-    mid = m0 + m1 u + m2 s2 + s2 T and low = l0 + l1 u + s2 (l2 + l3 u) are then local, at scale K.
-    Selection with the three bits b_i = [x < breaks_i] of one batched comparison, fused with the one
-    rescale to f (`convert.select`): b2 mid + b1 (low - mid) - b0 low, plus x - b2 x untruncated.
+    The middle piece m1 x + Q(x^2) is evaluated in the centred square w = x^2 / 2^k - c (|w| <= 1 on
+    its segment) as m1 x + a0 + a1 w + a2 w^2 + w^2 (a3 w + a4 w^2): the big alternating coefficients of
+    Q in x^2 cancel to a few units, while every a_j is of the order of the piece's own values, so 20-bit
+    shares and 20-bit coefficients keep it within an ulp or two.
+    """
+
+    k: int
+    c: float
+    a: tuple[float, float, float, float, float]
+    out_bits: int  # K: every piece at this scale, the largest that keeps them below 2^61.9
+
+
+def piecewise_plan(fit: approx.Piecewise) -> PiecewisePlan:
+    lo, hi = fit.breaks[-2], fit.breaks[-1]
+    top = max(lo * lo, hi * hi)
+    k = math.ceil(math.log2(top)) - 1  # x^2 / 2^k in [0, 2] on the middle segment
+    c = top / 2.0 ** (k + 1)
+    mid = tuple(fit.mid) + (0.0,) * (9 - len(fit.mid))
+    # Q(s) = m0 + m2 s + m4 s^2 + m6 s^3 + m8 s^4 with s = 2^k (w + c), as a polynomial in w.
+    q_s = np.polynomial.Polynomial([mid[0], mid[2], mid[4], mid[6], mid[8]])
+    q_w = q_s(np.polynomial.Polynomial([2.0**k * c, 2.0**k]))
+    a = tuple(float(v) for v in np.pad(q_w.coef, (0, 5))[:5])
+    values = [_max_abs(mid, lo, hi)]
+    if len(fit.breaks) == 3:
+        values.append(_max_abs(fit.low, fit.breaks[0], fit.breaks[1]))
+    return PiecewisePlan(k, c, a, math.floor(61.9 - math.log2(max(values))))
+
+
+def _piecewise(party: Party, x: AShare, fit: approx.Piecewise, cmp_bits: int | None) -> AShare:
+    """0 below breaks[0], `low` (degree <= 3; three breaks only) up to breaks[1], `mid` (even of degree
+    <= 8 plus a linear term) up to breaks[-1], x above (`approx.Piecewise`).
+
+    With s = x^2 / 2^k and w = s - c (`PiecewisePlan`), two truncations and one batch of plain ring products:
+      s = x x truncated to PIECEWISE_SQ_BITS (w is s less a public constant);  w2 = w w truncated likewise;
+      ring: w2 (a3 w + a4 w2), and (a cubic low piece only) s (l2 2^k + l3 2^k x), all at scale K.
+    mid and low are then local sums at K.
+    The bits b_i = [x < breaks_i] of one batched comparison, computed beside the products (`parallel`), then
+    the selection, fused with the one rescale to f (`convert.select`). Three breaks: b2 mid + b1 (low - mid)
+    - b0 low, plus x - b2 x untruncated (3 bits, 3 terms, 1 plain). Two: (b0 xor b1) mid, plus x - b1 x (b0
+    implies b1, so the xor, free, is the middle segment's bit: 2 bits, 1 term, 1 plain).
     Values outside their own segment (even wrapped ones) are multiplied by an exact 0 or cancel
     in the ring, so the result is right for every x the comparison can take; only the segments'
     own ranges bound the scales.
     """
-    f = party.fxp.frac_bits
-    breaks, low, mid = fit.breaks, fit.low, fit.mid
-    if len(low) > 4 or len(mid) > 7 or any(c != 0.0 for c in mid[3::2]):
-        raise ValueError("_piecewise takes a cubic and an even sextic plus a linear term")
-    s = math.ceil(math.log2(max(abs(breaks[1]), abs(breaks[2]))))
-    q = f + s
-    lw = [c * 2.0 ** (s * k) for k, c in enumerate(low)] + [0.0] * (4 - len(low))
-    md = [c * 2.0 ** (s * k) for k, c in enumerate(mid)] + [0.0] * (7 - len(mid))
-    # Bounds on the segments, in u: mid's segment, and T = s2 (m4 + m6 s2) there.
-    u_lo, u_hi = breaks[1] / 2.0**s, breaks[2] / 2.0**s
-    t_max = _max_abs([0.0, 0.0, md[4], 0.0, md[6]], u_lo, u_hi)
-    k_out = math.floor(61.9 - math.log2(max(_max_abs(md, u_lo, u_hi), _max_abs(lw, breaks[0] / 2.0**s, u_lo))))
-    sq = PIECEWISE_SQ_BITS
-    e = math.floor(61.9 - math.log2(t_max) - sq)  # scale of m4 + m6 s2, so that s2 (m4 + m6 s2) < 2^62
-    u = x
+    f, sq = party.fxp.frac_bits, PIECEWISE_SQ_BITS
+    plan = piecewise_plan(fit)
+    k_out, a = plan.out_bits, plan.a
+    e = k_out - sq  # scale of a3 w + a4 w2, so that w2 times it lands at K
 
-    # The three comparisons in one batch, rank 0's part of it sent once.
-    b0, b1, b2 = compare.less_than_public(party, x, [_encode(b, f) for b in breaks], bits=cmp_bits)
+    low = tuple(fit.low) + (0.0,) * (4 - len(fit.low))
+    cubic = low[3] != 0.0
 
-    s2 = arith.mul_fx(party, u, u, bits=2 * q - sq)
-    t = arith.mul_fx(party, s2, _lin(party, [(s2, md[6], e - sq)], md[4], e), bits=sq + e - (k_out - sq))
-    products = [(s2, t)]
-    if lw[3] != 0.0:
-        products.append((s2, _lin(party, [(u, lw[3], k_out - sq - q)], lw[2], k_out - sq)))
-    ring = arith.mul(party, [a for a, _ in products], [b for _, b in products])
-    mid_v = arith.add(_lin(party, [(u, md[1], k_out - q), (s2, md[2], k_out - sq)], md[0], k_out), ring[0])
-    low_terms = [(u, lw[1], k_out - q)] + ([] if lw[3] != 0.0 else [(s2, lw[2], k_out - sq)])
-    low_v = _lin(party, low_terms, lw[0], k_out)
-    if lw[3] != 0.0:
+    def powers(party: Party):
+        s = arith.mul_fx(party, x, x, bits=2 * f + plan.k - sq)
+        w = arith.add_public(party, s, _encode(-plan.c, sq))
+        w2 = arith.mul_fx(party, w, w, bits=sq)
+        products = [(w2, _lin(party, [(w, a[3], e - sq), (w2, a[4], e - sq)], 0.0, e))]
+        if cubic:
+            bracket = _lin(party, [(x, low[3] * 2.0**plan.k, k_out - sq - f)], low[2] * 2.0**plan.k, k_out - sq)
+            products.append((s, bracket))
+        return s, w, w2, arith.mul(party, [p for p, _ in products], [q for _, q in products])
+
+    # The comparisons and the products do not depend on each other: their rounds travel together.
+    bits, (s, w, w2, ring) = parallel(party, lambda p: _below(p, x, fit.breaks, f, cmp_bits), powers)
+    mid_v = arith.add(
+        _lin(party, [(x, fit.mid[1], k_out - f), (w, a[1], k_out - sq), (w2, a[2], k_out - sq)], a[0], k_out), ring[0]
+    )
+    if len(fit.breaks) == 2:
+        b0, b1 = bits
+        picked = convert.select(party, [(boolean.xor(b0, b1), mid_v)], k_out - f, [(b1, arith.neg(x))])
+        return arith.add(x, picked)
+    low_terms = [(x, low[1], k_out - f)] + ([] if cubic else [(s, low[2] * 2.0**plan.k, k_out - sq)])
+    low_v = _lin(party, low_terms, low[0], k_out)
+    if cubic:
         low_v = arith.add(low_v, ring[1])
+    b0, b1, b2 = bits
     picked = convert.select(
         party,
         [(b2, mid_v), (b1, arith.sub(low_v, mid_v)), (b0, arith.neg(low_v))],
@@ -449,28 +527,31 @@ def _piecewise(party: Party, x: AShare, fit: approx.Piecewise, cmp_bits: int | N
 
 
 def gelu(party: Party, x: AShare, fit: approx.Piecewise = approx.REFIT.gelu, cmp_bits: int | None = None) -> AShare:
-    """GeLU as 0 | cubic | degree 6 (even + linear) | x (`approx.Piecewise`: refit or PUMA's constants).
+    """GeLU as 0 | degree 8 (even + linear) | x (refit), or PUMA's 0 | cubic | degree 6 | x (`approx.Piecewise`).
 
     Domain: every x the comparison takes, |x| < 2^(L-1-f) (L = cmp_bits or party.msb_bits: 2^29 at f = 18);
     values outside a piece's segment are multiplied by an exact 0. Error against the float64 definition:
-    1.3 ulp measured on [-6, 6]; the definitions are 0.0120 (refit; 0.0019 on [-1, 1]) and 0.0199 (PUMA)
-    from the exact GeLU.
-    See `_piecewise`: 3 comparisons in one batch, 2 truncated and 2 plain products, one select (3 bits,
-    4 terms) that also rescales.
-    Rounds C + 2 + 2 + 1 + 3 = 14; bytes C + 2X + 2M + 2R + Z + 5 * 8 / 3 = 112.9 per element per rank
-    (338.6 over the three; was 655 with 5 truncations and 3 mul_bits), the same for both sets. PUMA section 4.3.
+    1.6 ulp measured on [-8, 8] (both sets); the definitions are 0.0072 (refit; 0.00064 on [-1, 1]) and
+    0.0199 (PUMA) from the exact GeLU.
+    See `_piecewise`: 2 truncated and 1 plain products (PUMA's cubic: 2 plain) beside the comparisons (their
+    rounds travel together, `parallel`), then one select that also rescales.
+    Rounds max(C, 2 + 2 + 1) + 3 = 9 for both sets (14 one after the other). Bytes per element per rank:
+      refit: C + X + 2M + R + Z + 2 * 8 / 3 = 91.0 (273.1 over the three; 338.6 with PUMA's three pieces);
+      PUMA:  C + 2X + 2M + 2R + Z + 5 * 8 / 3 = 112.9 (338.6 over the three; was 655 with 5 truncations).
+    PUMA section 4.3.
     """
     with party.comm.tag("gelu"):
         return _piecewise(party, x, fit, cmp_bits)
 
 
 def silu(party: Party, x: AShare, fit: approx.Piecewise = approx.REFIT.silu, cmp_bits: int | None = None) -> AShare:
-    """SiLU as 0 | quadratic | degree 6 | x (`approx.Piecewise`); domain and method as gelu's.
+    """SiLU as 0 | degree 8 (even + linear) | x (refit), or PUMA's 0 | quadratic | degree 6 | x
+    (`approx.Piecewise`); domain and method as gelu's.
 
-    Error against the float64 definition: 1.7 ulp measured on [-10, 10]; the definitions are 0.045 (refit)
-    and 0.072 (PUMA, its jump at x = 4) from the exact SiLU. Rounds 14 as gelu; bytes as gelu less one
-    ring product (the quadratic needs none): C + 2X + 2M + R + Z + 5 * 8 / 3 = 104.9 per element per rank.
-    PUMA section 4.3.
+    Error against the float64 definition: 1.9 ulp measured on [-8, 8] (PUMA's: 1.6); the definitions are
+    0.035 (refit; 0.0016 on [-1, 1]) and 0.072 (PUMA, its jump at x = 4) from the exact SiLU.
+    Rounds 9 as gelu; bytes as gelu's (refit: 91.0 per element per rank), and for PUMA's quadratic one ring
+    product less: C + 2X + 2M + R + Z + 5 * 8 / 3 = 104.9. PUMA section 4.3.
     """
     with party.comm.tag("silu"):
         return _piecewise(party, x, fit, cmp_bits)
@@ -505,20 +586,22 @@ def softmax(
     element, so no sentinel value has to fit the ring), e = exp_neg(x - max) * mask, ONE reciprocal
     per row of the sum (in [1, n]: the max contributes exp(0) = 1; kept at f + 8 bits), then a
     broadcast product. Where fewer low bits keep a comparison a round shorter (`max_drop_bits`), the max
-    tree's levels of two ignore them: its max is then an entry up to 2^-12 per such level below the row's,
-    so the sum stays >= 1 and may pass n by 0.2% at most, and softmax's invariance to the shift keeps the
-    result.
+    tree's levels of two (rows that come down to two entries) ignore them: its max is then an entry up to
+    2^-12 per such level below the row's, so the sum stays >= 1 and may pass n by 0.2% at most, and
+    softmax's invariance to the shift keeps the result.
     A row with no kept position gives 0 (approx.softmax gives NaN there; the ONNX export maps it to 0).
     Measured error vs approx.softmax 1.1 ulp (plus what the cut zone of exp keeps); approx.softmax is up to
     0.07 from the exact softmax with PUMA's exp, 4e-4 with the refit one (rows of 128 scores).
     The reciprocal carries f + 5 bits (enough against e <= 1), so the output product truncates by 31.
-    The max (`compare.max`): levels of four (exact comparisons, C + 4 rounds each) while four entries
-    remain, then levels of two (C' + S), C' on L - max_drop_bits(L, f) bits.
-    Rounds for n = 128: 3 (C + 4) + (C' + 2) + 18 (exp) + 16 (reciprocal) + 2 = 74 at L = 48, 71 at L = 28
-    (BERT-base's recorded scores; 83 with levels of two only, 92 before the dropped bits); bytes per
-    element: the max's (six comparisons and 80 B per output of a level of four, C + S per pair of a level
-    of two: about 25 B more per element than levels of two at L = 48) + exp's + M [product], plus the
-    reciprocal's 305 B per row at n = 128.
+    The max (`compare.max`): levels of four (exact comparisons, C + 4 rounds each) while more than eight
+    entries remain, then one group of the rest (three to eight: C + 5 rounds for eight); levels of two
+    (C' + S, C' on L - max_drop_bits(L, f) bits) only for rows that come down to two.
+    Rounds for n = 128 (128, 32, 8, 1): 2 (C + 4) + (C + 5) + 12 (exp) + 15 (reciprocal) + 2 = 60 at L = 48
+    (74 with levels of two after the levels of four, exp's clip before its products and the reciprocal's
+    b2a before its first product, 83 with levels of two only, 92 before the dropped bits); bytes per
+    element: the max's (six comparisons and 80 B per output of a level of four, 28 and 144 B per output of
+    a group of eight: about 25 B more per element than levels of two at L = 48) + exp's + M [product], plus
+    the reciprocal's (about 500 B per row at n = 128).
     PUMA section 4.2.
     """
     f = party.fxp.frac_bits
@@ -689,9 +772,10 @@ def _normalise(party: Party, d: AShare, base: AShare, scale: AShare, plan: NormP
     The rsqrt returns 2^p sqrt(n) / (mult sqrt(S + n eps)) at plan.inv_bits, while
     numerator * scale / 2^p (p = log2(mult) - 4, so the factor is 16..32) rides in its r^2 batch:
     one more full-size product gives the result.
-    Rounds 2 (+2 with truncations) + R_C + R_A (+2 normalised) + 6 + 2, R_C the thermometer's comparison
-    on plan.cmp_bits (6 rounds at 48 bits, 7 at 64); bytes/elem 2M (+ T per truncated value), plus per row
-    M (2M pre-scaled) + rsqrt's (one M more when normalised).
+    Rounds 2 (+2 with truncations) + R_C + 3 + 4 + 2 (normalised: R_C + R_A + 2 + 6 + 2), R_C the
+    thermometer's comparison on plan.cmp_bits (6 rounds at 48 bits, 7 at 64; the 3 are the guess's b2a beside
+    x g^2's select, `_guess_and_product`); bytes/elem 2M (+ T per truncated value), plus per row M (2M
+    pre-scaled) + rsqrt's (one M more when normalised).
     """
     cuts = ([(d, plan.prescale)] if plan.prescale else []) + ([(base, -plan.shift)] if plan.shift < 0 else [])
     cut = arith.truncate(party, [v for v, _ in cuts], [b for _, b in cuts]) if cuts else []
@@ -719,10 +803,10 @@ def layer_norm(
     truncation per row; the output's centring is exact (n x - sum x, truncated by a few bits when
     n |x scale| could pass 2^(61-2f)). Then var via one matmul per row (pre-scaled for large |x|),
     1/sqrt per row (thermometer + binomial series, see rsqrt) and two full-size products.
-    Rounds 2 + `_normalise`'s (20 for a narrow domain at L = 48; the default domain's variant adds 2 for
-    the truncations, 2 for the normalised rsqrt and 1 for 64-bit comparisons: 25); bytes/elem 2M (+T per
-    truncation), plus per row 4M + W + T (the mean's truncation, 44 B over the ranks) + C + (k-2)X + (k-1)A
-    (6M + W + ... pre-scaled and normalised) with k <= ceil(8 log2(hi/lo)) intervals (272 for var in
+    Rounds 2 + `_normalise`'s (19 for a narrow domain at L = 48; the default domain's variant adds 2 for
+    the truncations, 3 for the normalised rsqrt and 1 for 64-bit comparisons: 25); bytes/elem 2M (+T per
+    truncation), plus per row 4M + 16 (k-1) + 48 (x g^2's select) + T (the mean's truncation, 44 B over the
+    ranks) + C + (k-2)X + (k-1)A (6M + W + ... pre-scaled and normalised) with k <= ceil(8 log2(hi/lo)) intervals (272 for var in
     [2^-20, 2^14], 368 for the default domain). PUMA 4.4.
     """
     f = party.fxp.frac_bits
@@ -742,9 +826,9 @@ def rms_norm(party: Party, x: AShare, scale: AShare, eps: float, domain: NormDom
     Domain as layer_norm's, var = mean(x^2): by default |x| <= 2^15 and mean(x^2) + eps in [2^-16, 2^30],
     which covers SmolLM2's |x| = 24,926 and mean squares of 1.09e6; the numerator is 16 x while
     16 x_max scale_max < 2^(61-2f).
-    Rounds `_normalise`'s: 18 for a narrow domain at L = 48, 23 for the default domain's variant
+    Rounds `_normalise`'s: 17 for a narrow domain at L = 48, 23 for the default domain's variant
     (tests/runtime/test_nonlinear.py checks both); bytes/elem 2M (+T per truncation), plus per row
-    4M + W + C + (k-2)X + (k-1)A (6M + W + ... pre-scaled and normalised).
+    4M + 16 (k-1) + 48 + C + (k-2)X + (k-1)A (6M + W + ... pre-scaled and normalised).
     """
     plan = norm_plan(party.fxp.frac_bits, x.shape[-1], eps, domain, centred=False, msb_bits=party.msb_bits)
     with party.comm.tag("rms_norm"):

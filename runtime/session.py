@@ -153,7 +153,7 @@ def load_model(
     here, before any share moves. Missing or truncated external data stops here too.
     """
     from puma_onnx.passes import UnsupportedSecretOps, analyze, rewrite
-    from puma_onnx.passes.functions import APPROX_KEY
+    from puma_onnx.passes.functions import APPROX_DIGEST_KEY, APPROX_KEY
 
     path, folder = _model_paths(Path(path_str))
     meta = _read_metadata(folder / "puma.json")
@@ -192,9 +192,17 @@ def load_model(
     if missing:
         raise UserError("no secure kernel for: " + "; ".join(missing))
     # Models rewritten before the set was recorded carry PUMA's functions.
-    fits = {p.key: p.value for p in model.metadata_props}.get(APPROX_KEY, approx.PUMA.name)
+    props = {p.key: p.value for p in model.metadata_props}
+    fits = props.get(APPROX_KEY, approx.PUMA.name)
     if fits not in approx.SETS:
         raise UserError(f"{str(path)!r} names an unknown approximation set {fits!r} (known: {', '.join(approx.SETS)})")
+    # PUMA's constants are the paper's and never change; a rewrite that records no digest otherwise predates them.
+    digest = props.get(APPROX_DIGEST_KEY)
+    if digest != approx.SETS[fits].digest and not (digest is None and fits == approx.PUMA.name):
+        raise UserError(
+            f"{str(path)!r} was rewritten with other {fits!r} approximations than this version's (its functions "
+            "would not match the secure kernels); export it again"
+        )
     recorded = _recorded_ranges(meta, folder / "puma.json")
     try:
         plan = plan_kernels(
@@ -774,15 +782,16 @@ def start(
     cached = CACHED_BYTES if caches and not streamed and caches_fit(count, opts.weight_budget) else 0
     needs = memory_needs(manifest, groups, streamed, cached)
     rows = token_rows(feeds)
-    masks = executor.mask_bytes(*rows, {n: tuple(sh) for n, sh in manifest}) if prepare and rows and not streamed else 0
-    # Ranks 1 and 2 hold the masks' products (`Executor.mask_bytes`), twice that while preparing; where
-    # they do not fit, the products run online and the memory check is the plain one.
-    with_masks = [need + (2 * masks if rank != OWNER else 0) for rank, need in enumerate(needs)]
-    prepare = bool(masks) and broadcast_json(
+    shapes = {n: tuple(sh) for n, sh in manifest}
+    masks = executor.mask_bytes(*rows, shapes) if prepare and rows and not streamed else [0] * len(needs)
+    # What preparing adds on each rank (`Executor.mask_bytes`); where it does not fit, the products run
+    # online and the memory check is the plain one.
+    with_masks = [need + extra for need, extra in zip(needs, masks)]
+    prepare = any(masks) and broadcast_json(
         comm, {"fits": fits_memory(hosts, with_masks)} if r == OWNER else None, OWNER
     )["fits"]
-    if masks and not prepare and r == OWNER:
-        print(f"puma-onnx: the weight products' prepared masks ({masks / 2**20:.0f} MiB on ranks 1 and 2) do not "
+    if any(masks) and not prepare and r == OWNER:
+        print(f"puma-onnx: the weight products' prepared masks (up to {max(masks) / 2**20:.0f} MiB a rank) do not "
               "fit in memory beside the weights: the products run online", file=sys.stderr)
     agree(comm, OWNER, lambda: check_memory(hosts, with_masks if prepare else needs, streamed))
     before_setup = comm.stats.snapshot()

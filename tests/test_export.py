@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -227,3 +228,34 @@ def test_max_positions_is_the_longest_input_the_graph_takes(exported):
     assert session.run(None, feeds(limit))[0].shape[1] == limit
     with pytest.raises(Exception, match="out of bounds|indices element out of data bounds"):
         session.run(None, feeds(limit + 1))
+
+
+def test_a_cached_export_with_other_approximations_is_exported_again(tmp_path, monkeypatch):
+    """`run NAME` reuses ~/.cache/puma-onnx/NAME only while its recorded approximations are this version's."""
+    from puma_onnx import export as ex
+    from puma_onnx.runtime import approx
+
+    monkeypatch.setenv(ex.CACHE_ENV, str(tmp_path))
+    exports = []
+
+    def fake_export(name, out, warn=None):
+        exports.append(name)
+        (Path(out) / ex.REWRITTEN_FILE).write_text("new")
+
+    def fake_prepare(out, warn=None):
+        meta = {"approx": "refit", "approx_digest": approx.REFIT.digest}
+        (Path(out) / ex.METADATA_FILE).write_text(json.dumps(meta))
+
+    monkeypatch.setattr(ex, "export", fake_export)
+    monkeypatch.setattr(ex, "prepare", fake_prepare)
+    cached = tmp_path / "minilm"
+    cached.mkdir()
+    (cached / ex.REWRITTEN_FILE).write_text("old")
+    (cached / ex.METADATA_FILE).write_text(json.dumps({"approx": "refit", "approx_digest": "0123456789abcdef"}))
+    said = []
+    assert ex.cached_export("minilm", warn=said.append) == cached
+    assert exports == ["minilm"] and (cached / ex.REWRITTEN_FILE).read_text() == "new"
+    assert "has other approximations than this version's: exporting it again" in said[0]
+    said.clear()
+    assert ex.cached_export("minilm", warn=said.append) == cached  # now current: reused
+    assert exports == ["minilm"] and "using the export of minilm cached" in said[0]

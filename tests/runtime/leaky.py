@@ -14,7 +14,7 @@ import inspect
 import textwrap
 from dataclasses import dataclass
 
-from puma_onnx.runtime import arith, embedding, onehot, prepared, weights
+from puma_onnx.runtime import arith, embedding, onehot, parallel, prepared, weights
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ MUTANTS = {
         arith,
         "truncate_from_two",
         (
-            ("rr = r_a + with_b.words(n)", "rr = r_a + party.prg_all.words(n)"),
+            ("trunc_deal(r_a + with_b.words(n),", "trunc_deal(r_a + party.prg_all.words(n),"),
             ("c_a = np.ravel(part) + U64(1 << 62) + r_a", "c_a = np.ravel(part) + U64(1 << 62) + r_a\n            party.prg_all.words(n)"),
             ("c_b = np.ravel(part) + party.prg_next.words(n)", "c_b = np.ravel(part) + party.prg_all.words(n)"),
         ),
@@ -94,6 +94,15 @@ MUTANTS = {
              "seed_r = party.prg_all.words(SEED_BYTES, np.uint8).tobytes()"),
         ),
         "R from the common key: the owner subtracts it from x_2 - R and reads the input",
+    ),
+    "parallel_keys_from_common_key": Mutant(
+        parallel,
+        "_child",
+        (
+            ('seeds = [getattr(party, name).words(SEED_BYTES, np.uint8).tobytes() for name in ("prg_prev", "prg_next", "prg_all", "prg_own")]',
+             "seeds = [party.prg_all.words(SEED_BYTES, np.uint8).tobytes()] * 4"),
+        ),
+        "a branch's keys all from the common key: its zero-sharings vanish and its reshares go out unmasked",
     ),
 }
 

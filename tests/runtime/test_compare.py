@@ -7,7 +7,7 @@ from puma_onnx.runtime import arith, compare, convert
 from puma_onnx.runtime.boolean import reveal_bits
 from puma_onnx.runtime.comm import run_parties
 
-from .helpers import cost_of, open_fx, share_fx
+from .helpers import cost_of, encoded, open_fx, share_fx
 
 rng = np.random.default_rng(9)
 
@@ -213,14 +213,35 @@ def test_softmax_drops_the_fewest_bits_that_save_a_round(bits, f, drop):
         assert drop <= f - SOFTMAX_MAX_SLACK
 
 
-@pytest.mark.parametrize("shape", [(3, 4), (2, 5), (6, 16), (2, 128), (1, 7), (3, 13)])
+@pytest.mark.parametrize("shape", [(3, 4), (2, 5), (6, 16), (2, 128), (1, 7), (3, 13), (2, 8), (2, 3), (4, 33), (2, 2)])
 def test_max_by_levels_of_four_with_ties_and_leftovers(shape):
-    """Integers with many ties (exactly one entry of four must win: ties go to the later one) and lengths
-    that leave one to three entries over for the levels of two."""
+    """Integers with many ties (exactly one entry of a group must win: ties go to the later one) and lengths
+    that leave one to three entries over, and last groups of two to eight."""
     x = rng.integers(-4, 4, shape).astype(np.float64)
     x[0, -1] = x[0].max()  # a tie for the maximum
     got = run_parties(lambda p: open_fx(p, compare.max(p, share_fx(p, x), quads=True)))[0]
     assert np.array_equal(got, x.max(axis=-1, keepdims=True))
+
+
+def test_cost_max_ends_with_one_group_of_eight():
+    """32 entries a row: a level of four to 8, then one group of 8 (28 comparisons in one msb batch, an AND tree
+    of three rounds over 7 bits, the selection): 2 C + 4 + 5 rounds, where levels of two would take more."""
+    x = rng.uniform(-1, 1, (2, 32))
+
+    def prog(p):
+        a = share_fx(p, x)
+        got, total = cost_of(p, lambda: compare.max(p, a, quads=True))
+        diffs = [share_fx(p, np.zeros(k * n)) for k, n in ((6, 16), (28, 2))]  # each level's differences
+        probes = [cost_of(p, lambda d=d: convert.msb(p, d))[1] for d in diffs]
+        return open_fx(p, got), total, probes
+
+    for rank, (got, total, probes) in enumerate(run_parties(prog)):
+        assert np.array_equal(got, encoded(x).max(axis=-1, keepdims=True))
+        assert total.rounds == (6 + 2 + 2) + (6 + 3 + 2) == 21
+        # AND rows: level of four (4 - 2) 4 of 16 elements (2 bytes each); group of 8: (8 - 2) 8 of 2 elements.
+        ands = 2 * 4 * 2 + 6 * 8 * 1
+        select = (16 * 4 if rank == 0 else 8) * 16 + (16 * 8 if rank == 0 else 8) * 2
+        assert total.bytes == sum(c.bytes for c in probes) + ands + select
 
 
 def test_cost_max_levels_of_four():

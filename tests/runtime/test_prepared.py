@@ -39,14 +39,15 @@ def _exact(x, w, transpose=False):
     return encoded(x) @ (w.T if transpose else w)
 
 
+@pytest.mark.parametrize("shifts", [None, {"x": F, "z": F}], ids=["online-truncation", "prepared-truncation"])
 @pytest.mark.parametrize("rows", [6, 4])  # all prepared rows, and fewer: the first rows of R serve
-def test_prepared_products_match_the_exact_product_within_one_ulp(rows):
+def test_prepared_products_match_the_exact_product_within_one_ulp(rows, shifts):
     x = X.reshape(6, 24)[:rows]
 
     def prog(p):
         w = _shared(p)
         products, n = _plan(w)
-        ready = prepared.prepare(p, products, n)
+        ready = prepared.prepare(p, products, n, shifts=shifts)
         xs, zs = share_fx(p, x), share_fx(p, Z)
         ab = prepared.products(p, xs, "x", products[:2], ready, F)
         (c,) = prepared.products(p, zs, "z", products[2:], ready, F)
@@ -72,6 +73,37 @@ def test_unscaled_products_are_the_exact_ring_product():
 
     got = run_parties(prog)[0].view(np.int64).astype(np.float64) / 2.0 ** (2 * F)
     assert np.array_equal(got, _exact(Z, C))
+
+
+@pytest.mark.parametrize("bits", [None, F - 1], ids=["unscaled", "another-shift"])
+def test_a_truncation_prepared_for_one_shift_serves_another_request_online(bits):
+    """A group prepared for a truncation by f that is asked for its unscaled product, or another shift, takes
+    the plain path (rank 1 still holds Q), and the prepared words are dropped with the masks."""
+
+    def prog(p):
+        w = _shared(p)
+        products, n = _plan(w)
+        ready = prepared.prepare(p, products, n, shifts={"z": F})
+        (c,) = prepared.products(p, share_fx(p, Z), "z", products[2:], ready, bits)
+        return arith.reveal(p, c), (len(ready.c1), len(ready.dealt))
+
+    (got, left), *others = run_parties(prog)
+    assert left == (0, 0) and all(o[1] == (0, 0) for o in others)
+    ring = got.view(np.int64).astype(np.float64)
+    if bits is None:
+        assert np.array_equal(ring / 2.0 ** (2 * F), _exact(Z, C))
+    else:
+        assert np.abs(ring / 2.0 ** (2 * F - bits) - _exact(Z, C)).max() <= 2.0 ** -(2 * F - bits) * 1.001
+
+
+def test_a_truncation_shift_beyond_31_bits_is_not_prepared():
+    def prog(p):
+        w = _shared(p)
+        products, n = _plan(w)
+        prepared.prepare(p, products, n, shifts={"z": 32})
+
+    with pytest.raises(ValueError, match="1..31 bits"):
+        run_parties(prog)
 
 
 def test_a_prepared_mask_serves_one_input_only():
@@ -126,6 +158,29 @@ def test_cost_online_three_rounds_and_setup_one_round():
     assert (o0.bytes, o1.bytes, o2.bytes) == (16 * n * m, 16 * n * m, 8 * n * k + 12 * n * m)
 
 
+def test_cost_of_a_prepared_truncation_online_and_in_the_setup():
+    """Online: 8 B per input element from rank 2; the owner sends rank 1 c_0 and the two reshare (24 B per
+    output element over the ranks, rank 2 none). Setup: rank 2 deals the owner rc and rb (12 B per output
+    element of a prepared truncation) beside R W_0 - M to rank 1, and in a second round rank 1 sends the owner
+    c_1 (8 B)."""
+    n, k, m = 6, 24, 40 + 16
+
+    def prog(p):
+        w = _shared(p)
+        products, rows = _plan(w)
+        ready, setup = cost_of(p, lambda: prepared.prepare(p, products, rows, shifts={"x": F}))
+        xs = share_fx(p, X)
+        _, online = cost_of(p, lambda: prepared.products(p, xs, "x", products[:2], ready, F))
+        return setup, online
+
+    (s0, o0), (s1, o1), (s2, o2) = run_parties(prog)
+    outputs = 6 * 40 + 6 * 16  # group x; group z (9 x 8) prepares its mask only
+    assert [s.rounds for s in (s0, s1, s2)] == [2, 2, 2]
+    assert (s0.bytes, s1.bytes, s2.bytes) == (0, 8 * outputs, 8 * (outputs + 9 * 8) + 12 * outputs)
+    assert [o.rounds for o in (o0, o1, o2)] == [3, 3, 3]
+    assert (o0.bytes, o1.bytes, o2.bytes) == (16 * n * m, 8 * n * m, 8 * n * k)
+
+
 def test_products_that_read_one_input_form_one_group():
     from puma_onnx.runtime.executor import product_groups
     from puma_onnx.runtime.kernels import Node
@@ -177,5 +232,8 @@ def test_only_products_of_2d_weights_are_prepared():
     )
     executor = Executor(None, helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), {})
     shapes = {"w2": (4, 3), "w3": (2, 4, 6)}
-    # "two": 5 rows x 3; "tied" reads w2 transposed (3 x 4): 5 rows x 4, an answer but still prepared.
-    assert executor.mask_bytes(5, 1, shapes) == 8 * 5 * (3 + 4)
+    # "two": 5 rows x 3, truncated (the owner keeps c_1 and the dealt words, 20 bytes; rank 2 builds those 12
+    # too); "tied" reads w2 transposed (3 x 4): 5 rows x 4, an answer left unscaled but still prepared. Rank 1
+    # keeps Q of both, 8 bytes, twice that while preparing; rank 2 holds its products beside its message.
+    cut, every = 5 * 3, 5 * 3 + 5 * 4
+    assert executor.mask_bytes(5, 1, shapes) == [20 * cut, 16 * every, 16 * every + 12 * cut]

@@ -76,10 +76,10 @@ def test_bert_matches_onnxruntime_on_the_rewritten_model(bert, tmp_path):
     # Every weight product (6 a layer) ran on masks prepared in the setup.
     paths = results[CLIENT]["weight_products"]
     assert (paths["prepared"], paths["online"]) == (12, 0)
-    # Rank 2 sent rank 1 R W_0 - M, 8 bytes per output element of each product (16 rows; per layer q, k, v,
-    # the attention output and the FFN's second product 768 outputs, its first 3072), in one round; the
-    # weights' sharing is reported apart.
-    assert paths["masks"]["bytes_sent"] == 8 * 16 * 2 * (5 * 768 + 3072) and paths["masks"]["rounds"] == 1
+    # Rank 2 sent rank 1 R W_0 - M and the owner the dealt words of the truncation, 8 + 12 bytes per output
+    # element of each product (16 rows; per layer q, k, v, the attention output and the FFN's second product 768
+    # outputs, its first 3072), then rank 1 the owner c_1, 8 more: two rounds; the weights' sharing is apart.
+    assert paths["masks"]["bytes_sent"] == 28 * 16 * 2 * (5 * 768 + 3072) and paths["masks"]["rounds"] == 2
     assert results[CLIENT]["weights"]["bytes_sent"] == 8 * results[CLIENT]["weights"]["count"]
 
 
@@ -123,18 +123,20 @@ def test_the_memory_check_counts_the_masks_and_without_room_the_products_run_onl
     def program(comm, o):
         ex = start(comm, o, lambda info: (client_feeds(o, info), None), prepare=True).executor
         shapes = {name: w.shape for name, w in ex.weights.items()}
-        held = sum(q.nbytes for q in ex.prepared.q.values()) if ex.prepared else 0
-        return ex.mask_bytes(12, 1, shapes), held
+        p = ex.prepared
+        kept = [*p.q.values(), *p.c1.values(), *(w for pair in p.dealt.values() for w in pair)] if p else []
+        return ex.mask_bytes(12, 1, shapes), sum(a.nbytes for a in kept)
 
     monkeypatch.setattr(session, "memory_needs", remember)
     results, errors = run_threads([opts] * 3, program)
     assert errors == [None] * 3
-    assert results[1][0] == results[1][1] > 0 and results[0][1] == results[2][1] == 0
+    # Rank 1 keeps Q, twice that while preparing; the owner keeps c_1 and the dealt words; rank 2 keeps nothing.
+    (owner, held_0), (holder, held_1), (sender, held_2) = ((r[0][i], r[1]) for i, r in enumerate(results))
+    assert holder == 2 * held_1 > 0 and owner == held_0 > 0 and sender > 0 and held_2 == 0
 
-    # Room for the weights and one rank's masks (ranks 1 and 2 hold them), on one host: the plain check
-    # passes, the one with masks does not.
-    masks = results[1][0]
-    monkeypatch.setattr(session, "_available_bytes", lambda: sum(needs["plain"]) + masks)
+    # Room for the weights and one rank's masks, on one host: the plain check passes, the one with masks
+    # does not.
+    monkeypatch.setattr(session, "_available_bytes", lambda: sum(needs["plain"]) + holder)
     results, errors = run_threads([opts] * 3)
     assert errors == [None] * 3
     paths = results[CLIENT]["weight_products"]
@@ -404,6 +406,29 @@ def test_an_unknown_approximation_set_is_one_line_before_the_rewrite(bert, tmp_p
     model = corrupt_metadata(bert, tmp_path, lambda m: m.update(approx="exact"))
     _, errors = run_threads([RunOptions(model=model + "/model.onnx", seq_len=4, progress=False)] * 3)
     assert all(isinstance(e, UserError) and "unknown approximation set 'exact'" in str(e) for e in errors), errors
+
+
+@pytest.mark.parametrize("recorded", ["0123456789abcdef", None], ids=["other-constants", "no-digest"])
+def test_a_model_rewritten_with_other_constants_of_its_set_is_refused_before_any_share_moves(bert, tmp_path, recorded):
+    """A rewrite from another version of `refit` holds functions the secure kernels no longer compute."""
+    import shutil
+
+    import onnx
+
+    from puma_onnx.passes.functions import APPROX_DIGEST_KEY
+
+    folder = tmp_path / "model"
+    shutil.copytree(bert, folder)
+    model = onnx.load(str(folder / REWRITTEN_FILE))
+    kept = [p for p in model.metadata_props if p.key != APPROX_DIGEST_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    if recorded is not None:
+        model.metadata_props.add(key=APPROX_DIGEST_KEY, value=recorded)
+    onnx.save(model, str(folder / REWRITTEN_FILE))
+    _, errors = run_threads([RunOptions(model=str(folder), seq_len=4, progress=False)] * 3)
+    says = "was rewritten with other 'refit' approximations than this version's"
+    assert all(isinstance(e, UserError) and says in str(e) and "\n" not in str(e) for e in errors), errors
 
 
 def test_a_registry_name_on_a_rank_that_cannot_export_is_one_line(monkeypatch, tmp_path):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from puma_onnx.runtime import arith, compare, convert, prepared
+from puma_onnx.runtime.parallel import parallel
 from puma_onnx.runtime import embedding as lookup  # by module: the leaky fixtures patch its function
 from puma_onnx.runtime.session import CLIENT, reveal_outputs
 from puma_onnx.runtime.weights import matmul_part, share_weights
@@ -40,9 +41,10 @@ def _weights(p):
 
 
 def _prepared_products(p, x, w):
-    """x (2 x 3) @ w from prepared masks, truncated and (another mask) unscaled: setup and online."""
+    """x (2 x 3) @ w from prepared masks, truncated (its truncation prepared too: c_1 in the setup) and (another
+    mask) unscaled: setup and online."""
     products = [prepared.Product("t", "x", w), prepared.Product("u", "y", w)]
-    ready = prepared.prepare(p, products, {"x": 2, "y": 2})
+    ready = prepared.prepare(p, products, {"x": 2, "y": 2}, shifts={"x": 18})
     return [prepared.products(p, x, group, [m], ready, bits)[0] for group, m, bits in (("x", products[0], 18),
                                                                                          ("y", products[1], None))]
 
@@ -62,6 +64,7 @@ ON_SHARES = {
         arith.truncate_parts(p, [matmul_part(x.reshape(2, 3), w)], 18) for w in [_weights(p)] for _ in range(3)
     ],
     "prepared_products": lambda p, x: _prepared_products(p, x.reshape(2, 3), _weights(p)),
+    "parallel": lambda p, x: parallel(p, lambda q: arith.mul(q, x, x), lambda q: arith.mul_fx(q, x, x)),
     "msb": lambda p, x: convert.msb(p, x),
     "less_than_public": lambda p, x: compare.less_than_public(p, x, [fx(0.25), fx(-1.0)]),
     "equal": lambda p, x: compare.equal(p, x, arith.add_public(p, arith.sub(x, x), fx(2.0))),
@@ -166,6 +169,7 @@ CAUGHT = {
     "embedding_product_mask_from_common_key": (embedding_of_table(CLIENT), (TABLE, TABLE_B), CLIENT),
     "weight_mask_from_common_key": (FROM_OWNER["share_weights"][1], SECRETS, 1),
     "product_mask_from_common_key": (on_shares("prepared_products", 0), SECRETS, 0),
+    "parallel_keys_from_common_key": (on_shares("parallel", 0), SECRETS, 0),
 }
 # Mutants whose protocol truncates: floor or floor + 1.
 TRUNCATING = {"truncation_mask_from_common_key", "product_mask_from_common_key"}
@@ -197,6 +201,7 @@ def test_each_leaky_variant_stays_correct(monkeypatch, name):
         "embedding_product_mask_from_common_key": lambda s: s[IDS[0]],
         "weight_mask_from_common_key": lambda s: s,
         "product_mask_from_common_key": lambda s: (s.view(np.int64).reshape(2, 3) @ fx(WEIGHT).view(np.int64)) >> 18,
+        "parallel_keys_from_common_key": lambda s: s * s,
     }[name](secrets[0])
     got, want = opened.reshape(-1).view(np.int64), np.asarray(expected).reshape(-1).view(np.int64)
     # The truncation is floor or floor + 1; everything else is exact.
