@@ -1,9 +1,11 @@
 """Secure nonlinear functions on fixed-point AShares, three parties, after PUMA's designs.
 
 Every input and output is an AShare with f = party.fxp.frac_bits fractional bits unless a
-docstring says otherwise. The approximations and their constants are those of `approx`
-(either set: refits of PUMA's structures, or PUMA's, Dong et al. 2023, arXiv 2307.12533, section 4, at
-the same cost); the tests compare each kernel with the float64 definition there.
+docstring says otherwise. The approximations and their constants are those of `approx`, either set:
+`refit` (GeLU and SiLU in two pieces, 0 | x/2 + an even degree-8 polynomial on [-T, T) | x, 19% fewer
+bytes than PUMA's three; exp a degree-4 base squared three times, at PUMA's cost; the same rounds), or
+PUMA's (Dong et al. 2023, arXiv 2307.12533, section 4); the tests compare each kernel with the float64
+definition there.
 Each function's docstring states its domain: the inputs where its error bound holds.
 
 Costs. Each function runs under `comm.tag(<its name>)`. Bytes are sent bytes per rank, averaged
@@ -216,8 +218,9 @@ def exp_neg(party: Party, x: AShare, fit: approx.ExpNeg = approx.REFIT.exp, cmp_
     """exp(x) for x <= 0: p(x/2^t)^(2^t) on [-fit.cut, 0], 0 below (`approx.ExpNeg`; PUMA's p is 1 + y).
 
     Domain: x <= 0 as far as the comparison reaches, |x| < 2^(L-1-f) (L = cmp_bits or party.msb_bits:
-    2^29 at f = 18). Error against the float64 definition: 1-2 ulp, plus up to the value at -fit.cut
-    (refit: 9.2e-6, PUMA: 1e-8) between the two cuts; `approx` states each set's error against exp.
+    2^29 at f = 18 and L = 48, 2^45 on 64-bit comparisons; the clip compares x + cut_far). Error against
+    the float64 definition: 1-2 ulp, plus up to the value at -fit.cut (refit: 9.2e-6, PUMA: 1e-8) between
+    the two cuts; `approx` states each set's error against exp.
     The base: PUMA's 1 + y is x + 2^(f+t) read at scale f+t (free). A degree 2-4 base
     1 + y + y^2 (c2 + c3 y + c4 y^2) takes two products, y^2 and y^2 times that bracket, with the
     coefficients riding in them (a coefficient times a share at a low scale would lose its bits), and
@@ -299,8 +302,10 @@ def reciprocal(party: Party, x: AShare, lo: float = 1.0, hi: float = 1024.0) -> 
 
     Domain: [lo, hi], where the error is within r^8 + 3.25 2^-f <= 1.3e-5 relative (r, r^2 and r^4 each
     round by < 1 ulp, the first one weighted by 1/(1-r) <= 1.21) plus 4 ulp: 3.8 ulp measured on
-    [1, 128], 2.7 2^-f relative near 2^-16; asserted at both ends of [2^-16, 2^40]. The result carries
-    f fractional bits, so 1/x keeps few significant bits where it is far below 1.
+    [1, 128], 2.7 2^-f relative near 2^-16; asserted at both ends of [2^-16, 2^40], and at f = 18 from
+    x = 1 ulp to just below 2^44 with lo = 2^-24 (8.6e-6 relative at 1-64 ulp, at most 3.5 ulp above the
+    relative term, where 1/x is near 2e-6). The result carries f fractional bits, so 1/x keeps few
+    significant bits where it is far below 1.
 
     Guess y0 = 2/(a+b) on each half-octave [a, b) of [lo, hi] from a thermometer (free linear
     combination), then Goldschmidt: r = 1 - x y0, y = y0 (1+r)(1+r^2)(1+r^4): |r| <= 0.1716, so the
@@ -402,11 +407,14 @@ def single_product_bits(lo: float, hi: float, in_bits: int) -> float:
 
 def rsqrt(party: Party, x: AShare, lo: float = 2.0**-10, hi: float = 2.0**10) -> AShare:
     """1/sqrt(x) for x in [lo, hi]: any public bounds with 2^-(f+3) <= lo < hi < 2^(60-f), i.e. the whole
-    positive fixed-point range but its top two octaves; the norms use the same kernel.
+    positive fixed-point range but its top two octaves; the norms use the same kernel. A lo below one ulp
+    is read as one ulp: no encodable input lies below it (and g^2 = 1/lo at 2^(60-f) would not fit the
+    ring at lo = 2^-(f+3)).
 
-    Domain: [lo, hi]; there the error is <= 2e-6 relative + 2 ulp (measured on [2^-10, 2^10] and at both
-    ends of [2^-16, 2^40]). Below lo the guess of the lowest interval gives up to 2.5x the value at lo;
-    above hi the series diverges.
+    Domain: [lo, hi]; there the error is <= 2e-6 relative + 2 ulp (measured on [2^-10, 2^10], at both
+    ends of [2^-16, 2^40], and at f = 18 from x = 1 ulp up to just below 2^42 with lo = 2^-21: at most
+    1.9 ulp above the relative term, under 1e-6 relative at x = 1-64 ulp). Below lo the guess of the lowest
+    interval gives up to 2.5x the value at lo; above hi the series diverges.
     Idea: a piecewise-constant guess from an eighth-octave thermometer (the highest set bit of x to an
     eighth of an octave, without normalising x), then the binomial series of (1 - r)^(-1/2) to degree 3,
     r = 1 - x y0^2 (|r| <= 0.0433): relative error <= 9.6e-7 from the series (its coefficients exact at
@@ -424,6 +432,7 @@ def rsqrt(party: Party, x: AShare, lo: float = 2.0**-10, hi: float = 2.0**10) ->
         raise ValueError(f"rsqrt: lo = {lo} is below 2^-{f + 3}, the smallest input range this fixed point supports")
     if hi >= 2.0 ** (60 - f):
         raise ValueError(f"rsqrt: hi = {hi} is not below 2^{60 - f}, the largest input range this fixed point supports")
+    lo = max(lo, 2.0**-f)
     normalise = _HEADROOM - 1 - f - math.log2(hi) < RSQRT_MIN_BITS
     with party.comm.tag("rsqrt"):
         return _rsqrt(party, x, f, lo, hi, 1.0, f, cmp_bits=thermometer_bits(party, hi, f), normalise=normalise)[0]
@@ -529,8 +538,10 @@ def _piecewise(party: Party, x: AShare, fit: approx.Piecewise, cmp_bits: int | N
 def gelu(party: Party, x: AShare, fit: approx.Piecewise = approx.REFIT.gelu, cmp_bits: int | None = None) -> AShare:
     """GeLU as 0 | degree 8 (even + linear) | x (refit), or PUMA's 0 | cubic | degree 6 | x (`approx.Piecewise`).
 
-    Domain: every x the comparison takes, |x| < 2^(L-1-f) (L = cmp_bits or party.msb_bits: 2^29 at f = 18);
-    values outside a piece's segment are multiplied by an exact 0. Error against the float64 definition:
+    Domain: |x| <= 2^(L-2-f) (L = cmp_bits or party.msb_bits: 2^28 at f = 18 and L = 48, 2^44 on 64-bit
+    comparisons; what `comparison_bits` provisions for |x| + 8). The comparisons take x minus each break
+    (|break| <= 8), so it holds up to |x| < 2^(L-1-f) - 8; past that they wrap and the result is garbage.
+    Values outside a piece's segment are multiplied by an exact 0. Error against the float64 definition:
     1.6 ulp measured on [-8, 8] (both sets); the definitions are 0.0072 (refit; 0.00064 on [-1, 1]) and
     0.0199 (PUMA) from the exact GeLU.
     See `_piecewise`: 2 truncated and 1 plain products (PUMA's cubic: 2 plain) beside the comparisons (their
@@ -676,9 +687,11 @@ class NormPlan:
 
     @property
     def precision_bits(self) -> float:
-        """The output's relative precision at the domain's worst point is about 2^-precision_bits: the
-        fewest significant bits among S at its smallest, the rsqrt guess's g^2 at S's largest (x g^2 ~ 2^60),
-        and 1/sqrt at its smallest."""
+        """The fewest significant bits the norm keeps at the domain's worst point: among S at its smallest,
+        the rsqrt guess's g^2 at S's largest (x g^2 ~ 2^60), 1/sqrt at its smallest and the numerator.
+        The norm's stated bound: each row's error is at most 2^-(precision_bits - 1) times the row's
+        largest |output| (before LayerNorm's bias), plus 4 ulp; with the default NormDomain precision_bits
+        is 11-12 (n = 48..4096), so 4.9e-4 to 9.8e-4 of the row's largest output."""
         inv_min = 2.0**self.p * math.sqrt(self.n) / (self.mult * math.sqrt(self.hi))
         # The numerator mult d at f bits, for a row of standard deviation sqrt(lo / n).
         numerator = math.log2(self.mult * math.sqrt(self.lo / self.n)) + self.frac_bits
@@ -796,9 +809,11 @@ def layer_norm(
     """LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * scale + bias; scale, bias secret.
 
     Domain (`domain`, public): |x| <= x_max, var in [var_lo, var_hi], |scale| <= scale_max; the default
-    covers |x| <= 2^15 and var + eps in [2^-16, 2^30]. Within it the relative error is about
-    2^-plan.precision_bits at the domain's ends plus a few ulp (`norm_plan`; the tests assert it at both
-    ends), e.g. 5 ulp for var >= 1e-3 on [1e-6, 1e4]; `norm_plan` picks the variant or raises DomainError.
+    covers |x| <= 2^15 and var + eps in [2^-16, 2^30]. Within it each row's error is at most
+    2^-(plan.precision_bits - 1) times the row's largest |output - bias| plus 4 ulp (`NormPlan.precision_bits`;
+    the tests assert it at both ends of the default domain, where precision_bits is 11-12 for n = 48..4096:
+    4.9e-4 to 9.8e-4 of the row's largest output), e.g. 5 ulp measured for var >= 1e-3 on a domain with
+    var in [1e-6, 1e4]; `norm_plan` picks the variant or raises DomainError.
     The variance's mean: local row sum times 1/n at f + 12 bits (fewer for |x| near 2^15), one
     truncation per row; the output's centring is exact (n x - sum x, truncated by a few bits when
     n |x scale| could pass 2^(61-2f)). Then var via one matmul per row (pre-scaled for large |x|),
@@ -825,7 +840,9 @@ def rms_norm(party: Party, x: AShare, scale: AShare, eps: float, domain: NormDom
 
     Domain as layer_norm's, var = mean(x^2): by default |x| <= 2^15 and mean(x^2) + eps in [2^-16, 2^30],
     which covers SmolLM2's |x| = 24,926 and mean squares of 1.09e6; the numerator is 16 x while
-    16 x_max scale_max < 2^(61-2f).
+    16 x_max scale_max < 2^(61-2f). Error bound as layer_norm's: each row's error is at most
+    2^-(plan.precision_bits - 1) times its largest |output| plus 4 ulp (precision_bits = 12 for the
+    default domain at n = 48..4096: 4.9e-4 of the row's largest output).
     Rounds `_normalise`'s: 17 for a narrow domain at L = 48, 23 for the default domain's variant
     (tests/runtime/test_nonlinear.py checks both); bytes/elem 2M (+T per truncation), plus per row
     4M + 16 (k-1) + 48 + C + (k-2)X + (k-1)A (6M + W + ... pre-scaled and normalised).

@@ -259,3 +259,53 @@ def test_a_cached_export_with_other_approximations_is_exported_again(tmp_path, m
     said.clear()
     assert ex.cached_export("minilm", warn=said.append) == cached  # now current: reused
     assert exports == ["minilm"] and "using the export of minilm cached" in said[0]
+
+
+def test_an_export_with_pumas_approximations_runs_securely_on_them(exported, tmp_path):
+    """`export NAME --approx puma` end to end: the CLI's export (here its python entries, export and then
+    prepare, as puma_onnx.cli calls them) of 2-layer bert-base with PUMA's GeLU and exp, then a secure run on
+    three thread ranks. It must follow onnxruntime on the PUMA-rewritten model, closer than the default
+    (refit) set's rewrite is to it, and report approx "puma": catches an executor that runs another set
+    than the recorded one, or PUMA's three-piece GeLU failing under the recorded (narrowed) comparisons."""
+    import threading
+
+    import onnxruntime as ort
+
+    from puma_onnx.passes import rewrite_file
+    from puma_onnx.runtime.comm import ThreadComm
+    from puma_onnx.runtime.session import CLIENT, REWRITTEN_FILE, RunOptions, run
+
+    folder, meta, _ = prepared_copy(exported, tmp_path, approx_set="puma")
+    assert meta["approx"] == "puma"
+    ids = np.random.default_rng(3).integers(0, meta["vocab_size"], size=(1, 12))
+    np.save(tmp_path / "ids.npy", ids)
+    opts = RunOptions(model=str(folder), input_ids=str(tmp_path / "ids.npy"), progress=False)
+    comms, results, errors = ThreadComm.group(), [None] * 3, [None] * 3
+
+    def rank(r):
+        try:
+            results[r] = run(comms[r], opts)
+        except BaseException as e:  # noqa: BLE001
+            errors[r] = e
+            comms[r]._abort.set()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [None] * 3, errors
+    report = results[CLIENT]
+    assert report["approx"] == "puma" and report["ranges"] == "recorded"
+
+    def plain(path):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+        return session.run(["last_hidden_state"], {i.name: feeds[i.name] for i in session.get_inputs()})[0]
+
+    rewrite_file(folder / "model.onnx", tmp_path / "refit.onnx", "refit")
+    secure = report["outputs"]["last_hidden_state"]
+    puma, refit = plain(folder / REWRITTEN_FILE), plain(tmp_path / "refit.onnx")
+    err = np.abs(secure - puma).max()
+    assert err <= 2e-3, f"secure vs onnxruntime on the PUMA rewrite: {err:.3g}"
+    assert err < np.abs(refit - puma).max() / 4

@@ -66,6 +66,18 @@ def test_exp_neg_with_64_bit_comparisons_clips_beyond_the_48_bit_range():
     assert np.abs(got - np.array([0.0, 0.0, np.exp(-1.0), 1.0])).max() <= 4 * ULP
 
 
+@pytest.mark.parametrize("bits", [48, 64])
+@pytest.mark.parametrize("fit", SETS, ids=lambda s: s.name)
+def test_exp_neg_at_the_far_end_of_its_stated_domain(fit, bits):
+    # The docstring's |x| < 2^(L-1-f): 2^29 on 48-bit comparisons, 2^45 on 64 (the largest float below it).
+    end = np.nextafter(2.0 ** (bits - 1 - 18), 0)
+    x = np.array([-end, -end / 2, -(2.0 ** (bits - 2 - 18)), -1.0, -ULP, 0.0])
+    got = secure(lambda p, a: nonlinear.exp_neg(p, a, fit.exp, cmp_bits=bits), x)
+    with np.errstate(over="ignore"):  # the float64 definition's squares of 1 - 2^40 overflow to inf, then 0
+        want = fit.exp(encoded(x))
+    assert np.abs(got - want).max() <= 2 * ULP
+
+
 # ----------------------------------------------------------------------------- reciprocal, rsqrt
 
 
@@ -85,6 +97,45 @@ def test_reciprocal_over_the_whole_useful_range_at_both_ends():
     # 3.21 ulp where 1/x is large (2.7 ulp seen in 16000 draws near lo), a few ulp where it is small.
     excess = np.abs(got - want) - (7.5e-7 + 3.25 * ULP) * want
     assert excess.max() <= 4 * ULP, f"max error {np.abs(got - want).max():.3g}"
+
+
+def few_ulp_and_top(top):
+    """The ends of what f = 18 can encode below `top`: 1-64 ulp, the top octave up to the largest float
+    below top (2^42 or 2^44: the 2^60, 2^62 in the ring that the stated domains end at), and 300 points
+    log-uniform in between (an rng of their own: the module's draws for other tests stay as they were)."""
+    own = np.random.default_rng(8)
+    below = np.nextafter(top, 0)
+    return np.concatenate([
+        np.arange(1, 65) * ULP, [below, below - 1.0, top * (1 - 2.0**-20)], top * (1 - own.uniform(0, 0.5, 60)),
+        np.exp(own.uniform(np.log(ULP), np.log(top), 300)),
+    ])
+
+
+def test_reciprocal_at_the_true_ends_of_its_stated_domain():
+    """lo = 2^-(60-2f) = 2^-24 and hi just below 2^(62-f) = 2^44, the extreme bounds the docstring admits,
+    on inputs from 1 ulp (1/x = 2^18) to just below 2^44 (1/x = 2^-44, far below an ulp)."""
+    lo, hi = 2.0**-24, np.nextafter(2.0**44, 0)
+    x = few_ulp_and_top(2.0**44)
+    got = secure(lambda p, a: nonlinear.reciprocal(p, a, lo, hi), x)
+    want = 1 / encoded(x)
+    # The docstring's bound: r^8 + 3.25 2^-f relative plus 4 ulp. Seen here: 1.75 ulp above the relative term,
+    # 6.2e-6 relative at 1-64 ulp (1/x = 2^12..2^18); in 45,000 draws 3.5 ulp (1/x near 2e-6) and 8.6e-6.
+    excess = np.abs(got - want) - (7.5e-7 + 3.25 * ULP) * want
+    assert excess.max() <= 4 * ULP, f"max excess {excess.max() / ULP:.3g} ulp at x = {x[np.argmax(excess)]:.6g}"
+
+
+@pytest.mark.parametrize("hi", [np.nextafter(2.0**42, 0), 2.0**22], ids=["normalised", "single-product"])
+def test_rsqrt_at_the_true_ends_of_its_stated_domain(hi):
+    """lo = 2^-(f+3) = 2^-21, the lowest bound the docstring admits, with hi just below 2^(60-f) = 2^42 (x
+    normalised by its octave) or at 2^22, the widest range one product x g^2 still covers; inputs from
+    1 ulp (1/sqrt = 512) to hi. Catches lo = 2^-21 without normalising: g^2 = 1/lo at 2^(60-f) is 2^63,
+    which does not fit the ring (before, the kernel raised mid-protocol)."""
+    lo = 2.0**-21
+    x = few_ulp_and_top(hi)
+    got = secure(lambda p, a: nonlinear.rsqrt(p, a, lo, hi), x)
+    want = 1 / np.sqrt(encoded(x))
+    excess = np.abs(got - want) - 2e-6 * want
+    assert excess.max() <= 2 * ULP, f"max excess {excess.max() / ULP:.3g} ulp at x = {x[np.argmax(excess)]:.6g}"
 
 
 def test_rsqrt_within_2e_minus_6_relative_plus_2_ulp_on_2e_minus_10_to_2e10():
@@ -235,6 +286,19 @@ def test_softmax_with_narrow_comparisons_at_the_end_of_its_range():
     assert np.abs(got - exact_softmax(x, np.ones_like(x, dtype=bool))).max() <= 1e-4
 
 
+@pytest.mark.parametrize("bits", [48, 64])
+@pytest.mark.parametrize("name", ["gelu", "silu"])
+@pytest.mark.parametrize("fit", SETS, ids=lambda s: s.name)
+def test_piecewise_at_the_ends_of_its_stated_domain(fit, name, bits):
+    """|x| up to 2^(L-2-f) (2^28 at L = 48, 2^44 at 64), and on to 2^(L-1-f) - 9: the comparisons take x
+    minus each break (|break| <= 8). The domain once said |x| < 2^(L-1-f), where x - break wraps."""
+    piecewise = getattr(fit, name)
+    top, edge = 2.0 ** (bits - 2 - 18), 2.0 ** (bits - 1 - 18) - 9.0
+    x = np.array([-top, top, -top + ULP, top - ULP, -edge, edge, -1.0, 1.0, -ULP, ULP, 0.0])
+    got = secure(lambda p, a: getattr(nonlinear, name)(p, a, piecewise, cmp_bits=bits), x)
+    assert np.abs(got - piecewise(encoded(x))).max() <= 4 * ULP
+
+
 def test_piecewise_with_64_bit_comparisons_beyond_the_48_bit_range():
     x = np.array([-(2.0**35), 2.0**35, -1.0, 1.0, 2.0**40])
     got = secure(lambda p, a: nonlinear.gelu(p, a, approx.REFIT.gelu, cmp_bits=64), x)
@@ -307,6 +371,19 @@ def test_softmax_padding_mask_ignores_huge_masked_scores_and_zeroes_empty_rows()
     err = np.abs(got[rows] - approx.softmax(encoded(x[rows]), keep[rows], approx.PUMA.exp)).max()
     assert err <= 3 * ULP, f"max error {err:.3g}"
     assert np.all(got[3] == 0.0) and np.all(got[:, 12:] == 0.0) and np.all(got[:, :2] == 0.0)
+
+
+@pytest.mark.parametrize("bits", [48, 64])
+def test_softmax_with_kept_scores_at_the_far_end_of_their_stated_spread(bits):
+    # Kept entries within 2^(L-2-f) of each other (2^28 at L = 48, 2^44 at 64): the largest float below it.
+    s = np.nextafter(2.0 ** (bits - 2 - 18), 0)
+    x = np.array([[s / 2, -s / 2, s / 2 - 1, s / 2 - 3], [0.0, -s, -1.0, -2.0]])
+    got = secure(lambda p, a: nonlinear.softmax(p, a, None, approx.REFIT.exp, cmp_bits=bits), x)
+    keep = np.ones(x.shape, bool)
+    with np.errstate(over="ignore"):  # as in exp_neg's test: the definition far below its cut
+        want = approx.softmax(encoded(x), None, approx.REFIT.exp)
+        tolerance = softmax_tolerance(encoded(x), keep, approx.REFIT.exp)
+    assert np.all(np.abs(got - want) <= tolerance)
 
 
 def test_softmax_with_64_bit_comparisons_takes_scores_beyond_the_48_bit_range():
