@@ -215,6 +215,24 @@ class Executor:
                 cut += 0 if self._final[head] else out
         return [20 * cut, 16 * every, 16 * every + 12 * cut]
 
+    def warm_resident(self) -> None:
+        """Build, in the setup, the kept forms of resident weights (`weights.keep_resident`) that the walks
+        read: a weight product's right operand, and the share of a weight read any other way (an embedding
+        table, a bias), so that no walk pays for them. A Transpose of a weight reads nothing (a tied LM head
+        is an operand through its alias); a tied table is both."""
+        aliases = self._transposed_weights(set(self.weights))
+        names = set(self.weights) | set(aliases)
+        for node in self.nodes:
+            product = _reads_weight(node, names)
+            for position, name in enumerate(node.inputs):
+                weight = self.weights.get(aliases.get(name, name))
+                if weight is None or not weight.resident or (node.key == ("", "Transpose") and name in self.weights):
+                    continue
+                if product and position == 1:
+                    weight.operand()
+                else:
+                    weight.materialize()
+
     def prepare_products(self, tokens: int, batch: int) -> None:
         """Setup for the next walk: masks for every product with a 2-D weight (`prepared.prepare`), for inputs
         of `_rows` rows, and their truncations. All ranks call it alike, after the weights are shared."""

@@ -56,7 +56,6 @@ from .session import (
     start,
 )
 from .shares import AShare
-from .weights import keep_resident
 from .wire import broadcast_flag, broadcast_json
 
 
@@ -97,6 +96,22 @@ def check_decoder(info: dict) -> None:
         )
 
 
+def check_new_tokens(max_new_tokens: int, info: dict) -> None:
+    """On every rank, alike: --max-new-tokens is public (every rank has the same command line), so each
+    rank says what is wrong with it, not only the client."""
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    limit = info["max_positions"]
+    if limit is not None and max_new_tokens >= limit:
+        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in {info['name']}'s {limit} positions")
+
+
+def check_generation(opts: GenerateOptions, info: dict) -> None:
+    """What every rank checks alike before the client's input: the model, then --max-new-tokens."""
+    check_decoder(info)
+    check_new_tokens(opts.max_new_tokens, info)
+
+
 def render_chat(template: str, text: str) -> str:
     """The prompt wrapped in the tokenizer's chat template (a user message, then the assistant's turn)."""
     from jinja2.exceptions import TemplateError
@@ -116,12 +131,11 @@ def render_chat(template: str, text: str) -> str:
 
 
 def prompt_input(opts: GenerateOptions, info: dict) -> tuple[dict, Prompt]:
-    """The client's prompt feeds and its decisions for the step loop, checked (its files first)."""
+    """The client's prompt feeds and its decisions for the step loop, checked (its files first; the
+    public --max-new-tokens was checked on every rank before, `check_new_tokens`)."""
     check_outputs(opts)
     if (opts.text is None) == (opts.input_ids is None):
         raise UserError("give the prompt as --text or as --input-ids")
-    if opts.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1, got {opts.max_new_tokens}")
     lo, hi = TEMPERATURES
     if opts.temperature is not None and not lo <= opts.temperature <= hi:
         raise UserError(f"--temperature must lie in [{lo}, {hi}], got {opts.temperature}")
@@ -133,9 +147,6 @@ def prompt_input(opts: GenerateOptions, info: dict) -> tuple[dict, Prompt]:
         if not info["chat_template"]:
             raise UserError(f"{info['name']} has no chat template; drop --chat")
         opts = replace(opts, text=render_chat(info["chat_template"], opts.text))
-    limit = info["max_positions"]
-    if limit is not None and opts.max_new_tokens >= limit:
-        raise UserError(f"--max-new-tokens {opts.max_new_tokens} leaves no room for a prompt in {info['name']}'s {limit} positions")
     ids, _, _ = read_ids(opts, info, new_tokens=opts.max_new_tokens)
     if ids.shape[0] != 1:
         raise UserError(f"generate takes one prompt; --input-ids holds {ids.shape[0]} (a batch runs with `run`)")
@@ -211,17 +222,26 @@ def _summed(runs: list[list[OpStats]]) -> list[OpStats]:
     ]
 
 
+def prompt_step(steps: list[dict]) -> dict:
+    """The prompt step's share of the time, bytes and rounds of all the steps."""
+    shares = {}
+    for key in ("time_s", "bytes", "rounds"):
+        total = sum(s[key] for s in steps)
+        shares[f"{key.removesuffix('_s')}_share"] = round(steps[0][key] / total, 4) if total else 1.0
+    return shares
+
+
 def generate(comm: Communicator, opts: GenerateOptions) -> dict | None:
     """Secure generation on this rank; the client returns the report (with the answer), the others None."""
     started: Started = start(
-        comm, opts, lambda info: prompt_input(opts, info), check=check_decoder, caches=True, prepare=True
+        comm, opts, lambda info: prompt_input(opts, info), check=lambda info: check_generation(opts, info),
+        caches=True, prepare=True,
     )  # the prompt's walk runs on prepared masks (prepared.py); each later token's multiplies online
     comm.begin_trace()  # the online rounds start here (the prompt's public parameters are one)
     party, info, executor = started.party, started.info, started.executor
     executor.answers_stay_secret()
     client = comm.rank == CLIENT
     params = broadcast_json(comm, started.extra.public() if client else None, CLIENT)
-    resident = executor.stream is None and keep_resident(executor.weights, opts.weight_budget)
     streamer = Streamer(info["tokenizer"], started.extra.ids, sys.stdout) if client else None
     noise_source = np.random.default_rng(opts.seed) if comm.rank == HELPER_RANK else None
     eos = info["eos_token_id"]
@@ -275,13 +295,8 @@ def generate(comm: Communicator, opts: GenerateOptions) -> dict | None:
     report["steps"] = [
         {"step": i, **mine, "bytes": sum(e["steps"][i]["bytes"] for e in everyone)} for i, mine in enumerate(steps)
     ]
-    total_bytes = sum(r["bytes"] for r in report["steps"])
-    total_time = sum(r["time_s"] for r in report["steps"])
-    report["prompt_step"] = {
-        "time_share": round(report["steps"][0]["time_s"] / total_time, 4) if total_time else 1.0,
-        "bytes_share": round(report["steps"][0]["bytes"] / total_bytes, 4) if total_bytes else 1.0,
-    }
-    report["resident_weights"] = resident
+    report["prompt_step"] = prompt_step(report["steps"])
+    report["resident_weights"] = started.resident
     # Over every step: the prompt's on prepared masks, each later token's online.
     report["weight_products"] = {**report["weight_products"], **product_paths}
     report["outputs"] = streamer.result()

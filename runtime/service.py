@@ -41,7 +41,6 @@ from .onehot import DENSE, SEEDED, OneHotShare, Piece, check_piece, held
 from .launch import say
 from .session import MAX_TOKENS, RunOptions, UserError, _is_int, answer_share, empty_cache, model_feeds, start
 from .shares import AShare
-from .weights import keep_resident
 from .wire import allgather_json
 
 TICK_S = 0.02
@@ -606,8 +605,7 @@ def serve(comm: Communicator, opts: ServeOptions) -> dict | None:
     host, port = [listen_address(opts.listen, r) for r in range(3)][comm.rank]  # every rank checks all three
     started = start(comm, opts, lambda info: ({}, None), caches=True, check_model=check_servable)
     party, info, executor = started.party, started.info, started.executor
-    # Every query walks every weight again: keep their shares and matmul operands once computed.
-    resident = executor.stream is None and keep_resident(executor.weights, opts.weight_budget)
+    resident = started.resident  # every query walks every weight again: their forms are kept (`start`)
     info = {**info, "vocab_size": info["vocab"]["input_ids"]}
     light = executor.model
     layout = output_layout(light.graph.output, light.graph.input)

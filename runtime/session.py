@@ -49,7 +49,7 @@ from .ranges import RANGE_KEYS, RangeError, plan_kernels
 from .ring import FixedPoint
 from .shares import AShare
 from .store import StoreError, TensorStore, is_external, is_synthetic
-from .weights import CACHED_BYTES, WeightShare, WeightStream, caches_fit, layer_groups, share_weights
+from .weights import CACHED_BYTES, WeightShare, WeightStream, caches_fit, keep_resident, layer_groups, share_weights
 from .wire import broadcast_bytes, broadcast_json, gather_json
 
 OWNER, CLIENT, HELPER = 0, 1, 2
@@ -708,6 +708,7 @@ class Started:
     manifest: list  # the secret weights' (name, shape), public
     masks: Cost = field(default_factory=Cost)  # preparing the weight products' masks (part of `setup`)
     masks_s: float = 0.0
+    resident: bool = False  # the weights' forms are kept from walk to walk (`caches`), built in the setup
 
     def streamed(self) -> tuple[Cost, float]:
         """What sharing streamed weights has cost this rank so far: (counters, seconds)."""
@@ -728,8 +729,8 @@ def start(
     (`client_input(info)` -> (raw inputs, anything else), run on the client), the shared weights.
     `check(info)` runs on every rank on the public model info and raises UserError alike everywhere;
     `check_model(graph, info)` likewise, with the graph skeleton (no weights) every rank holds.
-    `caches`: the walks will cache the weights' forms beside resident weights when they fit
-    (generation's `keep_resident`); the memory check counts them.
+    `caches`: when they fit, the weights are resident (`weights.keep_resident`: several walks read them)
+    and their forms are built in the setup (`Executor.warm_resident`); the memory check counts them.
     `prepare`: the weight products' masks for one walk on these inputs' shapes join the setup
     (`Executor.prepare_products`; not when the weights are streamed).
 
@@ -802,15 +803,18 @@ def start(
         executor.stream = WeightStream(party, manifest, values, groups, starts, executor.last_use)
     else:
         executor.weights = share_weights(party, manifest, values, groups)
+    resident = bool(cached) and keep_resident(executor.weights, opts.weight_budget)
     masks_start, before_masks = time.perf_counter(), comm.stats.snapshot()
     if prepare:
         executor.prepare_products(*rows)
     masks_s = time.perf_counter() - masks_start
+    if resident:  # input-independent: their cost is setup, not the first walk's
+        executor.warm_resident()
     setup_s = time.perf_counter() - setup_start
     after_setup = comm.stats.snapshot()
     return Started(
         party, info, executor, raw, feeds, extra, began, setup_s, after_setup - before_setup, after_setup, manifest,
-        after_setup - before_masks, masks_s,
+        after_setup - before_masks, masks_s, resident,
     )
 
 

@@ -42,6 +42,16 @@ def tiny_model(path: Path, inner: int = 4, opset: int = 18) -> Path:
     return path
 
 
+def no_cache_decoder(path: Path) -> Path:
+    """A 1-layer llama-tiny exported by Optimum without its past keys/values (about a second)."""
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    from puma_onnx.export import build_torch_model
+
+    onnx_export_from_model(build_torch_model("llama-tiny", layers=1), path, task="text-generation", do_validation=False)
+    return path
+
+
 @pytest.fixture(scope="module")
 def bad(exported, tmp_path_factory) -> dict[str, str]:
     """Models and files a user could get wrong, by name."""
@@ -58,6 +68,7 @@ def bad(exported, tmp_path_factory) -> dict[str, str]:
         (root / name / "puma.json").write_text(meta)
         paths[name] = root / name
     paths["mismatched"] = tiny_model(root / "mismatched", inner=5)
+    paths["no_cache"] = no_cache_decoder(root / "no-cache")
     paths["opset99"] = tiny_model(root / "opset99", opset=99)
     np.savez(root / "ids.npz", ids=np.array([1, 2, 3]))
     (root / "ids.txt").write_text("101 2023 102\n")
@@ -91,12 +102,15 @@ CASES = [
     ("output-is-the-report", "run", ["{bert}", "--seq-len", "4", "--output", "{root}/x", "--report", "{root}/x"], "both name", "client"),
     ("report-missing-folder", "run", ["{bert}", "--seq-len", "4", "--report", "{root}/nope/r.json"], "does not exist", "client"),
     ("generate-report-missing-folder", "generate", ["{gpt2}", "--input-ids", "{root}/ids.npy", "--report", "{root}/nope/r.json"], "does not exist", "client"),
+    ("generate-past-the-positions", "generate", ["{gpt2}", "--input-ids", "{root}/long.npy", "--max-new-tokens", "500"], "the input has 600 tokens; gpt2 allows at most 524 tokens before 500 new ones", "client"),
     ("output-is-a-folder", "run", ["{bert}", "--seq-len", "4", "--output", "{root}"], "is a directory", "all"),
     ("timeout-zero", "run", ["{bert}", "--seq-len", "4", "--timeout", "0"], "Invalid value for '--timeout'", "all"),
     ("puma-json-corrupt", "run", ["{corrupt}", "--seq-len", "4"], "puma.json': Expecting property name", "all"),
     ("puma-json-mistyped", "run", ["{mistyped}", "--seq-len", "4"], "'max_positions' must be a positive integer", "all"),
     ("shapes-do-not-fit", "run", ["{mismatched}", "--seq-len", "4"], "has shapes that do not fit together", "all"),
     ("opset-99", "run", ["{opset99}", "--seq-len", "4"], "uses ONNX opset 99", "all"),
+    ("generate-no-new-tokens", "generate", ["{gpt2}", "--input-ids", "{root}/ids.npy", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0", "all"),
+    ("generate-without-cache", "generate", ["{no_cache}", "--input-ids", "{root}/ids.npy"], "model was exported without its past keys/values: re-export it", "all"),
 ]
 # Rejected by the command line's parser, before any rank starts its work.
 PARSED_BY_CLICK = {"output-is-a-folder", "timeout-zero"}

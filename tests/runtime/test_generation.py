@@ -3,6 +3,9 @@ loop in onnxruntime on the same rewritten graph with the same cache handling."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -54,16 +57,34 @@ def test_greedy_generation_matches_the_plaintext_loop_token_by_token(decoders, t
     want, logits = plaintext_generation(folder / REWRITTEN_FILE, ids, NEW)
     assert report["outputs"]["new_ids"] == want
     assert report["outputs"]["prompt_ids"] == ids[0].tolist()
+    # One logits vector per generated token on each side (zip would pass over an empty list).
+    assert len(seen[CLIENT]) == len(logits) == len(report["outputs"]["new_ids"]) == NEW
     for step, (secure, plain) in enumerate(zip(seen[CLIENT], logits)):
         assert np.abs(secure - plain).max() <= 1e-2, f"step {step}"
-    # One row per step; after the prompt, each step holds one more token in its context.
-    assert [s["tokens_in_context"] for s in report["steps"]] == [8 + i for i in range(NEW)]
-    assert all(s["bytes"] > 0 and s["rounds"] > 0 for s in report["steps"])
+    check_steps(report, prompt=8, new=NEW)
     # The logits feed the argmax: the LM head truncates in its node, not reshared untruncated first.
     assert "reshare_parts" not in report["by_protocol"] and "truncate_parts" in report["by_protocol"]
     # The prompt's weight products ran on masks prepared in the setup, every later token's online.
     paths = report["weight_products"]
     assert paths["prepared"] >= 8 and paths["online"] == (NEW - 1) * paths["prepared"]
+
+
+def check_steps(report: dict, prompt: int, new: int) -> None:
+    """The report's rows per step, the prompt step's shares of them, and the phase of every per-op row."""
+    steps = report["steps"]
+    # One row per step, numbered; after the prompt, each step holds one more token in its context.
+    assert [s["step"] for s in steps] == list(range(new))
+    assert [s["tokens_in_context"] for s in steps] == [prompt + i for i in range(new)]
+    assert all(s["bytes"] > 0 and s["rounds"] > 0 for s in steps)
+    assert report["prompt_step"] == {
+        f"{key}_share": round(steps[0][field] / sum(s[field] for s in steps), 4)
+        for key, field in (("time", "time_s"), ("bytes", "bytes"), ("rounds", "rounds"))
+    }
+    # The prompt's walk, node by node, then the same nodes summed over the later steps.
+    rows = report["per_op"]
+    nodes = len(rows) // 2
+    assert [r["phase"] for r in rows] == ["prompt"] * nodes + ["generation"] * nodes
+    assert [r["name"] for r in rows[:nodes]] == [r["name"] for r in rows[nodes:]]
 
 
 def record_reveals(monkeypatch) -> list:
@@ -159,7 +180,10 @@ def test_gumbel_sampling_is_reproducible_and_matches_plaintext_gumbel_max(decode
     ids, ids_path = prompt_ids(tmp_path, seed=2)
     opts = GenerateOptions(model=str(folder), input_ids=ids_path, max_new_tokens=6, temperature=0.7, seed=11,
                            progress=False)
-    runs = [run_threads([opts] * 3, generate) for _ in range(2)]
+    # The second run gives the seed to the helper alone (as the README says to deploy it: whoever knows the
+    # seed knows g): only the helper's seed draws the noise, so the answer is the same.
+    unseeded = replace(opts, seed=None)
+    runs = [run_threads([opts] * 3, generate), run_threads([unseeded, unseeded, opts], generate)]
     assert all(errors == [None] * 3 for _, errors in runs)
     first, second = (results[CLIENT]["outputs"]["new_ids"] for results, _ in runs)
     assert first == second
@@ -169,18 +193,21 @@ def test_gumbel_sampling_is_reproducible_and_matches_plaintext_gumbel_max(decode
     assert first != greedy  # the noise changed the choice somewhere, so it was used
 
 
-@pytest.mark.parametrize(
-    "change, says",
-    [
-        ({"max_new_tokens": 0}, "--max-new-tokens must be at least 1"),
-        ({"max_new_tokens": 2050}, "--max-new-tokens 2050 leaves no room for a prompt in gpt2's 1024 positions"),
-        ({"temperature": 0.0}, "--temperature must lie in [0.01, 100.0]"),
-        ({"temperature": 1e4}, "--temperature must lie in [0.01, 100.0]"),
-        ({"seed": 3}, "--seed draws the sampling noise"),
-        ({"chat": True}, "has no chat template"),
-    ],
-)
-def test_bad_generation_options_are_one_line_before_any_share_moves(decoders, tmp_path, monkeypatch, change, says):
+# (the change, what the line says, who says it: every rank (a public option, checked on each) or the
+# client alone (the others say it rejected its input))
+BAD_OPTIONS = [
+    ({"max_new_tokens": 0}, "--max-new-tokens must be at least 1, got 0", "all"),
+    ({"max_new_tokens": 2050}, "--max-new-tokens 2050 leaves no room for a prompt in gpt2's 1024 positions", "all"),
+    ({"temperature": 0.0}, "--temperature must lie in [0.01, 100.0]", "client"),
+    ({"temperature": 1e4}, "--temperature must lie in [0.01, 100.0]", "client"),
+    ({"seed": 3}, "--seed draws the sampling noise", "client"),
+    ({"chat": True}, "has no chat template", "client"),
+]
+
+
+@pytest.mark.parametrize("change, says, who", BAD_OPTIONS)
+def test_bad_generation_options_are_one_line_before_any_share_moves(decoders, tmp_path, monkeypatch, change, says,
+                                                                    who):
     from puma_onnx.runtime import session
 
     folder = decoders("gpt2")
@@ -192,7 +219,10 @@ def test_bad_generation_options_are_one_line_before_any_share_moves(decoders, tm
     _, errors = run_threads([opts] * 3, generate)
     assert all(isinstance(e, UserError) for e in errors), errors
     assert says in str(errors[CLIENT]) and "\n" not in str(errors[CLIENT])
-    assert all("rejected its input" in str(errors[r]) for r in (0, 2))
+    if who == "all":
+        assert all(str(e) == str(errors[CLIENT]) for e in errors), errors
+    else:
+        assert all("rejected its input" in str(errors[r]) for r in (0, 2))
 
 
 def test_an_encoder_is_refused_on_every_rank(exported, tmp_path, monkeypatch):
@@ -219,3 +249,76 @@ def test_a_decoder_exported_without_its_cache_is_refused(tmp_path, monkeypatch):
     opts = GenerateOptions(model=str(folder), input_ids=ids_path, progress=False)
     _, errors = run_threads([opts] * 3, generate)
     assert all(isinstance(e, UserError) and "without its past keys/values" in str(e) for e in errors), errors
+
+
+def test_profile_prints_the_prompt_step_and_the_generation_steps_apart(capsys):
+    from types import SimpleNamespace
+
+    from puma_onnx.runtime.reports import finish_generate
+
+    def row(op_type, time_s, phase):
+        return {"name": op_type, "layer": 0, "op_type": op_type, "time_s": time_s, "bytes": 2_000_000, "rounds": 3,
+                "phase": phase}
+
+    report = {
+        "model": "m", "online_s": 3.0, "setup_s": 1.0, "bytes_sent_total": 8_000_000, "rounds": [9, 9, 9],
+        "peak_rss_mb": [100, 100, 100],
+        "steps": [{"step": 0, "time_s": 2.0}, {"step": 1, "time_s": 1.0}],
+        "outputs": {"prompt_ids": [1], "new_ids": [2, 3], "text": "2 3"},
+        "per_op": [row("MatMul", 1.5, "prompt"), row("Softmax", 0.5, "prompt"), row("MatMul", 0.25, "generation"),
+                   row("MatMul", 0.5, "generation")],
+    }
+    finish_generate(report, SimpleNamespace(output=None, report=None, profile=True))
+    printed = capsys.readouterr().err
+    assert "prompt step:" in printed and "generation steps:" in printed
+    prompt, generation = printed.split("prompt step:")[1].split("generation steps:")
+    # Each table sums its own phase's rows: the prompt's MatMul and Softmax, the two later MatMuls.
+    assert re.search(r"^MatMul +1\.500 +2\.00 +3 +1$", prompt, re.M) and "Softmax" in prompt
+    assert re.search(r"^MatMul +0\.750 +4\.00 +6 +2$", generation, re.M) and "Softmax" not in generation
+
+
+class Writes:
+    """A stdout that records each write."""
+
+    def __init__(self):
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+
+    def flush(self):
+        pass
+
+
+def byte_level_tokenizer() -> str:
+    """GPT-2's kind of tokenizer, byte-level BPE, over the 256 bytes and one merge ("hi"): a character of
+    several UTF-8 bytes takes a token per byte."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet + ["hi"])}
+    tokenizer = Tokenizer(models.BPE(vocab, [("h", "i")]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer.to_str()
+
+
+def test_the_streamer_writes_each_token_as_it_comes_and_holds_back_half_a_character():
+    from tokenizers import Tokenizer
+
+    tokenizer_json = byte_level_tokenizer()
+    ids = Tokenizer.from_str(tokenizer_json).encode("hi é!").ids
+    assert len(ids) == 5  # "hi", " ", the two bytes of "é", "!"
+    out = Writes()
+    streamer = generation.Streamer(tokenizer_json, [7, 8], out)
+    written = []
+    for token in ids:
+        streamer.add(token)
+        written.append(list(out.writes))
+    # One write per token as it arrives; "é"'s first byte writes nothing until its second completes it.
+    assert written == [["hi"], ["hi", " "], ["hi", " "], ["hi", " ", "é"], ["hi", " ", "é", "!"]]
+    assert streamer.result() == {"prompt_ids": [7, 8], "new_ids": ids, "text": "hi é!"}
+    plain = generation.Streamer(None, [7], Writes())
+    for token in (5, 9):
+        plain.add(token)
+    assert plain.out.writes == ["5 ", "9 "] and plain.result() == {"prompt_ids": [7], "new_ids": [5, 9], "text": "5 9"}

@@ -102,6 +102,35 @@ def test_a_decoder_prepares_its_lm_head_for_the_last_position_only(exported, tmp
     assert {name: n for name, n in rows.items() if n != 12} == {"/lm_head/MatMul": 1}
 
 
+def test_resident_weights_have_their_forms_built_in_the_setup_and_no_walk_builds_more(exported, tmp_path):
+    """With `caches` (generation, the service), the setup builds what the walks read (`warm_resident`): each
+    product weight's operand, each other weight's share, and gpt2's tied table both (its embedding reads the
+    share, the LM head the operand through a Transpose). A walk after it builds nothing, so the prompt step
+    does not pay for them; a rank that missed one builds it inside the walk and fails here."""
+    from puma_onnx.runtime.session import client_feeds, start
+
+    ids = np.random.default_rng(6).integers(0, 50257, size=(1, 12))
+    opts = RunOptions(model=str(exported("gpt2")), input_ids=ids_file(tmp_path, ids), progress=False)
+
+    def forms(weights):
+        return {name: sorted(w._cache) for name, w in weights.items()}
+
+    def program(comm, o):
+        started = start(comm, o, lambda info: (client_feeds(o, info), None), caches=True, prepare=True)
+        built = forms(started.executor.weights)
+        started.executor.run(started.feeds)
+        return started.resident, built, forms(started.executor.weights)
+
+    results, errors = run_threads([opts] * 3, program)
+    assert errors == [None] * 3
+    for resident, built, after in results:
+        assert resident and built == after
+        assert built["transformer.wte.weight"] == ["operand", "share"]
+        products = [name for name, kept in built.items() if kept == ["operand"]]
+        shares = [name for name, kept in built.items() if kept == ["share"]]
+        assert len(products) == 8 and len(shares) + len(products) + 1 == len(built)  # 2 layers of 4 Gemms
+
+
 def test_the_memory_check_counts_the_masks_and_without_room_the_products_run_online(
     exported, tmp_path, monkeypatch, capsys
 ):
