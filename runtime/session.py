@@ -50,7 +50,7 @@ from .ring import FixedPoint
 from .shares import AShare
 from .store import StoreError, TensorStore, is_external, is_synthetic
 from .weights import CACHED_BYTES, WeightShare, WeightStream, caches_fit, keep_resident, layer_groups, share_weights
-from .wire import broadcast_bytes, broadcast_json, gather_json
+from .wire import barrier, broadcast_bytes, broadcast_json, gather_json
 
 OWNER, CLIENT, HELPER = 0, 1, 2
 REWRITTEN_FILE = "model.puma.onnx"
@@ -807,14 +807,17 @@ def start(
     masks_start, before_masks = time.perf_counter(), comm.stats.snapshot()
     if prepare:
         executor.prepare_products(*rows)
-    masks_s = time.perf_counter() - masks_start
+    masks_s, masks_cost = time.perf_counter() - masks_start, comm.stats.snapshot() - before_masks
     if resident:  # input-independent: their cost is setup, not the first walk's
         executor.warm_resident()
+    setup_cost = comm.stats.snapshot() - before_setup
+    # The online phase starts on every rank at once (the owner may still be encoding); the barrier's byte
+    # counts in neither phase.
+    barrier(comm)
     setup_s = time.perf_counter() - setup_start
-    after_setup = comm.stats.snapshot()
     return Started(
-        party, info, executor, raw, feeds, extra, began, setup_s, after_setup - before_setup, after_setup, manifest,
-        after_setup - before_masks, masks_s, resident,
+        party, info, executor, raw, feeds, extra, began, setup_s, setup_cost, comm.stats.snapshot(), manifest,
+        masks_cost, masks_s, resident,
     )
 
 

@@ -56,6 +56,13 @@ def broadcast_flag(comm: Communicator, flag: bool, root: int) -> bool:
     return bool(comm.exchange({}, {root: ((1,), np.uint8)})[root][0])
 
 
+def barrier(comm: Communicator) -> None:
+    """Return once every rank has called it: where the setup ends, so that no rank's online time holds
+    another's setup work. 1 round, 1 byte to each other rank."""
+    others = [r for r in range(PARTIES) if r != comm.rank]
+    comm.exchange({r: np.ones(1, np.uint8) for r in others}, {r: ((1,), np.uint8) for r in others})
+
+
 def allgather_json(comm: Communicator, obj) -> list:
     """Every rank's JSON-able object, as a list by rank, on every rank. 2 rounds."""
     others = [r for r in range(PARTIES) if r != comm.rank]
