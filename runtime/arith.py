@@ -14,6 +14,8 @@ arithmetic-binary circuits" (CRYPTO 2020) section 4 for the truncation.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .comm import PARTIES
@@ -50,7 +52,7 @@ def _flat(parts: list[np.ndarray]) -> np.ndarray:
 def _unflat(flat: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
     out, at = [], 0
     for s in shapes:
-        n = int(np.prod(s))
+        n = math.prod(s)
         out.append(flat[at : at + n].reshape(s))
         at += n
     return out

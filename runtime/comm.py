@@ -16,6 +16,7 @@ Backends: ThreadComm (three ranks as threads of one process, for tests; see
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import threading
@@ -141,7 +142,7 @@ class Communicator:
         # Empty arrays are never sent: both sides know the shapes, so both skip them.
         sends = {to: np.ascontiguousarray(arr) for to, arr in sends.items() if np.size(arr)}
         recvs = {frm: (tuple(shape), np.dtype(dtype)) for frm, (shape, dtype) in recvs.items()}
-        empty = {frm: np.empty(shape, dtype) for frm, (shape, dtype) in recvs.items() if not np.prod(shape)}
+        empty = {frm: np.empty(shape, dtype) for frm, (shape, dtype) in recvs.items() if not math.prod(shape)}
         nbytes = sum(a.nbytes for a in sends.values())
         self.stats.record(self.path, nbytes, len(sends))
         self._computed.append(self.tail())

@@ -34,6 +34,8 @@ def less_than_public(party: Party, x: AShare, thresholds, bits: int | None = Non
     one, over the three ranks at L = 48 (see convert.msb). ABY3 5.3.
     """
     with party.comm.tag("less_than_public"):
+        if isinstance(thresholds, np.ndarray):  # a 1-D array of scalar thresholds: one conversion
+            return msb(party, x, bits=bits, offsets=list(np.uint64(0) - arith._ring(thresholds)))
         return msb(party, x, bits=bits, offsets=[np.uint64(0) - arith._ring(t) for t in thresholds])
 
 

@@ -59,7 +59,7 @@ def _one_hot(rows: np.ndarray) -> np.ndarray:
 
 
 def _carry_leaves(
-    party: Party, flat: AShare, L: int, offsets: list[np.ndarray], drop: int = 0
+    party: Party, flat: AShare, L: int, offsets: np.ndarray, drop: int = 0
 ) -> tuple[BShare, BShare]:
     """Replicated generate/propagate rows of the 3-bit groups of u + v_j (u = x_0 + x_1, v_j = x_2 + offsets[j],
     low L-1 bits), with the top group's generate XOR u_{L-1} ^ v_{j, L-1}, so that the carry tree ends on
@@ -107,7 +107,7 @@ def _carry_leaves(
         # All offsets side by side, each padded to whole bytes, so one packing serves them all.
         third = flat.second if r == 1 else flat.first
         words = np.zeros((J, 8 * nb), np.uint64)
-        words[:, :n] = third[None, :] + np.stack(offsets)
+        words[:, :n] = third[None, :] + offsets  # (J, n) or (J, 1)
         e, top = leaves(words.reshape(-1))
         # T_a = [a + v >= 8] = XOR_{b >= 8 - a} [v = b], a suffix XOR of v's one-hot (a loop:
         # ufunc accumulate is 50x slower here); P pairs a with 7 - a.
@@ -144,18 +144,21 @@ def msb(party: Party, x, bits: int | None = None, offsets=None, drop: int = 0):
     if offsets is not None:
         if isinstance(x, (list, tuple)):
             raise TypeError("msb: offsets take one AShare, not a list")
-        offs = [np.broadcast_to(np.asarray(o, dtype=np.uint64), x.shape).reshape(-1) for o in offsets]
+        if all(np.ndim(o) == 0 for o in offsets):  # a column: every element takes the same offset j
+            offs = np.asarray(offsets, dtype=np.uint64).reshape(-1, 1)
+        else:
+            offs = np.stack([np.broadcast_to(np.asarray(o, dtype=np.uint64), x.shape).reshape(-1) for o in offsets])
         with party.comm.tag("msb"):
             g, p = _carry_leaves(party, x.reshape(-1), L, offs, drop)
             out = carry_out(party, g, p)
+        # Offset j's bits are bytes j nb .. (j + 1) nb of the row (each padded to whole bytes).
         nb = -(-x.size // 8)
-        rows = [BShare(out.first[:, j * nb : (j + 1) * nb], out.second[:, j * nb : (j + 1) * nb], (x.size,))
+        return [BShare(out.first[:, j * nb : (j + 1) * nb], out.second[:, j * nb : (j + 1) * nb], x.shape)
                 for j in range(len(offs))]
-        return [split_elements(row, [x.shape])[0] for row in rows]
     xs, was_list = _listed(x)
     flat, shapes = flat_concat(xs)
     with party.comm.tag("msb"):
-        g, p = _carry_leaves(party, flat.reshape(-1), L, [np.uint64(0)], drop)
+        g, p = _carry_leaves(party, flat.reshape(-1), L, np.zeros((1, 1), np.uint64), drop)
         out = carry_out(party, g, p)
     parts = split_elements(out, shapes)
     return parts if was_list else parts[0]
@@ -165,7 +168,20 @@ def _bit_words(party: Party, b: BShare, shape) -> np.ndarray:
     """What this rank knows of b as 0/1 words, broadcast to `shape`: c = b_0 ^ b_1 on rank 0, b_2 on ranks 1, 2."""
     r = party.rank
     row = b.first ^ b.second if r == 0 else (b.second if r == 1 else b.first)
-    return np.broadcast_to(unpack_row(row, b.size).reshape(b.shape), shape).reshape(-1)
+    words = unpack_row(row, b.size)
+    return words if tuple(shape) == tuple(b.shape) else np.broadcast_to(words.reshape(b.shape), shape).reshape(-1)
+
+
+def _many_bit_words(party: Party, bs: list[BShare]) -> np.ndarray:
+    """`_bit_words` of one-row shares, concatenated; shares of one size (a thermometer's hundreds of
+    bits) in one unpacking."""
+    n = bs[0].size
+    if len(bs) == 1 or any(b.size != n or b.rows != 1 for b in bs):
+        return np.concatenate([_bit_words(party, b, b.shape) for b in bs])
+    r = party.rank
+    first, second = (np.concatenate([getattr(b, c) for b in bs]) for c in ("first", "second"))
+    rows = first ^ second if r == 0 else (second if r == 1 else first)
+    return np.unpackbits(rows, axis=1, count=n, bitorder="little").astype(np.uint64).reshape(-1)
 
 
 def b2a(party: Party, b):
@@ -182,7 +198,7 @@ def b2a(party: Party, b):
     shapes = [x.shape for x in bs]
     r = party.rank
     with party.comm.tag("b2a"):
-        words = np.concatenate([_bit_words(party, x, x.shape) for x in bs])
+        words = _many_bit_words(party, bs)
         n = words.size
         if r == 0:
             party.comm.exchange({1: words - party.prg_prev.words(n)}, {})

@@ -135,7 +135,8 @@ def _below(party: Party, x: AShare, thresholds: np.ndarray, bits: int, cmp_bits:
     """The thermometer's bits [x < T_j] for each public threshold (x at scale `bits`), as boolean shares: one
     `less_than_public` batch on cmp_bits-bit words (default party.msb_bits), C + (len(T) - 1) X bytes per
     element of x. `_steps` reads a step function from their b2a."""
-    return compare.less_than_public(party, x, [_encode(t, bits) for t in thresholds], bits=cmp_bits)
+    return compare.less_than_public(party, x, _encode(np.asarray(thresholds, dtype=np.float64).reshape(-1), bits),
+                                    bits=cmp_bits)
 
 
 def _guess_and_product(party: Party, below: list, x: AShare, guess: tuple, product: tuple) -> tuple[AShare, AShare]:

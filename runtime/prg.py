@@ -9,6 +9,7 @@ benchmarks/protocols.py), far above what numpy's own generators give for uint64.
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -48,9 +49,9 @@ class PRG:
     def words(self, shape, dtype=np.uint64) -> np.ndarray:
         """Uniform integers of an unsigned dtype, freshly drawn (a writable array)."""
         dtype = np.dtype(dtype)
-        shape = (int(shape),) if np.isscalar(shape) else tuple(shape)
-        count = int(np.prod(shape, dtype=np.int64))
-        return self._stream(count * dtype.itemsize).view(dtype).reshape(shape)
+        # (math.prod and isinstance: a protocol round draws a few of these, numpy's helpers cost more)
+        shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(shape)
+        return self._stream(math.prod(shape) * dtype.itemsize).view(dtype).reshape(shape)
 
 
 def words_at(seed: bytes, stream: int, rows: np.ndarray, width: int) -> np.ndarray:

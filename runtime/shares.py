@@ -16,6 +16,7 @@ Shares are never modified in place (several may be views of one buffer).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,8 +104,12 @@ def flat_concat(xs: list[AShare]) -> tuple[AShare, list[tuple[int, ...]]]:
 
 
 def flat_split(x: AShare, shapes: list[tuple[int, ...]]) -> list[AShare]:
-    bounds = np.cumsum([int(np.prod(s)) for s in shapes])[:-1]
-    return [part.reshape(s) for part, s in zip(split(x, bounds), shapes)]
+    out, at = [], 0
+    for s in shapes:
+        n = math.prod(s)
+        out.append(AShare(x.first[at : at + n].reshape(s), x.second[at : at + n].reshape(s)))
+        at += n
+    return out
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,7 @@ class BShare:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape))
+        return math.prod(self.shape)
 
     def row(self, index) -> BShare:
         """Rows by a slice or index list (keeps the 2-D layout)."""

@@ -142,17 +142,21 @@ def test_random_weights_are_announced_on_stderr(tmp_path):
     assert (tmp_path / "l" / "model.puma.onnx").exists()
 
 
-def test_local_folder_exports_with_its_weights(tmp_path):
+@pytest.mark.parametrize("name, task", [("bert-base", "feature-extraction"), ("llama-tiny", "text-generation-with-past")])
+def test_local_folder_exports_with_its_weights(tmp_path, name, task):
+    """A local folder exports with its own weights; a decoder's with its key/value cache, for generate."""
     from puma_onnx.export import build_torch_model
 
-    model = build_torch_model("bert-base", layers=1)
-    folder = tmp_path / "my-bert"
+    model = build_torch_model(name, layers=1)
+    folder = tmp_path / f"my-{name}"
     model.save_pretrained(folder)
     result = run_cli("export", str(folder), "-o", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     meta = json.loads((tmp_path / "out" / "puma.json").read_text())
-    assert meta["random_weights"] is False and meta["task"] == "feature-extraction"
+    assert meta["random_weights"] is False and meta["task"] == task
     assert "RANDOM" not in result.stderr
+    past = [i["name"] for i in meta["inputs"] if i["name"].startswith("past_key_values.")]
+    assert past == ([] if task == "feature-extraction" else ["past_key_values.0.key", "past_key_values.0.value"])
 
 
 def test_help_describes_every_option():
