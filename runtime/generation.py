@@ -48,6 +48,7 @@ from .session import (
     RunOptions,
     Started,
     UserError,
+    agree,
     base_report,
     check_outputs,
     costs,
@@ -97,8 +98,7 @@ def check_decoder(info: dict) -> None:
 
 
 def check_new_tokens(max_new_tokens: int, info: dict) -> None:
-    """On every rank, alike: --max-new-tokens is public (every rank has the same command line), so each
-    rank says what is wrong with it, not only the client."""
+    """What is wrong with --max-new-tokens for this model (a public value: every rank prints it)."""
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     limit = info["max_positions"]
@@ -106,10 +106,12 @@ def check_new_tokens(max_new_tokens: int, info: dict) -> None:
         raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in {info['name']}'s {limit} positions")
 
 
-def check_generation(opts: GenerateOptions, info: dict) -> None:
-    """What every rank checks alike before the client's input: the model, then --max-new-tokens."""
+def check_generation(comm: Communicator, opts: GenerateOptions, info: dict) -> None:
+    """What every rank checks before the client's input: the model, then the client's --max-new-tokens (the
+    one the steps follow), its verdict shared in one round so that every rank prints the same line even
+    where the command lines differ (a helper given --seed alone)."""
     check_decoder(info)
-    check_new_tokens(opts.max_new_tokens, info)
+    agree(comm, CLIENT, lambda: check_new_tokens(opts.max_new_tokens, info))
 
 
 def render_chat(template: str, text: str) -> str:
@@ -234,7 +236,7 @@ def prompt_step(steps: list[dict]) -> dict:
 def generate(comm: Communicator, opts: GenerateOptions) -> dict | None:
     """Secure generation on this rank; the client returns the report (with the answer), the others None."""
     started: Started = start(
-        comm, opts, lambda info: prompt_input(opts, info), check=lambda info: check_generation(opts, info),
+        comm, opts, lambda info: prompt_input(opts, info), check=lambda info: check_generation(comm, opts, info),
         caches=True, prepare=True,
     )  # the prompt's walk runs on prepared masks (prepared.py); each later token's multiplies online
     comm.begin_trace()  # the online rounds start here (the prompt's public parameters are one)

@@ -433,7 +433,8 @@ def rsqrt(party: Party, x: AShare, lo: float = 2.0**-10, hi: float = 2.0**10) ->
         raise ValueError(f"rsqrt: lo = {lo} is below 2^-{f + 3}, the smallest input range this fixed point supports")
     if hi >= 2.0 ** (60 - f):
         raise ValueError(f"rsqrt: hi = {hi} is not below 2^{60 - f}, the largest input range this fixed point supports")
-    lo = max(lo, 2.0**-f)
+    if hi > 2.0**-f:  # (a range wholly below one ulp keeps its lo)
+        lo = max(lo, 2.0**-f)
     normalise = _HEADROOM - 1 - f - math.log2(hi) < RSQRT_MIN_BITS
     with party.comm.tag("rsqrt"):
         return _rsqrt(party, x, f, lo, hi, 1.0, f, cmp_bits=thermometer_bits(party, hi, f), normalise=normalise)[0]

@@ -193,8 +193,9 @@ def test_gumbel_sampling_is_reproducible_and_matches_plaintext_gumbel_max(decode
     assert first != greedy  # the noise changed the choice somewhere, so it was used
 
 
-# (the change, what the line says, who says it: every rank (a public option, checked on each) or the
-# client alone (the others say it rejected its input))
+# (the change, what the line says, who says it: every rank (a public option: the client's value, its verdict
+# shared) or the client alone (the others say it rejected its input)). For the public ones the other ranks
+# are given another bad value: each must print the client's line, not its own.
 BAD_OPTIONS = [
     ({"max_new_tokens": 0}, "--max-new-tokens must be at least 1, got 0", "all"),
     ({"max_new_tokens": 2050}, "--max-new-tokens 2050 leaves no room for a prompt in gpt2's 1024 positions", "all"),
@@ -216,7 +217,8 @@ def test_bad_generation_options_are_one_line_before_any_share_moves(decoders, tm
         change = {**change, "input_ids": None, "text": "hello"}
     monkeypatch.setattr(session, "share_weights", lambda *a, **k: pytest.fail("weights shared"))
     opts = GenerateOptions(**{"model": str(folder), "input_ids": ids_path, "progress": False, **change})
-    _, errors = run_threads([opts] * 3, generate)
+    others = replace(opts, max_new_tokens=-opts.max_new_tokens - 1) if who == "all" else opts
+    _, errors = run_threads([others, opts, others], generate)
     assert all(isinstance(e, UserError) for e in errors), errors
     assert says in str(errors[CLIENT]) and "\n" not in str(errors[CLIENT])
     if who == "all":

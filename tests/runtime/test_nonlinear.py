@@ -138,6 +138,14 @@ def test_rsqrt_at_the_true_ends_of_its_stated_domain(hi):
     assert excess.max() <= 2 * ULP, f"max excess {excess.max() / ULP:.3g} ulp at x = {x[np.argmax(excess)]:.6g}"
 
 
+def test_rsqrt_on_a_range_at_one_ulp_keeps_its_lo():
+    """[2^-20, 2^-18]: admitted (lo >= 2^-21), and its only encodable input is 1 ulp; raising lo to one ulp
+    there would leave an empty range (the kernel raised on it)."""
+    x = np.array([2.0**-18])
+    got = secure(lambda p, a: nonlinear.rsqrt(p, a, 2.0**-20, 2.0**-18), x)
+    assert abs(got[0] - 512.0) <= 2e-6 * 512 + 2 * ULP, got
+
+
 def test_rsqrt_within_2e_minus_6_relative_plus_2_ulp_on_2e_minus_10_to_2e10():
     x = np.exp(rng.uniform(np.log(2.0**-10), np.log(2.0**10), 2000))
     got = secure(nonlinear.rsqrt, x)
