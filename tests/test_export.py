@@ -271,41 +271,23 @@ def test_an_export_with_pumas_approximations_runs_securely_on_them(exported, tmp
     three thread ranks. It must follow onnxruntime on the PUMA-rewritten model, closer than the default
     (refit) set's rewrite is to it, and report approx "puma": catches an executor that runs another set
     than the recorded one, or PUMA's three-piece GeLU failing under the recorded (narrowed) comparisons."""
-    import threading
-
-    import onnxruntime as ort
-
     from puma_onnx.passes import rewrite_file
-    from puma_onnx.runtime.comm import ThreadComm
-    from puma_onnx.runtime.session import CLIENT, REWRITTEN_FILE, RunOptions, run
+    from puma_onnx.runtime.session import CLIENT, REWRITTEN_FILE, RunOptions
+    from tests.runtime.test_session import ort_run, run_threads
 
     folder, meta, _ = prepared_copy(exported, tmp_path, approx_set="puma")
     assert meta["approx"] == "puma"
     ids = np.random.default_rng(3).integers(0, meta["vocab_size"], size=(1, 12))
     np.save(tmp_path / "ids.npy", ids)
     opts = RunOptions(model=str(folder), input_ids=str(tmp_path / "ids.npy"), progress=False)
-    comms, results, errors = ThreadComm.group(), [None] * 3, [None] * 3
-
-    def rank(r):
-        try:
-            results[r] = run(comms[r], opts)
-        except BaseException as e:  # noqa: BLE001
-            errors[r] = e
-            comms[r]._abort.set()
-
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results, errors = run_threads([opts] * 3)
     assert errors == [None] * 3, errors
     report = results[CLIENT]
     assert report["approx"] == "puma" and report["ranges"] == "recorded"
 
     def plain(path):
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-        return session.run(["last_hidden_state"], {i.name: feeds[i.name] for i in session.get_inputs()})[0]
+        return ort_run(path, feeds)["last_hidden_state"]
 
     rewrite_file(folder / "model.onnx", tmp_path / "refit.onnx", "refit")
     secure = report["outputs"]["last_hidden_state"]
