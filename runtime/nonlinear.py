@@ -613,8 +613,9 @@ def softmax(
     (74 with levels of two after the levels of four, exp's clip before its products and the reciprocal's
     b2a before its first product, 83 with levels of two only, 92 before the dropped bits); bytes per
     element: the max's (six comparisons and 80 B per output of a level of four, 28 and 144 B per output of
-    a group of eight: about 25 B more per element than levels of two at L = 48) + exp's + M [product], plus
-    the reciprocal's (about 500 B per row at n = 128).
+    a group of eight: about 25 B more per element than levels of two at L = 48), plus exp's + M [product]
+    per KEPT element (with a mask that drops entries, exp and the product run on the kept ones only: a
+    causal mask over n keys keeps (n + 1) / 2n of them), plus the reciprocal's (about 500 B per row at n = 128).
     PUMA section 4.2.
     """
     f = party.fxp.frac_bits
@@ -628,10 +629,14 @@ def softmax(
             x = arith.add(arith.mul_public(arith.sub(x, filler), keep.astype(np.int64)), filler)
         drop = max_drop_bits(cmp_bits or party.msb_bits, f)
         top = compare.max(party, x, axis=-1, keepdims=True, bits=cmp_bits, drop=drop, quads=True)
+        shifted = arith.sub(x, top)
+        # exp and the output's product are elementwise: where the mask drops entries (a causal mask drops
+        # nearly half), they run on the kept ones only, gathered flat and scattered back among exact zeros.
+        sparse = keep is not None and not keep.all()
         with party.comm.tag("exp_neg"):
-            e = _exp_neg(party, arith.sub(x, top), f + SOFTMAX_EXTRA_BITS, fit, cmp_bits)
+            e = _exp_neg(party, shifted[keep] if sparse else shifted, f + SOFTMAX_EXTRA_BITS, fit, cmp_bits)
         if keep is not None:
-            e = arith.mul_public(e, keep.astype(np.int64))
+            e = _scatter(e, keep) if sparse else e
             empty = ~keep.any(axis=-1, keepdims=True)
             total = arith.add_public(
                 party, e.sum(axis=-1, keepdims=True), _encode(empty.astype(np.float64), f + SOFTMAX_EXTRA_BITS)
@@ -640,7 +645,17 @@ def softmax(
             total = e.sum(axis=-1, keepdims=True)
         with party.comm.tag("reciprocal"):
             inv = _reciprocal(party, total, f + SOFTMAX_EXTRA_BITS, 1.0, float(max(n, 2)), f + SOFTMAX_INV_BITS)
-        return arith.mul_fx(party, e, inv, bits=f + SOFTMAX_EXTRA_BITS + SOFTMAX_INV_BITS)
+        bits = f + SOFTMAX_EXTRA_BITS + SOFTMAX_INV_BITS
+        if sparse:
+            return _scatter(arith.mul_fx(party, e[keep], inv.broadcast_to(x.shape)[keep], bits=bits), keep)
+        return arith.mul_fx(party, e, inv, bits=bits)
+
+
+def _scatter(values: AShare, keep: np.ndarray) -> AShare:
+    """The flat `values` at the True positions of `keep`, exact zeros elsewhere (local)."""
+    out = AShare(np.zeros(keep.shape, np.uint64), np.zeros(keep.shape, np.uint64))
+    out.first[keep], out.second[keep] = values.first, values.second
+    return out
 
 
 # ----------------------------------------------------------------------------- norms

@@ -666,6 +666,21 @@ def test_cost_softmax_matches_docstring():
     assert nbytes == rows * per_row
 
 
+def test_cost_softmax_with_a_causal_mask_takes_exp_and_the_product_on_kept_entries_only():
+    """A causal mask keeps (n + 1) / 2n of the entries: exp and the output's product cost per kept entry, the
+    max and the reciprocal as without a mask (the rounds too). A kernel that ran exp on every entry and zeroed
+    the masked ones after would cost (n - 1) / 2 (exp + M) more per row."""
+    rows, n = 32, 32
+    causal = np.tril(np.ones((rows, n), dtype=bool))
+    scores = rng.normal(0, 3, (rows, n))
+    full_rounds, full, u = total_cost(nonlinear.softmax, scores)
+    rounds, nbytes, _ = total_cost(lambda p, a: nonlinear.softmax(p, a, causal), scores)
+    exp = u["D"][1] + 4 * u["M"][1] + u["R"][1] + u["Y"][1]
+    dropped = int((~causal).sum())
+    assert rounds == full_rounds
+    assert nbytes == full - dropped * (exp + u["M"][1])
+
+
 NARROW = NormDomain(x_max=300.0, var_lo=1e-3, var_hi=1e4, scale_max=2.0)
 
 
