@@ -195,7 +195,8 @@ def _steps(party: Party, below: AShare, values: np.ndarray, bits: int) -> AShare
 
 def _grid(lo: float, hi: float, per_octave: int, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The guess intervals of a thermometer at scale `bits`: edges lo 2^(j / per_octave) covering [lo, hi],
-    the inner ones rounded up to the input's grid of 2^-bits (and merged where they meet there).
+    the inner ones rounded up to the input's grid of 2^-bits (and merged where they meet there); a range
+    narrower than one step is split at its geometric middle.
 
     x < T compares encodings, so interval i holds exactly the encodable x in [T_i, T_{i+1} - 2^-bits]:
     a guess for the middle of that range keeps its error bound even where x has few bits (x a few ulp).
@@ -203,8 +204,10 @@ def _grid(lo: float, hi: float, per_octave: int, bits: int) -> tuple[np.ndarray,
     """
     if not 0 < lo < hi:
         raise ValueError(f"input range must satisfy 0 < lo < hi, got [{lo}, {hi}]")
-    steps = max(1, math.ceil(per_octave * math.log2(hi / lo) - 1e-9))
-    edges = lo * 2.0 ** (np.arange(1, steps) / per_octave)
+    steps = math.ceil(per_octave * math.log2(hi / lo) - 1e-9)
+    # A range inside one step still gets one inner edge, at its middle: the kernels' thermometer and its
+    # linear combinations need at least one threshold.
+    edges = lo * 2.0 ** (np.arange(1, steps) / per_octave) if steps >= 2 else np.array([math.sqrt(lo * hi)])
     ulp = 2.0**-bits
     thresholds = np.unique(np.ceil(edges / ulp)) * ulp
     a = np.concatenate([[lo], thresholds])

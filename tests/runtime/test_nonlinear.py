@@ -146,6 +146,23 @@ def test_rsqrt_on_a_range_at_one_ulp_keeps_its_lo():
     assert abs(got[0] - 512.0) <= 2e-6 * 512 + 2 * ULP, got
 
 
+@pytest.mark.parametrize(
+    "kernel, lo, hi, exact",
+    [("reciprocal", 1.0, 1.2, lambda x: 1 / x), ("rsqrt", 1.0, 1.05, lambda x: 1 / np.sqrt(x))],
+)
+def test_a_range_inside_one_guess_interval_is_split_at_its_middle(kernel, lo, hi, exact):
+    """[1, 1.2] is less than a half-octave (reciprocal's step) and [1, 1.05] less than an eighth (rsqrt's):
+    the grid has no inner edge of its own, and an empty thermometer failed in the guess's linear combination
+    on every rank. The range now takes one threshold at its middle; both ends and the middle stay within
+    the kernels' stated bounds."""
+    thresholds, a, b = nonlinear._grid(lo, hi, {"reciprocal": nonlinear.RECIP_STEPS_PER_OCTAVE, "rsqrt": nonlinear.RSQRT_STEPS_PER_OCTAVE}[kernel], 18)
+    assert len(thresholds) == 1 and a[0] == lo and b[-1] == hi
+    x = np.concatenate([[lo, hi, np.sqrt(lo * hi)], a, b, rng.uniform(lo, hi, 64)])
+    got = secure(lambda p, v: getattr(nonlinear, kernel)(p, v, lo, hi), x)
+    want = exact(encoded(x))
+    assert (np.abs(got - want) - 1.3e-5 * want).max() <= 4 * ULP
+
+
 def test_rsqrt_within_2e_minus_6_relative_plus_2_ulp_on_2e_minus_10_to_2e10():
     x = np.exp(rng.uniform(np.log(2.0**-10), np.log(2.0**10), 2000))
     got = secure(nonlinear.rsqrt, x)
