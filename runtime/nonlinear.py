@@ -319,7 +319,7 @@ def reciprocal(party: Party, x: AShare, lo: float = 1.0, hi: float = 1024.0) -> 
     x y0 is a selection of public multiples of x by the thermometer's bits, beside the b2a of the guess
     (`_guess_and_product`).
     Rounds C + max(A, 3) + 6 = 15; bytes per row C + (k-2)X + (k-1)A + 16 (k-1) + 44 + 5M with
-    k <= ceil(2 log2(hi/lo)) intervals (softmax over 128: 13 thresholds, about 500 B per row, 190 of them the
+    k = max(2, ceil(2 log2(hi/lo))) intervals (softmax over 128: 13 thresholds, about 500 B per row, 190 of them the
     select's).
     Why: SPU normalises by the highest set bit (a bit decomposition) and runs 2 Goldschmidt steps
     from 2.9142 - 2c, |1 - c w0| <= 0.0858, so 5.4e-5 relative; CrypTen's Newton from
@@ -428,7 +428,7 @@ def rsqrt(party: Party, x: AShare, lo: float = 2.0**-10, hi: float = 2.0**10) ->
     x y0^2 is a selection of public multiples of x by the thermometer's bits, beside the b2a of the guess
     (`_guess_and_product`; where x is normalised by its octave, b2a and the products one after the other).
     Rounds C + max(A, 3) + 4 = 13; bytes per element C + (k-2)X + (k-1)A + 3M + 16 (k-1) + 48 with
-    k <= ceil(8 log2(hi/lo)) intervals (159 thresholds for the default range: 3.1 KB per rank, 9.4 KB over the
+    k = max(2, ceil(8 log2(hi/lo))) intervals (159 thresholds for the default range: 3.1 KB per rank, 9.4 KB over the
     three; 6.9 before the select, which sends 8 bytes per bit and per term from rank 0).
     """
     f = party.fxp.frac_bits
@@ -599,7 +599,7 @@ def softmax(
     at f = 18), for the max tree's comparisons and exp's clip; masked entries may hold anything.
 
     max over kept positions (masked ones are first overwritten, locally, with the row's first kept
-    element, so no sentinel value has to fit the ring), e = exp_neg(x - max) * mask, ONE reciprocal
+    element, so no sentinel value has to fit the ring), e = exp_neg(x - max) on kept entries (exact 0 elsewhere), ONE reciprocal
     per row of the sum (in [1, n]: the max contributes exp(0) = 1; kept at f + 8 bits), then a
     broadcast product. Where fewer low bits keep a comparison a round shorter (`max_drop_bits`), the max
     tree's levels of two (rows that come down to two entries) ignore them: its max is then an entry up to
@@ -627,6 +627,8 @@ def softmax(
         keep = None
         if mask is not None:
             keep = np.broadcast_to(np.asarray(mask, dtype=bool), x.shape)
+            if not keep.any():  # every row empty: all zeros, known to every rank from the public mask
+                return AShare(np.zeros(x.shape, np.uint64), np.zeros(x.shape, np.uint64))
             first = np.argmax(keep, axis=-1)[..., None]
             filler = AShare(np.take_along_axis(x.first, first, -1), np.take_along_axis(x.second, first, -1))
             x = arith.add(arith.mul_public(arith.sub(x, filler), keep.astype(np.int64)), filler)

@@ -147,20 +147,25 @@ def test_rsqrt_on_a_range_at_one_ulp_keeps_its_lo():
 
 
 @pytest.mark.parametrize(
-    "kernel, lo, hi, exact",
-    [("reciprocal", 1.0, 1.2, lambda x: 1 / x), ("rsqrt", 1.0, 1.05, lambda x: 1 / np.sqrt(x))],
+    "kernel, lo, hi, steps, exact, bound",
+    [
+        # reciprocal: r^8 + 3.25 ulp relative, plus 4 ulp; rsqrt: 2e-6 relative plus 2 ulp (their docstrings).
+        ("reciprocal", 1.0, 1.2, nonlinear.RECIP_STEPS_PER_OCTAVE, lambda x: 1 / x, (7.5e-7 + 3.25 * ULP, 4 * ULP)),
+        ("rsqrt", 1.0, 1.05, nonlinear.RSQRT_STEPS_PER_OCTAVE, lambda x: 1 / np.sqrt(x), (2e-6, 2 * ULP)),
+    ],
 )
-def test_a_range_inside_one_guess_interval_is_split_at_its_middle(kernel, lo, hi, exact):
+def test_a_range_inside_one_guess_interval_is_split_at_its_middle(kernel, lo, hi, steps, exact, bound):
     """[1, 1.2] is less than a half-octave (reciprocal's step) and [1, 1.05] less than an eighth (rsqrt's):
     the grid has no inner edge of its own, and an empty thermometer failed in the guess's linear combination
     on every rank. The range now takes one threshold at its middle; both ends and the middle stay within
     the kernels' stated bounds."""
-    thresholds, a, b = nonlinear._grid(lo, hi, {"reciprocal": nonlinear.RECIP_STEPS_PER_OCTAVE, "rsqrt": nonlinear.RSQRT_STEPS_PER_OCTAVE}[kernel], 18)
+    thresholds, a, b = nonlinear._grid(lo, hi, steps, 18)
     assert len(thresholds) == 1 and a[0] == lo and b[-1] == hi
     x = np.concatenate([[lo, hi, np.sqrt(lo * hi)], a, b, rng.uniform(lo, hi, 64)])
     got = secure(lambda p, v: getattr(nonlinear, kernel)(p, v, lo, hi), x)
     want = exact(encoded(x))
-    assert (np.abs(got - want) - 1.3e-5 * want).max() <= 4 * ULP
+    relative, absolute = bound
+    assert (np.abs(got - want) - relative * want).max() <= absolute
 
 
 def test_rsqrt_within_2e_minus_6_relative_plus_2_ulp_on_2e_minus_10_to_2e10():
@@ -396,6 +401,13 @@ def test_softmax_padding_mask_ignores_huge_masked_scores_and_zeroes_empty_rows()
     err = np.abs(got[rows] - approx.softmax(encoded(x[rows]), keep[rows], approx.PUMA.exp)).max()
     assert err <= 3 * ULP, f"max error {err:.3g}"
     assert np.all(got[3] == 0.0) and np.all(got[:, 12:] == 0.0) and np.all(got[:, :2] == 0.0)
+
+
+def test_softmax_with_every_entry_masked_gives_zeros():
+    """No kept entry at all: exp and the output's product run on empty arrays (the masked entries are skipped),
+    and every row is the empty row's 0."""
+    got = secure(lambda p, a: nonlinear.softmax(p, a, np.zeros((3, 8), dtype=bool)), rng.normal(0, 3, (3, 8)))
+    assert got.shape == (3, 8) and np.all(got == 0.0)
 
 
 @pytest.mark.parametrize("bits", [48, 64])
