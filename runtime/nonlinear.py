@@ -599,9 +599,9 @@ def softmax(
     at f = 18), for the max tree's comparisons and exp's clip; masked entries may hold anything.
 
     max over kept positions (masked ones are first overwritten, locally, with the row's first kept
-    element, so no sentinel value has to fit the ring), e = exp_neg(x - max) on kept entries (exact 0 elsewhere), ONE reciprocal
-    per row of the sum (in [1, n]: the max contributes exp(0) = 1; kept at f + 8 bits), then a
-    broadcast product. Where fewer low bits keep a comparison a round shorter (`max_drop_bits`), the max
+    element, so no sentinel value has to fit the ring), e = exp_neg(x - max) on kept entries (exact 0
+    elsewhere), ONE reciprocal per row of the sum (in [1, n]: the max contributes exp(0) = 1; kept at f + 8
+    bits), then a broadcast product. Where fewer low bits keep a comparison a round shorter (`max_drop_bits`), the max
     tree's levels of two (rows that come down to two entries) ignore them: its max is then an entry up to
     2^-12 per such level below the row's, so the sum stays >= 1 and may pass n by 0.2% at most, and
     softmax's invariance to the shift keeps the result.
