@@ -35,6 +35,11 @@ MUTANTS = [
      "norm adds eps once to the row's sum of squares instead of n eps"),
     ("runtime/nonlinear.py", "first = np.argmax(keep, axis=-1)[..., None]", "first = np.zeros_like(keep[..., :1], dtype=np.int64)",
      "softmax fills masked scores from position 0, not from the first kept one"),
+    ("runtime/nonlinear.py", "sparse = keep is not None and not keep.all()", "sparse = False",
+     "masked softmax runs exp and its product on every entry again (right values, more bytes)"),
+    ("runtime/nonlinear.py", "edges = lo * 2.0 ** (np.arange(1, steps) / per_octave) if steps >= 2 else",
+     "edges = lo * 2.0 ** (np.arange(1, steps) / per_octave) if steps >= 1 else",
+     "a range inside one guess interval gets no threshold"),
     ("runtime/nonlinear.py", "_encode(fit.cut_far, f)), bits=cmp_bits, drop=f + slack)",
      "_encode(fit.cut, f)), bits=cmp_bits, drop=f + slack)", "exp clips at the near cut with the far cut's slack"),
     # --- protocols
