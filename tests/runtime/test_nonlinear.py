@@ -404,8 +404,8 @@ def test_softmax_padding_mask_ignores_huge_masked_scores_and_zeroes_empty_rows()
 
 
 def test_softmax_with_every_entry_masked_gives_zeros():
-    """No kept entry at all: exp and the output's product run on empty arrays (the masked entries are skipped),
-    and every row is the empty row's 0."""
+    """No kept entry at all: every row is the empty row's 0, returned before any message (exp and the product
+    on the kept entries alone would otherwise run on empty arrays, which the comparisons cannot take)."""
     got = secure(lambda p, a: nonlinear.softmax(p, a, np.zeros((3, 8), dtype=bool)), rng.normal(0, 3, (3, 8)))
     assert got.shape == (3, 8) and np.all(got == 0.0)
 
