@@ -266,100 +266,84 @@ def _trunc_parts(party: Party, parts: list[np.ndarray], bits) -> list[AShare]:
     """Additive parts z_i of z (|z| < 2^62) to a replicated share of floor(z / 2^bits) + {0, 1}.
     `bits` is one int, or one per part (a batch of truncations by different amounts).
 
-    Dealer D and two ranks A = D+1, B = D+2 (D rotates per call). With r = r_A + r_B + r_D
-    uniform, A and B open c = z + 2^62 + r; D deals 2-of-2 shares of rc = (r mod 2^63) >> d
-    and rb = msb(r) to A (from k_A) and B (sent). Since z + 2^62 + (r mod 2^63) < 2^64, its
-    top bit is e = msb(c) xor rb, and
+    `_truncate_two` with a rotating dealer D (`party.next_dealer`) that passes its own part z_D:
+    it folds z_D into the mask (r = r_A + r_B - z_D), so it sends no part of the opening.
+    Cost: 2 rounds; bytes/elem: dealer 12 (16 beyond 31 bits), A and B 16 each (44 over the three
+    ranks, 14.7 per rank on average as the dealer rotates; 60 when the dealer sent its part
+    z_D + r_D to both). Escudero et al. 2020, section 4 (TruncPr with the MSB trick).
+    """
+    shapes = [p.shape for p in parts]
+    z = _flat(parts)
+    flat = _truncate_two(party, party.next_dealer(), z, _part_bits(bits, [p.size for p in parts]), (z.size,))
+    return [AShare(s, t) for s, t in zip(_unflat(flat.first, shapes), _unflat(flat.second, shapes))]
+
+
+def _truncate_two(party: Party, dealer: int, part: np.ndarray | None, bits: tuple, shape, addend=None) -> AShare:
+    """floor(z / 2^d) + {0, 1} (+ addend, untruncated) as a replicated share, for z = z_D + z_A + z_B held
+    additively by a dealer D and A = D+1, B = D+2 (|z| < 2^62); `part` is this rank's z_i (None: z_D = 0).
+    `bits` is `_part_bits`' (shift, widest).
+
+    With r = r_A + r_B - z_D (r_A from k_A, which D and A hold, r_B from k_B, D and B), A and B
+    swap c_A = z_A + 2^62 + r_A and c_B = z_B + r_B and both learn c = z + 2^62 + r; D alone knows r
+    and deals B its shares of rc = (r mod 2^63) >> d and rb = msb(r) (A's shares are words of k_A).
+    Since z + 2^62 + (r mod 2^63) < 2^64, its top bit is e = msb(c) xor rb, and
         y = (c mod 2^63) >> d - rc + 2^(63-d) e - 2^(62-d)
     equals floor(z / 2^d) or that + 1 (the borrow of the two floors): the error is below
     one unit of the last place for every |z| < 2^62, with no catastrophic failure; it is +1
     with probability about frac(z / 2^d). e = c_msb + rb - 2 c_msb rb is linear in rb
-    because c is public to A and B, and only rb mod 2^(d+1) matters, so its share is a uint32.
-    Round 2 turns y_A + y_B into a replicated share (`reshare_from_two`).
-    Security: A and B see c, uniform because r is; each sees the others' parts masked by a
-    PRG word it lacks (r_A from k_A, r_B from k_D, r_D private); D receives nothing.
-    Cost: 2 rounds; bytes/elem: dealer 28, A and B 16 each (60 over the three ranks,
-    20 per rank on average as the dealer rotates). Escudero et al. 2020, section 4 (TruncPr with the MSB trick).
+    because c is public to A and B, and only rb mod 2^(d+1) matters, so its share is a uint32
+    up to d = 31. `addend` (another 2-of-2 value at A and B) joins y, free. Round 2 turns
+    y_A + y_B into a replicated share (`reshare_from_two`).
+    Security: c is uniform to A because r_B is, to B because r_A is, whatever z_D is (D's part
+    only shifts the mask, and D knows the shift); the dealt words reach B masked by k_A words it
+    lacks; D receives nothing.
+    Rounds 2; bytes/elem: dealer 12 (16 beyond 31 bits), A and B 16 each (44 over the three
+    ranks). Escudero et al. 2020, section 4, with the dealer's part folded into its mask.
     """
+    d, widest = bits
     comm, r = party.comm, party.rank
-    shapes = [p.shape for p in parts]
-    d, widest = _part_bits(bits, [p.size for p in parts])
-    z = _flat(parts)
-    n = z.size
+    shape = tuple(shape)
+    n = int(np.prod(shape))
     rb_dtype = rb_type(widest)
-    dealer = party.next_dealer()
     a_rank, b_rank = (dealer + 1) % PARTIES, (dealer + 2) % PARTIES
-
     if r == dealer:
         with_a, with_b = party.prg_next, party.prg_prev
         r_a, rc_a, rb_a = with_a.words(n), with_a.words(n), with_a.words(n, rb_dtype)
-        r_b = with_b.words(n)
-        r_d = party.prg_own.words(n)
-        rc_b, rb_b = trunc_deal(r_a + r_b + r_d, rc_a, rb_a, d)
-        c_d = z + r_d
-        comm.exchange({a_rank: c_d, b_rank: _pack(c_d, rc_b, rb_b)}, {})
+        mask = r_a + with_b.words(n)
+        if part is not None:
+            mask = mask - np.ravel(part)
+        rc_b, rb_b = trunc_deal(mask, rc_a, rb_a, d)
+        comm.exchange({b_rank: _pack(rc_b, rb_b)}, {})
         y = None
     elif r == a_rank:
         with_d = party.prg_prev
         r_a, rc_a, rb_a = with_d.words(n), with_d.words(n), with_d.words(n, rb_dtype)
-        # The offset makes z + 2^62 non-negative for |z| < 2^62; A adds it and removes it below.
-        c_a = z + U64(1 << 62) + r_a
-        got = comm.exchange({b_rank: c_a}, {b_rank: ((n,), U64), dealer: ((n,), U64)})
-        y = trunc_finish_a(c_a + got[b_rank] + got[dealer], rc_a, rb_a, d)
+        # The offset makes z + 2^62 non-negative for |z| < 2^62; A adds it and removes it in trunc_finish_a.
+        c_a = np.ravel(part) + U64(1 << 62) + r_a
+        got = comm.exchange({b_rank: c_a}, {b_rank: ((n,), U64)})
+        y = trunc_finish_a(c_a + got[b_rank], rc_a, rb_a, d)
     else:
-        r_b = party.prg_next.words(n)
-        c_b = z + r_b
+        c_b = np.ravel(part) + party.prg_next.words(n)
         rb_bytes = np.dtype(rb_dtype).itemsize
-        got = comm.exchange({a_rank: c_b}, {a_rank: ((n,), U64), dealer: ((n * (16 + rb_bytes),), np.uint8)})
+        got = comm.exchange({a_rank: c_b}, {a_rank: ((n,), U64), dealer: ((n * (8 + rb_bytes),), np.uint8)})
         dealt = got[dealer]
-        c = got[a_rank] + c_b + dealt[: 8 * n].view(U64)
-        y = trunc_finish_b(c, dealt[8 * n : 16 * n].view(U64), dealt[16 * n :].view(rb_dtype), d)
-    flat = reshare_from_two(party, dealer, y, (n,))
-    return [AShare(s, t) for s, t in zip(_unflat(flat.first, shapes), _unflat(flat.second, shapes))]
+        y = trunc_finish_b(got[a_rank] + c_b, dealt[: 8 * n].view(U64), dealt[8 * n :].view(rb_dtype), d)
+    if y is not None and addend is not None:
+        y = y + np.ravel(addend)
+    return reshare_from_two(party, dealer, y, (n,)).reshape(shape)
 
 
 def truncate_from_two(party: Party, dealer: int, part: np.ndarray | None, bits, shape, addend=None) -> AShare:
     """floor(z / 2^bits) + {0, 1} (+ addend, untruncated) for z held 2-of-2 additively by A = dealer+1 and
     B = dealer+2 (|z| < 2^62); the dealer passes part=None (and addend=None).
 
-    Idea: `_trunc_parts` when the dealer's part is zero: r = r_A + r_B (from k_A and k_B, both
-    known to the dealer), so the dealer only deals B its shares of rc and rb; A and B swap
-    z + r parts and finish as there. `addend` (another 2-of-2 value at A and B) joins y before
-    the reshare, free. Security as `_trunc_parts`: A sees z_B masked by r_B, B sees z_A masked
-    by r_A and the dealt shares masked by A's PRG words; the dealer receives nothing.
-    `bits` may also be a (shift, widest) pair from `_part_bits`: a per-element amount.
+    `_truncate_two` with z_D = 0. `bits` may also be a (shift, widest) pair from `_part_bits`: a
+    per-element amount.
     Rounds 2; bytes/elem: dealer 12 (16 beyond 31 bits), A and B 16 each (44 over the three
-    ranks). Escudero et al. 2020, section 4, with the dealer of this repository's `_trunc_parts`.
+    ranks). Escudero et al. 2020, section 4.
     """
-    d, widest = bits if isinstance(bits, tuple) else _part_bits(bits, [1])
-    comm, r = party.comm, party.rank
-    shape = tuple(shape)
-    n = int(np.prod(shape))
-    rb_dtype = rb_type(widest)
-    a_rank, b_rank = (dealer + 1) % PARTIES, (dealer + 2) % PARTIES
-    with comm.tag("truncate_from_two"):
-        if r == dealer:
-            with_a, with_b = party.prg_next, party.prg_prev
-            r_a, rc_a, rb_a = with_a.words(n), with_a.words(n), with_a.words(n, rb_dtype)
-            rc_b, rb_b = trunc_deal(r_a + with_b.words(n), rc_a, rb_a, d)
-            comm.exchange({b_rank: _pack(rc_b, rb_b)}, {})
-            y = None
-        elif r == a_rank:
-            with_d = party.prg_prev
-            r_a, rc_a, rb_a = with_d.words(n), with_d.words(n), with_d.words(n, rb_dtype)
-            c_a = np.ravel(part) + U64(1 << 62) + r_a
-            got = comm.exchange({b_rank: c_a}, {b_rank: ((n,), U64)})
-            y = trunc_finish_a(c_a + got[b_rank], rc_a, rb_a, d)
-        else:
-            c_b = np.ravel(part) + party.prg_next.words(n)
-            rb_bytes = np.dtype(rb_dtype).itemsize
-            got = comm.exchange({a_rank: c_b}, {a_rank: ((n,), U64), dealer: ((n * (8 + rb_bytes),), np.uint8)})
-            dealt = got[dealer]
-            y = trunc_finish_b(got[a_rank] + c_b, dealt[: 8 * n].view(U64), dealt[8 * n :].view(rb_dtype), d)
-        if y is not None and addend is not None:
-            y = y + np.ravel(addend)
-        out = reshare_from_two(party, dealer, y, (n,))
-    return out.reshape(shape)
+    with party.comm.tag("truncate_from_two"):
+        return _truncate_two(party, dealer, part, bits if isinstance(bits, tuple) else _part_bits(bits, [1]), shape, addend)
 
 
 # The pieces of the dealer-aided truncation (`_trunc_parts`' proof) for a protocol that opens c = z + 2^62 + r
@@ -393,8 +377,8 @@ def truncate_parts(party: Party, parts: list[np.ndarray], bits: int) -> list[ASh
     """Replicated shares of floor(z / 2^bits) (+1 at most) from this rank's additive parts of each z.
 
     For products a rank computes alone (e.g. a matmul with a weight its owner knows; see
-    weights.matmul_part). The dealer protocol of `_trunc_parts`: 2 rounds, 60 B/elem over the
-    ranks (dealer 28, others 16); `truncate` is cheaper (44 B) only because its input is replicated.
+    weights.matmul_part). The dealer protocol of `_trunc_parts`: 2 rounds, 44 B/elem over the
+    ranks (dealer 12, others 16; 48 beyond 31 bits).
     """
     with party.comm.tag("truncate_parts"):
         return _trunc_parts(party, parts, bits)
@@ -412,9 +396,9 @@ def truncate(party: Party, x, bits):
     `bits` for all or one per operand.
 
     Idea: ranks 1 and 2 already hold x 2-of-2 (x_1 + x_2 and x_0), so `truncate_from_two` with
-    rank 0 as the dealer applies (the proof is `_trunc_parts`').
+    rank 0 as the dealer applies (the proof is `_truncate_two`'s).
     Rounds 2; bytes/elem: rank 0 12 (16 beyond 31 bits), ranks 1 and 2 16 each (44 over the three
-    ranks; 60 with a dealer part). Escudero et al. 2020, 4.
+    ranks). Escudero et al. 2020, 4.
     """
     xs, was_list = _listed(x)
     shapes = [a.shape for a in xs]
@@ -429,8 +413,9 @@ def mul_fx(party: Party, x, y, bits: int | None = None):
     """Fixed-point product: the local three-term product fed straight into the truncation.
 
     Idea: the three-term parts are masked by the truncation's r, so they need no zero-sharing
-    and no reshare round of their own. Rounds 2; bytes/elem 20 per rank on average (dealer 28,
-    others 16); needs |x y| < 2^(62 - 2f) in real terms. `bits` (default f) truncates by another
+    and no reshare round of their own; the dealer folds its part into the mask (`_trunc_parts`).
+    Rounds 2; bytes/elem 14.7 per rank on average (dealer 12, others 16; 44 over the three ranks, 48
+    beyond 31 bits); needs |x y| < 2^(62 - 2f) in real terms. `bits` (default f) truncates by another
     amount, for intermediates kept at a higher scale (one per operand pair in a batch, or one
     for all). ABY3 5.1 with Escudero et al. 2020, 4.
     """
@@ -444,7 +429,7 @@ def mul_fx(party: Party, x, y, bits: int | None = None):
 def matmul_fx(party: Party, x, y, bits: int | None = None):
     """Fixed-point matrix product, fused with the truncation as in `mul_fx`.
 
-    Rounds 2; bytes per output elem 20 per rank on average (dealer 28, others 16); `bits` as in
+    Rounds 2; bytes per output elem 14.7 per rank on average (dealer 12, others 16); `bits` as in
     `mul_fx` (an int, or one per pair). ABY3 5.1 with Escudero et al. 2020, 4.
     """
     xs, was_list = _listed(x)

@@ -374,7 +374,7 @@ def weight_products(ctx: Context, x: AShare, members: list[Product], group=None)
     From masks prepared before the input arrived when they cover x (`prepared.products`: 3 rounds, 8 B per
     input element and 24 per output element with the truncation prepared too, 44 without, one product
     online); else each rank's part
-    (`weights.matmul_part`, one product per rank) and one truncation (2 rounds, 60 B per output element).
+    (`weights.matmul_part`, one product per rank) and one truncation (2 rounds, 44 B per output element).
     With `ctx.final` the products are reshared untruncated (`Unscaled`): 1 round less.
     """
     f = ctx.party.fxp.frac_bits

@@ -11,11 +11,11 @@ Each function's docstring states its domain: the inputs where its error bound ho
 Costs. Each function runs under `comm.tag(<its name>)`. Bytes are sent bytes per rank, averaged
 over the ranks (the truncation's dealer rotates), per element of the input unless "per row" is
 said. In terms of the layer below, at msb_bits L = 48 (bytes per rank / summed over the 3 ranks):
-    M  fused multiply-truncate by <= 31 bits (`arith.mul_fx`)   2 rounds  20 B  (60)
-    W  fused multiply-truncate by  > 31 bits (8-byte share)     2 rounds  21.3 B (64)
+    M  fused multiply-truncate by <= 31 bits (`arith.mul_fx`)   2 rounds  14.7 B (44)
+    W  fused multiply-truncate by  > 31 bits (8-byte share)     2 rounds  16 B   (48)
     C  one comparison (`compare.ltz`)                           6 rounds  10.5 B (31.6)
     X  each further threshold of one `less_than_public` batch   (same)     5.8 B (17.5)
-    A  `convert.b2a` of one bit                                 2 rounds  10.7 B (32)
+    A  `convert.b2a` of one bit                                 2 rounds   8 B   (24)
     S  `convert.mul_bit`                                        2 rounds  10.7 B (32)
     R  ring product (`arith.mul`, no truncation)                1 round    8 B   (24)
     Z  `convert.select`, one bit and one term, truncation > 31  3 rounds  21.3 B (64),
@@ -240,7 +240,8 @@ def exp_neg(party: Party, x: AShare, fit: approx.ExpNeg = approx.REFIT.exp, cmp_
     other); bytes C' + 4M + R + Z'
     per element, C' the comparison on L - f - log2(cut_far - cut) bits (16.8 B over the ranks at L = 48,
     9 leaf groups for both sets), Z' = select of one bit and term with a truncation within 31 bits (60 B):
-    340.8 B over the three ranks (was 415.9 before the fused select). PUMA section 4.2.
+    276.8 B over the three ranks (340.8 before the truncation's dealer folded its part into its mask,
+    415.9 before the fused select). PUMA section 4.2.
     """
     with party.comm.tag("exp_neg"):
         return _exp_neg(party, x, party.fxp.frac_bits, fit, cmp_bits)
@@ -319,7 +320,7 @@ def reciprocal(party: Party, x: AShare, lo: float = 1.0, hi: float = 1024.0) -> 
     x y0 is a selection of public multiples of x by the thermometer's bits, beside the b2a of the guess
     (`_guess_and_product`).
     Rounds C + max(A, 3) + 6 = 15; bytes per row C + (k-2)X + (k-1)A + 16 (k-1) + 44 + 5M with
-    k = max(2, ceil(2 log2(hi/lo))) intervals (softmax over 128: 13 thresholds, about 500 B per row, 190 of them the
+    k = max(2, ceil(2 log2(hi/lo))) intervals (softmax over 128: 13 thresholds, about 1030 B per row over the three ranks, 250 of them the
     select's).
     Why: SPU normalises by the highest set bit (a bit decomposition) and runs 2 Goldschmidt steps
     from 2.9142 - 2c, |1 - c w0| <= 0.0858, so 5.4e-5 relative; CrypTen's Newton from
@@ -428,7 +429,7 @@ def rsqrt(party: Party, x: AShare, lo: float = 2.0**-10, hi: float = 2.0**10) ->
     x y0^2 is a selection of public multiples of x by the thermometer's bits, beside the b2a of the guess
     (`_guess_and_product`; where x is normalised by its octave, b2a and the products one after the other).
     Rounds C + max(A, 3) + 4 = 13; bytes per element C + (k-2)X + (k-1)A + 3M + 16 (k-1) + 48 with
-    k = max(2, ceil(8 log2(hi/lo))) intervals (159 thresholds for the default range: 3.1 KB per rank, 9.4 KB over the
+    k = max(2, ceil(8 log2(hi/lo))) intervals (159 thresholds for the default range: 3.1 KB per rank, 9.3 KB over the
     three; 6.9 before the select, which sends 8 bytes per bit and per term from rank 0).
     """
     f = party.fxp.frac_bits
@@ -552,8 +553,8 @@ def gelu(party: Party, x: AShare, fit: approx.Piecewise = approx.REFIT.gelu, cmp
     See `_piecewise`: 2 truncated and 1 plain products (PUMA's cubic: 2 plain) beside the comparisons (their
     rounds travel together, `parallel`), then one select that also rescales.
     Rounds max(C, 2 + 2 + 1) + 3 = 9 for both sets (14 one after the other). Bytes per element per rank:
-      refit: C + X + 2M + R + Z + 2 * 8 / 3 = 91.0 (273.1 over the three; 338.6 with PUMA's three pieces);
-      PUMA:  C + 2X + 2M + 2R + Z + 5 * 8 / 3 = 112.9 (338.6 over the three; was 655 with 5 truncations).
+      refit: C + X + 2M + R + Z + 2 * 8 / 3 = 80.4 (241.1 over the three; 306.6 with PUMA's three pieces);
+      PUMA:  C + 2X + 2M + 2R + Z + 5 * 8 / 3 = 102.2 (306.6 over the three; was 655 with 5 truncations).
     PUMA section 4.3.
     """
     with party.comm.tag("gelu"):
@@ -566,8 +567,8 @@ def silu(party: Party, x: AShare, fit: approx.Piecewise = approx.REFIT.silu, cmp
 
     Error against the float64 definition: 1.9 ulp measured on [-8, 8] (PUMA's: 1.6); the definitions are
     0.035 (refit; 0.0016 on [-1, 1]) and 0.072 (PUMA, its jump at x = 4) from the exact SiLU.
-    Rounds 9 as gelu; bytes as gelu's (refit: 91.0 per element per rank), and for PUMA's quadratic one ring
-    product less: C + 2X + 2M + R + Z + 5 * 8 / 3 = 104.9. PUMA section 4.3.
+    Rounds 9 as gelu; bytes as gelu's (refit: 80.4 per element per rank), and for PUMA's quadratic one ring
+    product less: C + 2X + 2M + R + Z + 5 * 8 / 3 = 94.2. PUMA section 4.3.
     """
     with party.comm.tag("silu"):
         return _piecewise(party, x, fit, cmp_bits)

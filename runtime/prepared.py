@@ -32,7 +32,7 @@ owner's (21 byte products, `byte_limbs.digit_count`). Setup: 2 rounds (1 without
 from rank 2 8 bytes per output element to rank 1 and 12 per output element of a prepared truncation to
 the owner, from rank 1 8 per output element of a prepared truncation; ranks 1 and 2 each multiply R by a
 random matrix (36 byte products).
-Compare `weights.matmul_part` + `arith.truncate_parts`: 2 rounds, 60 bytes per output element, and
+Compare `weights.matmul_part` + `arith.truncate_parts`: 2 rounds, 44 bytes per output element, and
 three products online. (The correlated-randomness split of SPDZ-style preprocessing; the
 dealer-aided truncation is Escudero et al. 2020, section 4.)
 """

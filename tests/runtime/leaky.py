@@ -34,17 +34,19 @@ class Mutant:
         monkeypatch.setattr(self.module, self.function, namespace[self.function])
 
 
+# B's mask r_b of the dealer-aided truncation drawn from the common key (every rank draws it, so all stay in step).
+_COMMON_R_B = (
+    ("mask = r_a + with_b.words(n)", "mask = r_a + party.prg_all.words(n)"),
+    ("c_a = np.ravel(part) + U64(1 << 62) + r_a", "c_a = np.ravel(part) + U64(1 << 62) + r_a\n        party.prg_all.words(n)"),
+    ("c_b = np.ravel(part) + party.prg_next.words(n)", "c_b = np.ravel(part) + party.prg_all.words(n)"),
+)
+
 MUTANTS = {
-    "truncation_mask_from_common_key": Mutant(
-        arith,
-        "truncate_from_two",
-        (
-            ("trunc_deal(r_a + with_b.words(n),", "trunc_deal(r_a + party.prg_all.words(n),"),
-            ("c_a = np.ravel(part) + U64(1 << 62) + r_a", "c_a = np.ravel(part) + U64(1 << 62) + r_a\n            party.prg_all.words(n)"),
-            ("c_b = np.ravel(part) + party.prg_next.words(n)", "c_b = np.ravel(part) + party.prg_all.words(n)"),
-        ),
-        "B's mask r_b from the common key: A subtracts it from c_b and gets B's part, the secret with its own",
-    ),
+    "truncation_mask_from_common_key": Mutant(arith, "_truncate_two", _COMMON_R_B, "B's mask r_b from the common key: "
+                                              "A subtracts it from c_b and gets B's part, the secret with its own"),
+    # The same edit, shown on a product: the dealer's part folded into the mask does not hide B's part.
+    "product_truncation_mask_from_common_key": Mutant(arith, "_truncate_two", _COMMON_R_B, "B's mask r_b from the "
+                                                      "common key, on mul_fx: A reads B's part of the product"),
     "reshare_without_zero_sharing": Mutant(
         arith,
         "_reshare",

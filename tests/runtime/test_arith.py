@@ -165,17 +165,19 @@ def test_cost_linear_truncations_two_rounds_forty_four_bytes_over_three_ranks(op
     assert [k.bytes for k in c] == [12 * 120, 16 * 120, 16 * 120]
 
 
-@pytest.mark.parametrize("op", ["mul_fx", "matmul_fx"])
-def test_cost_truncating_products_two_rounds_sixty_bytes_over_three_ranks(op):
+@pytest.mark.parametrize("op", ["mul_fx", "matmul_fx", "mul_fx_wide"])
+def test_cost_truncating_products_two_rounds_forty_four_bytes_over_three_ranks(op):
     fn = {
         "mul_fx": lambda p, a, b: arith.mul_fx(p, a, b),
         "matmul_fx": lambda p, a, b: arith.matmul_fx(p, a, b.reshape(12, 10)),
+        "mul_fx_wide": lambda p, a, b: arith.mul_fx(p, a, b, bits=40),
     }[op]
     c = costs(fn)
     n = 100 if op == "matmul_fx" else 120
     assert all(k.rounds == 2 for k in c)
-    # Dealer 28 B/elem, the other two 16 each.
-    assert sorted(k.bytes for k in c) == [16 * n, 16 * n, 28 * n]
+    # The dealer folds its part of the product into its mask: it only deals B rc (8 B) and rb (4 B, 8 beyond
+    # 31 bits), the other two swap their halves of the opening and of the reshare (16 each).
+    assert sorted(k.bytes for k in c) == [(16 if op == "mul_fx_wide" else 12) * n, 16 * n, 16 * n]
 
 
 def test_mul_fx_truncates_by_requested_bits():

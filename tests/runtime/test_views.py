@@ -164,6 +164,7 @@ def test_the_view_of_an_embedding_does_not_depend_on_the_table(monkeypatch, obse
 # Each leaky variant, the protocol that shows it, and the rank that can unmask a share.
 CAUGHT = {
     "truncation_mask_from_common_key": (on_shares("truncate", 1), SECRETS, 1),
+    "product_truncation_mask_from_common_key": (on_shares("mul_fx", 1), SECRETS, 1),
     "reshare_without_zero_sharing": (on_shares("mul", 0), SECRETS, 0),
     "embedding_mask_from_common_key": (FROM_OWNER["embedding_ids"][1], IDS, (CLIENT + 2) % 3),
     "embedding_product_mask_from_common_key": (embedding_of_table(CLIENT), (TABLE, TABLE_B), CLIENT),
@@ -172,7 +173,7 @@ CAUGHT = {
     "parallel_keys_from_common_key": (on_shares("parallel", 0), SECRETS, 0),
 }
 # Mutants whose protocol truncates: floor or floor + 1.
-TRUNCATING = {"truncation_mask_from_common_key", "product_mask_from_common_key"}
+TRUNCATING = {"truncation_mask_from_common_key", "product_truncation_mask_from_common_key", "product_mask_from_common_key"}
 
 
 @pytest.mark.parametrize("name", MUTANTS)
@@ -196,6 +197,7 @@ def test_each_leaky_variant_stays_correct(monkeypatch, name):
     opened = run_parties(lambda p: arith.reveal(p, _first_share(out[p.rank])))[0]
     expected = {
         "truncation_mask_from_common_key": lambda s: s.view(np.int64) >> 18,
+        "product_truncation_mask_from_common_key": lambda s: (s.view(np.int64) ** 2) >> 18,
         "reshare_without_zero_sharing": lambda s: s * s,
         "embedding_mask_from_common_key": lambda s: TABLE[s],
         "embedding_product_mask_from_common_key": lambda s: s[IDS[0]],
