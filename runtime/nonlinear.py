@@ -230,18 +230,17 @@ def exp_neg(party: Party, x: AShare, fit: approx.ExpNeg = approx.REFIT.exp, cmp_
     coefficients riding in them (a coefficient times a share at a low scale would lose its bits), and
     needs two squarings fewer for the same accuracy: the same product count.
     The squares (all <= 1) carry as many bits as keep every truncation within 31 bits (4-byte dealt
-    shares; see `_square_scales`); the last square is a plain ring product whose truncation rides in
-    the clip's `convert.select`.
+    shares; see `_square_scales`); the clip is an exact `convert.mul_bit` of the last one (8 B over the
+    ranks less than a ring square whose truncation rode in a `convert.select`, in as many rounds).
     The clip compares x with -fit.cut_far ignoring the carry of the low f + log2(cut_far - cut) bits
     (convert.msb's drop), so the cut falls in [-cut_far, -cut], where the value is negligible.
     Garbage below the cut (even wrapped values) is multiplied by an exact 0.
     The clip's comparison runs beside the products (`parallel`: their rounds travel together).
-    Rounds max(C', 2 (t' - 1) + 1) + 3 = 12 for both sets (t' = 5 products in sequence; 18 one after the
-    other); bytes C' + 4M + R + Z'
+    Rounds max(C', 2 t') + 2 = 12 for both sets (t' = 5 products in sequence; 17 one after the
+    other); bytes C' + 5M + S
     per element, C' the comparison on L - f - log2(cut_far - cut) bits (16.8 B over the ranks at L = 48,
-    9 leaf groups for both sets), Z' = select of one bit and term with a truncation within 31 bits (60 B):
-    276.8 B over the three ranks (340.8 before the truncation's dealer folded its part into its mask,
-    415.9 before the fused select). PUMA section 4.2.
+    9 leaf groups for both sets): 268.8 B over the three ranks (340.8 before the truncation's dealer folded
+    its part into its mask, 415.9 before the fused select). PUMA section 4.2.
     """
     with party.comm.tag("exp_neg"):
         return _exp_neg(party, x, party.fxp.frac_bits, fit, cmp_bits)
@@ -283,18 +282,18 @@ def _exp_neg(party: Party, x: AShare, bits: int, fit: approx.ExpNeg, cmp_bits: i
         return convert.msb(party, arith.add_public(party, x, _encode(fit.cut_far, f)), bits=cmp_bits, drop=f + slack)
 
     def power(party: Party):
-        """p(x/2^t)^(2^(t-1)) squared in the ring (its truncation rides in the select), and that square's scale."""
+        """p(x/2^t)^(2^t) at scale `bits`: every square truncated within 31 bits."""
         y, scale = _exp_base(party, x, fit, min(EXP_BITS, (31 + scales[0]) // 2))
         if 2 * scale - scales[0] > 31:
             raise ValueError(f"exp_neg: no 31-bit schedule from scale {scale} to {bits}")
-        for out in scales[:-1]:
+        for out in scales:
             y = arith.mul_fx(party, y, y, bits=2 * scale - out)
             scale = out
-        return arith.mul(party, y, y), 2 * scale
+        return y
 
     # The clip's comparison and the polynomial do not depend on each other: their rounds travel together.
-    below, (square, scale) = parallel(party, clip, power)
-    return convert.select(party, [(boolean.not_(party, below), square)], scale - bits)
+    below, power_of_base = parallel(party, clip, power)
+    return convert.mul_bit(party, boolean.not_(party, below), power_of_base)
 
 
 # ----------------------------------------------------------------------------- reciprocal

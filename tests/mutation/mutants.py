@@ -59,6 +59,8 @@ MUTANTS = [
     ("runtime/arith.py", "return ((c & _LOW63) >> d) - rc_a + (e_a << (U64(63) - d)) - (U64(1) << (U64(62) - d))",
      "return ((c & _LOW63) >> d) - rc_a + (e_a << (U64(63) - d)) - (U64(1) << (U64(62) - d)) + U64(1)",
      "the products' truncation biased by one unit of the last place"),
+    ("runtime/arith.py", "mask = mask - np.ravel(part)", "mask = mask + np.ravel(part)",
+     "the truncation's dealer adds its part to its mask instead of taking it out"),
     ("runtime/compare.py", "out = and_all(party, not_(party, xor(u, v)))", "out = not_(party, and_all(party, xor(u, v)))",
      "equality tests 'all bits differ' instead of 'all bits agree'"),
     # --- ONNX kernels (runtime/kernels.py)

@@ -631,9 +631,9 @@ def total_cost(fn, *arrays, probe=64):
 def test_cost_exp_neg_matches_docstring_and_is_the_same_for_both_sets(fit):
     n = 256
     rounds, nbytes, u = total_cost(lambda p, a: nonlinear.exp_neg(p, a, fit.exp), -rng.uniform(0, 20, n))
-    # The clip's comparison runs beside the 5 products in sequence (runtime/parallel.py), then the select.
-    assert rounds == max(u["D"][0], 2 * (5 - 1) + u["R"][0]) + u["Y"][0] == 12
-    assert nbytes == n * (u["D"][1] + 4 * u["M"][1] + u["R"][1] + u["Y"][1])
+    # The clip's comparison runs beside the 5 products in sequence (runtime/parallel.py), then the exact mul_bit.
+    assert rounds == max(u["D"][0], 2 * 5) + u["S"][0] == 12
+    assert nbytes == n * (u["D"][1] + 5 * u["M"][1] + u["S"][1])
 
 
 @pytest.mark.parametrize("name", ["gelu", "silu"])
@@ -683,10 +683,10 @@ def test_cost_softmax_matches_docstring():
     rounds, nbytes, u = total_cost(nonlinear.softmax, rng.normal(0, 3, (rows, n)))
     (rc, c), (rs, s), (ra, a), x, m = u["C"], u["S"], u["A"], u["X"][1], u["M"][1]
     k = math.ceil(2 * math.log2(n))
-    exp = u["D"][1] + 4 * m + u["R"][1] + u["Y"][1]
+    exp = u["D"][1] + 5 * m + s
     # The max: a level of four 32 -> 8 (C + 2 AND rounds + 2), then one group of 8 (C + 3 AND rounds + 2).
-    # exp: its clip's comparison beside its 5 products, then the select.
-    assert rounds == (rc + 4) + (rc + 5) + (max(u["D"][0], 8 + 1) + u["Y"][0]) + (rc + max(ra, 3) + 6) + 2 == 50
+    # exp: its clip's comparison beside its 5 products, then the mul_bit.
+    assert rounds == (rc + 4) + (rc + 5) + (max(u["D"][0], 10) + rs) + (rc + max(ra, 3) + 6) + 2 == 50
     # Per row: 6 comparisons per output of the level of four (8 outputs) and 28 for the group's one, AND rows
     # of the 8 rows' elements packed 8 to a byte ((4 - 2) 4 rows of 64 elements, (8 - 2) 8 of 8: 8 and 1 bytes,
     # from each rank), and the selections: 16 g from rank 0 and 8 from each of ranks 1 and 2 per output.
@@ -704,7 +704,7 @@ def test_cost_softmax_with_a_causal_mask_takes_exp_and_the_product_on_kept_entri
     scores = rng.normal(0, 3, (rows, n))
     full_rounds, full, u = total_cost(nonlinear.softmax, scores)
     rounds, nbytes, _ = total_cost(lambda p, a: nonlinear.softmax(p, a, causal), scores)
-    exp = u["D"][1] + 4 * u["M"][1] + u["R"][1] + u["Y"][1]
+    exp = u["D"][1] + 5 * u["M"][1] + u["S"][1]
     dropped = int((~causal).sum())
     assert rounds == full_rounds
     assert nbytes == full - dropped * (exp + u["M"][1])
