@@ -7,6 +7,7 @@ values only run in plaintext (see `executor.PublicOps`). Inputs arrive as:
   WeightShare  a secret weight, kept compact until read (weights.py),
   Scaled       a secret times a public scalar, not yet multiplied out,
   Unscaled     a product not yet truncated (the last node before a graph output),
+  Softmaxed    a softmax before its last product, which a MatMul may take after its own,
   Private      a client input only its owner rank knows (token ids).
   SharedIds    token ids a client outside the ranks sent as shares of their one-hot rows.
 `Context.secret` turns any secret kind into an AShare.
@@ -120,6 +121,24 @@ class Unscaled:
         return self.share.shape
 
 
+@dataclass
+class Softmaxed:
+    """A softmax before its last product (`nonlinear.SoftmaxRows`: e and each row's 1/sum).
+
+    Attention multiplies the softmax by v next. Where v's heads are narrower than the kept keys
+    per query (BERT-base: 64 against 128), the MatMul takes (e @ v) times 1/sum instead
+    (`SoftmaxRows.times`): one product per output element instead of one per score. Any other
+    consumer multiplies it out (`Context.secret`), once.
+    """
+
+    rows: nonlinear.SoftmaxRows
+    product: AShare | None = None  # the softmax itself, once an op needed it
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.rows.shape
+
+
 class KernelError(ValueError):
     """A node whose inputs the secure kernels cannot handle; names the node."""
 
@@ -160,6 +179,10 @@ class Context:
             if v.product is None:
                 v.product = arith.mul_public_fx(self.party, v.share, np.float64(v.factor))
             return v.product
+        if isinstance(v, Softmaxed):
+            if v.product is None:
+                v.product = v.rows.normalised(self.party)
+            return v.product
         if isinstance(v, Private):
             if v.shared is None:
                 value = self.encode(v.value) if self.party.rank == v.owner else None
@@ -171,7 +194,7 @@ class Context:
 
 
 def is_secret(v) -> bool:
-    return isinstance(v, (AShare, Private, SharedIds, WeightShare, Scaled, Unscaled))
+    return isinstance(v, (AShare, Private, SharedIds, WeightShare, Scaled, Unscaled, Softmaxed))
 
 
 def integral(c: np.ndarray) -> bool:
@@ -408,9 +431,31 @@ def _fold_fits(ctx: Context, node: Node, extra: int) -> bool:
     return y_max is None or y_max * 2.0 ** (extra + 2 * ctx.party.fxp.frac_bits) < 2.0**61
 
 
+def _softmax_times(ctx: Context, node: Node, x: Softmaxed, y) -> AShare | None:
+    """softmax @ y with the row scaling after the product (`SoftmaxRows.times`), where that takes fewer
+    products than the softmax's own (output elements < kept scores) and the planned bound of the output
+    (`ranges`) keeps e @ y in range; None where it does not apply."""
+    if ctx.final or x.product is not None or isinstance(y, WeightShare):
+        return None
+    rows, y_shape = x.rows, tuple(y.shape)
+    if len(y_shape) < 2 or len(rows.shape) < 2:
+        return None
+    out = np.broadcast_shapes(rows.shape[:-2], y_shape[:-2]) + (rows.shape[-2], y_shape[-1])
+    y_max = ctx.params(node).get("y_max")
+    if int(np.prod(out)) >= rows.kept or y_max is None:
+        return None
+    if not nonlinear.SoftmaxRows.fits(ctx.party.fxp.frac_bits, rows.shape[-1], y_max):
+        return None
+    return rows.times(ctx.party, ctx.secret(y))
+
+
 def matmul(ctx, node, x, y):
     if isinstance(y, WeightShare):
         return (_matmul_weight(ctx, node, x, y),)
+    if isinstance(x, Softmaxed) and is_secret(y):
+        fused = _softmax_times(ctx, node, x, y)
+        if fused is not None:
+            return (fused,)
     if is_secret(x) and is_secret(y):
         factor = (x.factor if isinstance(x, Scaled) else 1.0) * (y.factor if isinstance(y, Scaled) else 1.0)
         extra = power_of_two_bits(factor)
@@ -520,7 +565,11 @@ def softmax(ctx, node, x, mask=None):
     if is_secret(mask):
         raise KernelError(f"{node.describe()} has a secret mask; the attention mask must be public")
     mask = None if mask is None else np.asarray(mask).astype(bool)
-    return (nonlinear.softmax(ctx.party, x, mask, ctx.fits.exp, ctx.params(node).get("cmp_bits")),)
+    rows = nonlinear.softmax_rows(ctx.party, x, mask, ctx.fits.exp, ctx.params(node).get("cmp_bits"))
+    if isinstance(rows, AShare):
+        return (rows,)
+    # The last product waits for the consumer: a MatMul with v may take it after its own (`Softmaxed`).
+    return (rows.normalised(ctx.party) if ctx.final else Softmaxed(rows),)
 
 
 def layer_norm(ctx, node, x, scale_, bias=None):

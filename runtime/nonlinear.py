@@ -618,9 +618,73 @@ def softmax(
     element: the max's (six comparisons and 80 B per output of a level of four, 28 and 144 B per output of
     a group of eight: about 25 B more per element than levels of two at L = 48), plus exp's + M [product]
     per KEPT element (with a mask that drops entries, exp and the product run on the kept ones only: a
-    causal mask over n keys keeps (n + 1) / 2n of them), plus the reciprocal's (about 500 B per row at n = 128).
+    causal mask over n keys keeps (n + 1) / 2n of them), plus the reciprocal's (about 1030 B per row over the ranks at
+    n = 128). `softmax_rows` stops before the last product, which `SoftmaxRows.times` moves after a product
+    with v.
     PUMA section 4.2.
     """
+    rows = softmax_rows(party, x, mask, fit, cmp_bits)
+    return rows if isinstance(rows, AShare) else rows.normalised(party)
+
+
+@dataclass
+class SoftmaxRows:
+    """A softmax before its last product: e = exp(x - max) (exact zeros where the mask drops entries) at
+    f + SOFTMAX_EXTRA_BITS, and each row's 1/sum at f + SOFTMAX_INV_BITS (keepdims). `keep` lists the kept
+    entries when the mask drops some (the product then runs on those only)."""
+
+    e: AShare
+    inv: AShare
+    keep: np.ndarray | None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.e.shape
+
+    @property
+    def kept(self) -> int:
+        """How many entries the last product multiplies (`normalised`)."""
+        return self.e.size if self.keep is None else int(self.keep.sum())
+
+    def normalised(self, party: Party) -> AShare:
+        """The softmax: e times its row's 1/sum, one product per kept entry (M each)."""
+        bits = party.fxp.frac_bits + SOFTMAX_EXTRA_BITS + SOFTMAX_INV_BITS
+        with party.comm.tag("softmax"):
+            if self.keep is not None:
+                inv = self.inv.broadcast_to(self.shape)[self.keep]
+                return _scatter(arith.mul_fx(party, self.e[self.keep], inv, bits=bits), self.keep)
+            return arith.mul_fx(party, self.e, self.inv, bits=bits)
+
+    def times(self, party: Party, v: AShare) -> AShare:
+        """softmax @ v as (e @ v) times each row's 1/sum: the row scaling then costs one product per output
+        element instead of one per kept entry (attention over n keys with heads of width d_v: d_v instead of
+        n per query). e @ v carries f + SOFTMAX_EXTRA_BITS bits (a truncation by f), the product by 1/sum
+        truncates by f + SOFTMAX_EXTRA_BITS + SOFTMAX_INV_BITS - f = 13 + f <= 31 bits. The caller checks
+        `fits` first: e @ v is the row's sum (up to n) times the answer before its truncation.
+        Error: that of e and 1/sum, as in `normalised`, plus 1 ulp of e @ v (2^-8 ulp of the answer) and
+        the last truncation's; no rounding of the softmax itself to f bits. Rounds 2 + 2; bytes 2M per output
+        element (matmul_fx, then mul_fx)."""
+        f = party.fxp.frac_bits
+        with party.comm.tag("softmax_matmul"):
+            ev = arith.matmul_fx(party, self.e, v, bits=f)
+            return arith.mul_fx(party, ev, self.inv.broadcast_to(ev.shape), bits=f + SOFTMAX_EXTRA_BITS + SOFTMAX_INV_BITS)
+
+    @staticmethod
+    def fits(f: int, keys: int, answer_max: float) -> bool:
+        """Whether `times` stays in range for answers |softmax @ v| <= answer_max: e @ v is at most keys times
+        that at 2^(2f + SOFTMAX_EXTRA_BITS) before its truncation, and the answer times 2^(2f + 13) before the
+        last; both below 2^61."""
+        return keys * answer_max * 2.0 ** (2 * f + SOFTMAX_EXTRA_BITS) < 2.0**61 and (
+            answer_max * 2.0 ** (2 * f + SOFTMAX_EXTRA_BITS + SOFTMAX_INV_BITS) < 2.0**61
+        )
+
+
+def softmax_rows(
+    party: Party, x: AShare, mask: np.ndarray | None = None, fit: approx.ExpNeg = approx.REFIT.exp,
+    cmp_bits: int | None = None,
+) -> SoftmaxRows | AShare:
+    """`softmax` up to its last product (`SoftmaxRows`), or its answer when there is nothing left to
+    multiply (every entry masked: zeros)."""
     f = party.fxp.frac_bits
     n = x.shape[-1]
     with party.comm.tag("softmax"):
@@ -650,10 +714,7 @@ def softmax(
             total = e.sum(axis=-1, keepdims=True)
         with party.comm.tag("reciprocal"):
             inv = _reciprocal(party, total, f + SOFTMAX_EXTRA_BITS, 1.0, float(max(n, 2)), f + SOFTMAX_INV_BITS)
-        bits = f + SOFTMAX_EXTRA_BITS + SOFTMAX_INV_BITS
-        if sparse:
-            return _scatter(arith.mul_fx(party, e[keep], inv.broadcast_to(x.shape)[keep], bits=bits), keep)
-        return arith.mul_fx(party, e, inv, bits=bits)
+        return SoftmaxRows(e, inv, keep if sparse else None)
 
 
 def _scatter(values: AShare, keep: np.ndarray) -> AShare:

@@ -8,10 +8,10 @@ import pytest
 from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
-from puma_onnx.runtime import kernels
+from puma_onnx.runtime import approx, kernels
 from puma_onnx.runtime.comm import run_parties
 
-from .helpers import open_fx, share_fx
+from .helpers import encoded, open_fx, share_fx
 
 RNG = np.random.default_rng(11)
 X = RNG.normal(size=(2, 3, 4))
@@ -93,3 +93,54 @@ def test_gemm_matches_onnx_reference(attrs):
     want = plaintext("Gemm", attrs, [a.astype(np.float32), b.astype(np.float32), c.astype(np.float32)], 1)[0]
     got = run_parties(secure, "Gemm", attrs, [a, b, c], {0, 1}, 1)[0][0]
     assert np.abs(got - want).max() <= 1e-4
+
+
+SCORES = RNG.normal(0, 2, (2, 3, 16, 16))  # 2 x 3 heads, 16 queries over 16 keys
+
+
+def _attention(party, v, y_max, mask=None):
+    """Softmax then MatMul with v through the kernels, the MatMul planned with `y_max` (None: no range):
+    (the answer, whether the row scaling ran after the product, the bytes this rank sent)."""
+    ctx = kernels.Context(party, plan={} if y_max is None else {"av": {"y_max": y_max}})
+    soft = kernels.Node("sm", "Softmax", "puma", ["s"] + (["m"] if mask is not None else []), ["p"], {"axis": -1})
+    av = kernels.Node("av", "MatMul", "", ["p", "v"], ["o"], {})
+    before = party.comm.stats.snapshot()
+    (probs,) = kernels.softmax(ctx, soft, share_fx(party, SCORES), *([] if mask is None else [mask]))
+    (out,) = kernels.matmul(ctx, av, probs, share_fx(party, v))
+    sent = (party.comm.stats.snapshot() - before).bytes
+    fused = any("softmax_matmul" in p.split("/") for p in party.comm.stats.by_path())
+    return open_fx(party, ctx.secret(out)), fused, sent
+
+
+@pytest.mark.parametrize(
+    "case, v_width, y_max, mask, fused",
+    [
+        ("narrow v", 4, 10.0, None, True),  # 4 < 16 keys: the scaling after the product
+        ("padding mask", 4, 10.0, "pad", True),  # 4 outputs < 12 kept keys per query
+        ("no range", 4, None, None, False),  # nothing bounds e @ v
+        ("range too wide", 4, 2.0**20, None, False),  # e @ v could pass 2^61
+        ("wide v", 16, 10.0, None, False),  # 16 outputs per query, as many as the scores: no gain
+        ("causal", 10, 10.0, "causal", False),  # 8.5 kept keys per query < 10 outputs
+    ],
+)
+def test_softmax_then_matmul_scales_rows_after_the_product_where_that_is_cheaper(case, v_width, y_max, mask, fused):
+    v = RNG.normal(0, 1, (2, 3, 16, v_width))
+    keep = {None: None, "pad": np.arange(16) < 12, "causal": np.tril(np.ones((16, 16), dtype=bool))}[mask]
+    scores = SCORES if keep is None else np.where(keep, SCORES, -np.inf)
+    e = np.exp(scores - scores.max(-1, keepdims=True))
+    want = (e / e.sum(-1, keepdims=True)) @ v
+    results = run_parties(_attention, v, y_max, keep)
+    got, was_fused, _ = results[0]
+    assert all(r[1] == fused for r in results)
+    assert np.abs(got - want).max() <= 1e-3  # the refit exp's softmax: 4e-4 from the exact one
+    if fused:  # 16 - v_width products per query fewer than the softmax's own last product (44 B each)
+        unfused = run_parties(_attention, v, None, keep)
+        kept = 16 * (12 if mask == "pad" else 16)
+        saved = sum(r[2] for r in unfused) - sum(r[2] for r in results)
+        assert saved == 2 * 3 * (kept - 16 * v_width) * 44
+        # Within the softmax's own 3 ulp per score (the kernel's definition, approx.softmax) carried through v,
+        # plus 2 ulp for the two truncations: as accurate as the unfused path (tests/runtime/test_nonlinear.py).
+        keep_all = np.ones(SCORES.shape, bool) if keep is None else np.broadcast_to(keep, SCORES.shape)
+        definition = approx.softmax(encoded(SCORES), keep_all) @ encoded(v)
+        bound = 3 * 2.0**-18 * np.abs(encoded(v)).sum(-2, keepdims=True) + 2 * 2.0**-18
+        assert np.all(np.abs(got - definition) <= bound)

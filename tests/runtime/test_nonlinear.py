@@ -403,6 +403,49 @@ def test_softmax_padding_mask_ignores_huge_masked_scores_and_zeroes_empty_rows()
     assert np.all(got[3] == 0.0) and np.all(got[:, 12:] == 0.0) and np.all(got[:, :2] == 0.0)
 
 
+def _softmax_times(mask=None):
+    return lambda p, a, v: nonlinear.softmax_rows(p, a, mask).times(p, v)
+
+
+def test_softmax_times_v_takes_the_row_scaling_after_the_product():
+    """(e @ v) / sum against approx.softmax @ v, with a padding mask (huge masked scores, an empty row): each
+    answer within the softmax's own error carried through v, plus 2 ulp for the two truncations."""
+    x = rng.normal(0, 3, (3, 10, 32))
+    v = rng.normal(0, 2, (3, 32, 6))
+    keep = np.ones(x.shape, dtype=bool)
+    keep[..., 28:] = keep[..., :3] = False
+    keep[1, 4] = False  # an empty row: zeros
+    x[~keep] = 1e6
+    got = secure(_softmax_times(keep), x, v)
+    with np.errstate(invalid="ignore"):  # approx.softmax's empty row is NaN; the secure one is 0
+        probs = np.nan_to_num(approx.softmax(encoded(x), keep))
+    per_row = softmax_tolerance(encoded(x), keep, approx.REFIT.exp)  # per score, for each row
+    bound = per_row * np.abs(encoded(v)).sum(-2, keepdims=True) + 2 * ULP
+    assert np.all(np.abs(got - probs @ encoded(v)) <= bound)
+    assert np.all(got[1, 4] == 0.0)
+
+
+def test_softmax_times_v_at_the_end_of_its_range():
+    """Equal scores over 128 keys (every e = 1, the sum 128) and v = 1000: e @ v = 128000 at 2^44 is within
+    2^-0.03 of 2^61, the most `SoftmaxRows.fits` admits; the answer, 1000, within 2 ulp of it."""
+    assert nonlinear.SoftmaxRows.fits(18, 128, 1000.0) and not nonlinear.SoftmaxRows.fits(18, 128, 1030.0)
+    assert not nonlinear.SoftmaxRows.fits(18, 8, 4100.0)  # the last product's own bound (2^49 x 4096 = 2^61)
+    x = np.zeros((2, 128))
+    v = np.full((128, 3), 1000.0)
+    got = secure(_softmax_times(), x, v)
+    assert np.abs(got - 1000.0).max() <= 2 * ULP
+
+
+def test_cost_softmax_times_v_two_products_per_output_element():
+    """softmax @ v as `times`: the softmax's own cost without its last product, then a matmul_fx and a mul_fx
+    per output element (rounds 2 + 2): n - d_v products per query fewer than the softmax's product."""
+    x, v = rng.normal(0, 3, (2, 16, 32)), rng.normal(0, 2, (2, 32, 8))
+    rounds, nbytes, u = total_cost(_softmax_times(), x, v)
+    rows_rounds, rows_bytes, _ = total_cost(lambda p, a, b: nonlinear.softmax_rows(p, a), x, v)
+    assert rounds == rows_rounds + 2 * u["M"][0]
+    assert nbytes == rows_bytes + 2 * 2 * 16 * 8 * u["M"][1]
+
+
 def test_softmax_with_every_entry_masked_gives_zeros():
     """No kept entry at all: every row is the empty row's 0, returned before any message (exp and the product
     on the kept entries alone would otherwise run on empty arrays, which the comparisons cannot take)."""
