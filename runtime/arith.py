@@ -15,6 +15,7 @@ arithmetic-binary circuits" (CRYPTO 2020) section 4 for the truncation.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -249,6 +250,33 @@ def reshare_from_two(party: Party, dealer: int, part: np.ndarray | None, shape) 
     return AShare(w + got[a_rank], m_b)
 
 
+@dataclass
+class HeldByTwo:
+    """A secret held 2-of-2 additively by A = dealer+1 and B = dealer+2 (`part`: this rank's, None on the
+    dealer): a truncation's answer before its reshare. `reshare` makes the replicated share (1 round, 8 B
+    per element from A and from B); a consumer that needs less can take the parts as they are
+    (`prepared.products`: the owner's masked input, when the dealer is the owner)."""
+
+    dealer: int
+    part: np.ndarray | None
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def reshare(self, party: Party) -> AShare:
+        return reshare_from_two(party, self.dealer, self.part, (self.size,)).reshape(self.shape)
+
+    def plus(self, party: Party, x: AShare) -> HeldByTwo:
+        """self + x for a replicated x, free: A and B already hold x 2-of-2 (x_A + x_B and x_D)."""
+        if self.part is None:
+            return self
+        role = (party.rank - self.dealer) % PARTIES
+        extra = x.first + x.second if role == 1 else x.second
+        return HeldByTwo(self.dealer, self.part + np.ravel(np.broadcast_to(extra, self.shape)), self.shape)
+
+
 def _part_bits(bits, sizes: list[int]):
     """(shift, widest): the truncation amount as one U64, or per element when `bits` lists one per part."""
     per_part = list(bits) if isinstance(bits, (list, tuple)) else [bits] * len(sizes)
@@ -278,7 +306,9 @@ def _trunc_parts(party: Party, parts: list[np.ndarray], bits) -> list[AShare]:
     return [AShare(s, t) for s, t in zip(_unflat(flat.first, shapes), _unflat(flat.second, shapes))]
 
 
-def _truncate_two(party: Party, dealer: int, part: np.ndarray | None, bits: tuple, shape, addend=None) -> AShare:
+def _truncate_two(
+    party: Party, dealer: int, part: np.ndarray | None, bits: tuple, shape, addend=None, held: bool = False
+) -> AShare | HeldByTwo:
     """floor(z / 2^d) + {0, 1} (+ addend, untruncated) as a replicated share, for z = z_D + z_A + z_B held
     additively by a dealer D and A = D+1, B = D+2 (|z| < 2^62); `part` is this rank's z_i (None: z_D = 0).
     `bits` is `_part_bits`' (shift, widest).
@@ -293,7 +323,8 @@ def _truncate_two(party: Party, dealer: int, part: np.ndarray | None, bits: tupl
     with probability about frac(z / 2^d). e = c_msb + rb - 2 c_msb rb is linear in rb
     because c is public to A and B, and only rb mod 2^(d+1) matters, so its share is a uint32
     up to d = 31. `addend` (another 2-of-2 value at A and B) joins y, free. Round 2 turns
-    y_A + y_B into a replicated share (`reshare_from_two`).
+    y_A + y_B into a replicated share (`reshare_from_two`); with `held`, y stays 2-of-2 (`HeldByTwo`, 1 round
+    and 16 B per element less).
     Security: c is uniform to A because r_B is, to B because r_A is, whatever z_D is (D's part
     only shifts the mask, and D knows the shift); the dealt words reach B masked by k_A words it
     lacks; D receives nothing.
@@ -330,20 +361,24 @@ def _truncate_two(party: Party, dealer: int, part: np.ndarray | None, bits: tupl
         y = trunc_finish_b(got[a_rank] + c_b, dealt[: 8 * n].view(U64), dealt[8 * n :].view(rb_dtype), d)
     if y is not None and addend is not None:
         y = y + np.ravel(addend)
-    return reshare_from_two(party, dealer, y, (n,)).reshape(shape)
+    out = HeldByTwo(dealer, y, shape)
+    return out if held else out.reshare(party)
 
 
-def truncate_from_two(party: Party, dealer: int, part: np.ndarray | None, bits, shape, addend=None) -> AShare:
+def truncate_from_two(
+    party: Party, dealer: int, part: np.ndarray | None, bits, shape, addend=None, held: bool = False
+) -> AShare | HeldByTwo:
     """floor(z / 2^bits) + {0, 1} (+ addend, untruncated) for z held 2-of-2 additively by A = dealer+1 and
     B = dealer+2 (|z| < 2^62); the dealer passes part=None (and addend=None).
 
     `_truncate_two` with z_D = 0. `bits` may also be a (shift, widest) pair from `_part_bits`: a
-    per-element amount.
+    per-element amount. `held`: the answer before its reshare (`HeldByTwo`; 1 round, 16 B per element less).
     Rounds 2; bytes/elem: dealer 12 (16 beyond 31 bits), A and B 16 each (44 over the three
     ranks). Escudero et al. 2020, section 4.
     """
+    bits = bits if isinstance(bits, tuple) else _part_bits(bits, [1])
     with party.comm.tag("truncate_from_two"):
-        return _truncate_two(party, dealer, part, bits if isinstance(bits, tuple) else _part_bits(bits, [1]), shape, addend)
+        return _truncate_two(party, dealer, part, bits, shape, addend, held)
 
 
 # The pieces of the dealer-aided truncation (`_trunc_parts`' proof) for a protocol that opens c = z + 2^62 + r

@@ -293,7 +293,7 @@ def mul_bit(party: Party, b, x):
     return out if was_list else out[0]
 
 
-def select(party: Party, terms, bits: int, plain=(), base: AShare | None = None) -> AShare:
+def select(party: Party, terms, bits: int, plain=(), base: AShare | None = None, held: bool = False):
     """sum_k b_k y_k (+ base) truncated by `bits`, plus sum_j b_j x_j untruncated: one secret
     selection-and-rescale.
 
@@ -304,7 +304,9 @@ def select(party: Party, terms, bits: int, plain=(), base: AShare | None = None)
     garbage in a term whose bit is 0, or terms that cancel in the ring, cost nothing.
     Rounds 3; bytes/elem: 8 per distinct bit and 8 per term (plain ones too) from rank 0, plus
     the truncation's 44 over the three ranks (48 beyond 31 bits). `base`, a share of the terms' shape, joins
-    the truncated sum for free: ranks 1 and 2 hold it 2-of-2 already. This repository's construction.
+    the truncated sum for free: ranks 1 and 2 hold it 2-of-2 already. `held`: the answer as ranks 1 and 2
+    hold it before the truncation's reshare (`arith.HeldByTwo`, dealer 0: 2 rounds, 16 B per element less).
+    This repository's construction.
     """
     terms, plain = list(terms), list(plain)
     shape = terms[0][1].shape
@@ -313,4 +315,4 @@ def select(party: Party, terms, bits: int, plain=(), base: AShare | None = None)
         parts = _bit_terms(party, groups)
         if base is not None and party.rank != 0:
             parts[0] = parts[0] + arith.two_parts(party, [base])
-        return arith.truncate_from_two(party, 0, parts[0], bits, shape, parts[1] if plain else None)
+        return arith.truncate_from_two(party, 0, parts[0], bits, shape, parts[1] if plain else None, held)

@@ -287,7 +287,7 @@ class Executor:
             return
         group = members[0] if len(here) == len(members) else None
         products = [self._product(i, env, group) for i in here]
-        for p, out in zip(products, weight_products(ctx, ctx.secret(x), products, group)):
+        for p, out in zip(products, weight_products(ctx, x, products, group)):
             ctx.ready[p.key] = out
 
     def _run_node(self, ctx: Context, index: int, node: Node, inputs: list) -> list:

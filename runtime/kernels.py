@@ -8,6 +8,7 @@ values only run in plaintext (see `executor.PublicOps`). Inputs arrive as:
   Scaled       a secret times a public scalar, not yet multiplied out,
   Unscaled     a product not yet truncated (the last node before a graph output),
   Softmaxed    a softmax before its last product, which a MatMul may take after its own,
+  Held         a secret held 2-of-2 by ranks 1 and 2 before its reshare, which a prepared weight product takes so,
   Private      a client input only its owner rank knows (token ids).
   SharedIds    token ids a client outside the ranks sent as shares of their one-hot rows.
 `Context.secret` turns any secret kind into an AShare.
@@ -139,6 +140,27 @@ class Softmaxed:
         return self.rows.shape
 
 
+@dataclass
+class Held:
+    """A kernel's answer held 2-of-2 by ranks 1 and 2 before its truncation's reshare (`arith.HeldByTwo`).
+
+    GeLU's answer goes to the FFN's second weight product, whose prepared masks take it as it is
+    (`prepared.products`): the owner receives x - R from ranks 1 and 2 instead of the reshare and then
+    x_2 - R (8 B per element and a round less). Any other consumer reshares it (`Context.secret`), once.
+    """
+
+    value: arith.HeldByTwo
+    product: AShare | None = None  # the replicated share, once an op needed it
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.value.shape
+
+    @property
+    def size(self) -> int:
+        return self.value.size
+
+
 class KernelError(ValueError):
     """A node whose inputs the secure kernels cannot handle; names the node."""
 
@@ -154,7 +176,8 @@ class Context:
         self.final = False  # the node's outputs are graph outputs only: products may stay `Unscaled`
         self.ready = {}  # node name -> its weight product, computed ahead with its group (`weight_products`)
         self.prepared: Prepared | None = None  # masks prepared for weight products before the input came
-        self.product_paths = {"prepared": 0, "online": 0}  # weight products by how they ran (the report's)
+        # Weight products by how they ran, and how many groups took their input held by ranks 1 and 2 (`Held`).
+        self.product_paths = {"prepared": 0, "online": 0, "held_inputs": 0}
 
     def params(self, node: Node) -> dict:
         """The planned variant of `node` ({} for the defaults)."""
@@ -183,6 +206,10 @@ class Context:
             if v.product is None:
                 v.product = v.rows.normalised(self.party)
             return v.product
+        if isinstance(v, Held):
+            if v.product is None:
+                v.product = v.value.reshare(self.party)
+            return v.product
         if isinstance(v, Private):
             if v.shared is None:
                 value = self.encode(v.value) if self.party.rank == v.owner else None
@@ -194,7 +221,7 @@ class Context:
 
 
 def is_secret(v) -> bool:
-    return isinstance(v, (AShare, Private, SharedIds, WeightShare, Scaled, Unscaled, Softmaxed))
+    return isinstance(v, (AShare, Private, SharedIds, WeightShare, Scaled, Unscaled, Softmaxed, Held))
 
 
 def integral(c: np.ndarray) -> bool:
@@ -220,6 +247,20 @@ def _shape_kernel(fn: Callable) -> Callable:
             raise KernelError(f"{node.describe()}: only its data input may be secret, its other inputs must be public")
         x = ctx.secret(x)
         return (AShare(fn(node, x.first, *rest), fn(node, x.second, *rest)),)
+
+    return kernel
+
+
+def _order_kernel(fn: Callable) -> Callable:
+    """A shape op that keeps the elements' order (Reshape, Flatten, Squeeze, Unsqueeze): as `_shape_kernel`,
+    and a `Held` value stays held, under its new shape (its parts are flat in that order already)."""
+    general = _shape_kernel(fn)
+
+    def kernel(ctx: Context, node: Node, x, *rest):
+        if isinstance(x, Held) and x.product is None and not any(is_secret(r) for r in rest):
+            shape = fn(node, np.zeros(x.shape, np.uint8), *rest).shape
+            return (Held(arith.HeldByTwo(x.value.dealer, x.value.part, tuple(shape))),)
+        return general(ctx, node, x, *rest)
 
     return kernel
 
@@ -391,7 +432,7 @@ def _matmul_public(ctx: Context, x: AShare, c: np.ndarray, left: bool) -> AShare
 MATMUL_BLOCK_ELEMENTS = 2**22
 
 
-def weight_products(ctx: Context, x: AShare, members: list[Product], group=None) -> list:
+def weight_products(ctx: Context, x, members: list[Product], group=None) -> list:
     """x @ W for each member's weight, in one batch (the products that read one input: attention's q, k, v).
 
     From masks prepared before the input arrived when they cover x (`prepared.products`: 3 rounds, 8 B per
@@ -399,7 +440,10 @@ def weight_products(ctx: Context, x: AShare, members: list[Product], group=None)
     online); else each rank's part
     (`weights.matmul_part`, one product per rank) and one truncation (2 rounds, 44 B per output element).
     With `ctx.final` the products are reshared untruncated (`Unscaled`): 1 round less.
+    x is any secret value; a `Held` one goes to prepared masks as ranks 1 and 2 hold it (no reshare).
     """
+    if not isinstance(x, Held) or x.product is not None:
+        x = ctx.secret(x)
     f = ctx.party.fxp.frac_bits
     k = x.shape[-1]
     rows = x.size // max(k, 1)
@@ -408,8 +452,11 @@ def weight_products(ctx: Context, x: AShare, members: list[Product], group=None)
     path = "prepared" if covered else "online"
     ctx.product_paths[path] += len(members)
     if path == "prepared":
-        outs = prepared.products(ctx.party, x, group, members, ctx.prepared, None if ctx.final else f)
+        given = x.value if isinstance(x, Held) else x
+        ctx.product_paths["held_inputs"] += isinstance(x, Held)
+        outs = prepared.products(ctx.party, given, group, members, ctx.prepared, None if ctx.final else f)
     else:
+        x = ctx.secret(x)
         parts = [matmul_part(x, m.weight, m.transpose) for m in members]
         outs = arith.reshare_parts(ctx.party, parts) if ctx.final else arith.truncate_parts(ctx.party, parts, f)
     return [Unscaled(o, f) for o in outs] if ctx.final else outs
@@ -420,7 +467,7 @@ def _matmul_weight(ctx: Context, node: Node, x, w: WeightShare, transpose: bool 
     ready = ctx.ready.pop(node.name, None)
     if ready is not None:
         return ready
-    return weight_products(ctx, ctx.secret(x), [Product(node.name, None, w, transpose)])[0]
+    return weight_products(ctx, x, [Product(node.name, None, w, transpose)])[0]
 
 
 def _fold_fits(ctx: Context, node: Node, extra: int) -> bool:
@@ -550,7 +597,9 @@ def reduce_mean(ctx, node, x, axes=None):
 
 
 def gelu(ctx, node, x):
-    return (nonlinear.gelu(ctx.party, ctx.secret(x), ctx.fits.gelu, ctx.params(node).get("cmp_bits")),)
+    # Held 2-of-2 before its reshare (`Held`): the FFN's prepared product takes it so.
+    out = nonlinear.gelu(ctx.party, ctx.secret(x), ctx.fits.gelu, ctx.params(node).get("cmp_bits"), held=not ctx.final)
+    return (out if ctx.final else Held(out),)
 
 
 def silu(ctx, node, x):
@@ -610,11 +659,11 @@ KERNELS: dict[tuple[str, str], Callable] = {
     ("", "Cast"): cast,
     ("", "Shape"): shape,
     ("", "Size"): size,
-    ("", "Reshape"): _shape_kernel(_reshape),
+    ("", "Reshape"): _order_kernel(_reshape),
     ("", "Transpose"): transpose,
-    ("", "Unsqueeze"): _shape_kernel(_unsqueeze),
-    ("", "Squeeze"): _shape_kernel(_squeeze),
-    ("", "Flatten"): _shape_kernel(_flatten),
+    ("", "Unsqueeze"): _order_kernel(_unsqueeze),
+    ("", "Squeeze"): _order_kernel(_squeeze),
+    ("", "Flatten"): _order_kernel(_flatten),
     ("", "Expand"): _shape_kernel(_expand),
     ("", "Slice"): _shape_kernel(_slice),
     ("", "Gather"): _shape_kernel(_gather),

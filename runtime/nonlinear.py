@@ -483,7 +483,7 @@ def piecewise_plan(fit: approx.Piecewise) -> PiecewisePlan:
     return PiecewisePlan(k, c, a, math.floor(61.9 - math.log2(max(values))))
 
 
-def _piecewise(party: Party, x: AShare, fit: approx.Piecewise, cmp_bits: int | None) -> AShare:
+def _piecewise(party: Party, x: AShare, fit: approx.Piecewise, cmp_bits: int | None, held: bool = False):
     """0 below breaks[0], `low` (degree <= 3; three breaks only) up to breaks[1], `mid` (even of degree
     <= 8 plus a linear term) up to breaks[-1], x above (`approx.Piecewise`).
 
@@ -498,6 +498,7 @@ def _piecewise(party: Party, x: AShare, fit: approx.Piecewise, cmp_bits: int | N
     Values outside their own segment (even wrapped ones) are multiplied by an exact 0 or cancel
     in the ring, so the result is right for every x the comparison can take; only the segments'
     own ranges bound the scales.
+    `held`: the answer as ranks 1 and 2 hold it before the select's reshare (`arith.HeldByTwo`).
     """
     f, sq = party.fxp.frac_bits, PIECEWISE_SQ_BITS
     plan = piecewise_plan(fit)
@@ -524,8 +525,8 @@ def _piecewise(party: Party, x: AShare, fit: approx.Piecewise, cmp_bits: int | N
     )
     if len(fit.breaks) == 2:
         b0, b1 = bits
-        picked = convert.select(party, [(boolean.xor(b0, b1), mid_v)], k_out - f, [(b1, arith.neg(x))])
-        return arith.add(x, picked)
+        picked = convert.select(party, [(boolean.xor(b0, b1), mid_v)], k_out - f, [(b1, arith.neg(x))], held=held)
+        return picked.plus(party, x) if held else arith.add(x, picked)
     low_terms = [(x, low[1], k_out - f)] + ([] if cubic else [(s, low[2] * 2.0**plan.k, k_out - sq)])
     low_v = _lin(party, low_terms, low[0], k_out)
     if cubic:
@@ -536,11 +537,15 @@ def _piecewise(party: Party, x: AShare, fit: approx.Piecewise, cmp_bits: int | N
         [(b2, mid_v), (b1, arith.sub(low_v, mid_v)), (b0, arith.neg(low_v))],
         k_out - f,
         [(b2, arith.neg(x))],
+        held=held,
     )
-    return arith.add(x, picked)
+    return picked.plus(party, x) if held else arith.add(x, picked)
 
 
-def gelu(party: Party, x: AShare, fit: approx.Piecewise = approx.REFIT.gelu, cmp_bits: int | None = None) -> AShare:
+def gelu(
+    party: Party, x: AShare, fit: approx.Piecewise = approx.REFIT.gelu, cmp_bits: int | None = None,
+    held: bool = False,
+):
     """GeLU as 0 | degree 8 (even + linear) | x (refit), or PUMA's 0 | cubic | degree 6 | x (`approx.Piecewise`).
 
     Domain: |x| <= 2^(L-2-f) (L = cmp_bits or party.msb_bits: 2^28 at f = 18 and L = 48, 2^44 on 64-bit
@@ -554,10 +559,12 @@ def gelu(party: Party, x: AShare, fit: approx.Piecewise = approx.REFIT.gelu, cmp
     Rounds max(C, 2 + 2 + 1) + 3 = 9 for both sets (14 one after the other). Bytes per element per rank:
       refit: C + X + 2M + R + Z + 2 * 8 / 3 = 80.4 (241.1 over the three; 306.6 with PUMA's three pieces);
       PUMA:  C + 2X + 2M + 2R + Z + 5 * 8 / 3 = 102.2 (306.6 over the three; was 655 with 5 truncations).
+    `held`: the answer held 2-of-2 by ranks 1 and 2 (`arith.HeldByTwo`): 8 rounds, 16 B per element less, for
+    a consumer that takes it so (a prepared weight product: `prepared.products`).
     PUMA section 4.3.
     """
     with party.comm.tag("gelu"):
-        return _piecewise(party, x, fit, cmp_bits)
+        return _piecewise(party, x, fit, cmp_bits, held)
 
 
 def silu(party: Party, x: AShare, fit: approx.Piecewise = approx.REFIT.silu, cmp_bits: int | None = None) -> AShare:

@@ -41,7 +41,7 @@ from puma_onnx.passes.secrecy import PUBLIC_INPUTS
 from . import approx, arith, network
 from .comm import Communicator, Cost
 from .executor import PRESENT_PREFIX, Executor, layer_of, parse_nodes, unsupported
-from .kernels import FLAT_ORDER, Context, Private, Scaled, Softmaxed, Unscaled, is_secret
+from .kernels import FLAT_ORDER, Context, Held, Private, Scaled, Softmaxed, Unscaled, is_secret
 from .padding import pad_encodings
 from .party import DEFAULT_MSB_BITS, Party
 from .positions import position_limit
@@ -633,7 +633,7 @@ def answer_share(party: Party, name: str, value) -> tuple[AShare | None, float |
         return value.share, 2.0 ** -(party.fxp.frac_bits + value.bits)
     if isinstance(value, Scaled):
         return value.share, value.factor * scale
-    if isinstance(value, (WeightShare, Softmaxed)):
+    if isinstance(value, (WeightShare, Softmaxed, Held)):
         return Context(party).secret(value), scale
     if isinstance(value, AShare):
         return value, scale

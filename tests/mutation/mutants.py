@@ -61,6 +61,11 @@ MUTANTS = [
      "the products' truncation biased by one unit of the last place"),
     ("runtime/arith.py", "mask = mask - np.ravel(part)", "mask = mask + np.ravel(part)",
      "the truncation's dealer adds its part to its mask instead of taking it out"),
+    ("runtime/prepared.py", "left = got[SENDER] + got[HOLDER]", "left = got[SENDER] - got[HOLDER]",
+     "the owner takes rank 1's half of a held input with the wrong sign"),
+    ("runtime/kernels.py", "if int(np.prod(out)) >= rows.kept or y_max is None:",
+     "if int(np.prod(out)) > rows.kept or y_max is None:",
+     "softmax's row scaling moved after a product with as many outputs as scores (no gain)"),
     ("runtime/compare.py", "out = and_all(party, not_(party, xor(u, v)))", "out = not_(party, and_all(party, xor(u, v)))",
      "equality tests 'all bits differ' instead of 'all bits agree'"),
     # --- ONNX kernels (runtime/kernels.py)

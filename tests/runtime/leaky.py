@@ -97,6 +97,18 @@ MUTANTS = {
         ),
         "R from the common key: the owner subtracts it from x_2 - R and reads the input",
     ),
+    "held_input_mask_from_common_key": Mutant(
+        prepared,
+        "products",
+        (
+            ("mine = x.part.reshape(n, k) + party.prg_prev.words((n, k)) if held else",
+             "mine = x.part.reshape(n, k) + party.prg_all.words((n, k)) if held else"),
+            ("comm.exchange({OWNER: x.part.reshape(n, k) - party.prg_next.words((n, k))}, {})",
+             "comm.exchange({OWNER: x.part.reshape(n, k) - party.prg_all.words((n, k))}, {})"),
+            ("left = got[SENDER] + got[HOLDER]", "left = got[SENDER] + got[HOLDER]\n                party.prg_all.words((n, k))"),
+        ),
+        "m from the common key: the owner adds it back to rank 1's x_A - m and holds x_A, with its own x_0 + x_1 the input",
+    ),
     "parallel_keys_from_common_key": Mutant(
         parallel,
         "_child",

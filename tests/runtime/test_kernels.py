@@ -8,7 +8,7 @@ import pytest
 from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
-from puma_onnx.runtime import approx, kernels
+from puma_onnx.runtime import approx, arith, kernels
 from puma_onnx.runtime.comm import run_parties
 
 from .helpers import encoded, open_fx, share_fx
@@ -144,3 +144,29 @@ def test_softmax_then_matmul_scales_rows_after_the_product_where_that_is_cheaper
         definition = approx.softmax(encoded(SCORES), keep_all) @ encoded(v)
         bound = 3 * 2.0**-18 * np.abs(encoded(v)).sum(-2, keepdims=True) + 2 * 2.0**-18
         assert np.all(np.abs(got - definition) <= bound)
+
+
+@pytest.mark.parametrize(
+    "op, attrs, rest, stays_held",
+    [
+        ("Reshape", {}, [np.array([0, -1], I64)], True),
+        ("Flatten", {"axis": 1}, [], True),
+        ("Unsqueeze", {}, [np.array([0], I64)], True),
+        ("Transpose", {"perm": [2, 0, 1]}, [], False),  # a new order: reshared first
+    ],
+)
+def test_a_held_answer_stays_held_through_shape_ops_that_keep_the_order(op, attrs, rest, stays_held):
+    """GPT-2's GeLU answer reaches its FFN product through a Reshape: held 2-of-2 by ranks 1 and 2
+    (`kernels.Held`), it stays so through ops that keep the elements' order, and gives the op's answer."""
+    want = plaintext(op, attrs, [X.astype(np.float32)] + rest, 1)[0]
+
+    def prog(party):
+        x = share_fx(party, X)
+        held = kernels.Held(arith.HeldByTwo(0, arith.two_parts(party, [x]), X.shape))
+        node = kernels.Node(op, op, "", ["x"] + [f"i{k}" for k in range(len(rest))], ["y"], attrs)
+        (out,) = kernels.KERNELS[("", op)](kernels.Context(party), node, held, *rest)
+        return isinstance(out, kernels.Held), open_fx(party, kernels.Context(party).secret(out))
+
+    results = run_parties(prog)
+    assert all(r[0] == stays_held for r in results)
+    assert results[0][1].shape == want.shape and np.abs(results[0][1] - want).max() <= 1e-5

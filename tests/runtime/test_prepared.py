@@ -181,6 +181,57 @@ def test_cost_of_a_prepared_truncation_online_and_in_the_setup():
     assert (o0.bytes, o1.bytes, o2.bytes) == (16 * n * m, 8 * n * m, 8 * n * k)
 
 
+def _held(p, x):
+    """x (replicated) held 2-of-2 by ranks 1 and 2 as a truncation leaves it before its reshare: x_1 + x_2 and
+    x_0, plus a zero-sharing so that neither part is one of the replicated components."""
+    part = arith.two_parts(p, [x])
+    if part is not None:
+        pad = p.prg_next.words(part.size) if p.rank == 1 else p.prg_prev.words(part.size)
+        part = part + pad if p.rank == 1 else part - pad
+    return arith.HeldByTwo(0, part, x.shape)
+
+
+@pytest.mark.parametrize("shifts", [None, {"x": F}], ids=["online-truncation", "prepared-truncation"])
+def test_prepared_products_take_an_input_held_by_ranks_1_and_2(shifts):
+    """The same answer as from the replicated input, and the cost: ranks 1 and 2 each send the owner 8 B per
+    input element in the first round (masked by R and m, and by m), instead of the 16 B per element a reshare
+    would take in a round of its own before rank 2's x_2 - R."""
+    n, k, m = 6, 24, 40 + 16
+
+    def prog(p):
+        w = _shared(p)
+        products, rows = _plan(w)
+        ready = prepared.prepare(p, products, rows, shifts=shifts)
+        xs = share_fx(p, X)
+        held = _held(p, xs)
+        outs, online = cost_of(p, lambda: prepared.products(p, held, "x", products[:2], ready, F))
+        return [open_fx(p, o) for o in outs], online
+
+    results = run_parties(prog)
+    (got_a, got_b), _ = results[0]
+    x = X.reshape(6, 24)
+    assert np.abs(got_a.reshape(6, 40) - _exact(x, A)).max() <= ULP * 1.001
+    assert np.abs(got_b.reshape(6, 16) - _exact(x, B, transpose=True)).max() <= ULP * 1.001
+    o0, o1, o2 = (r[1] for r in results)
+    assert [o.rounds for o in (o0, o1, o2)] == [3, 3, 3]
+    if shifts:  # as test_cost_of_a_prepared_truncation_online_and_in_the_setup, rank 1 sending x_A - m too
+        assert (o0.bytes, o1.bytes, o2.bytes) == (16 * n * m, 8 * n * m + 8 * n * k, 8 * n * k)
+    else:
+        assert (o0.bytes, o1.bytes, o2.bytes) == (16 * n * m, 16 * n * m + 8 * n * k, 8 * n * k + 12 * n * m)
+
+
+def test_prepared_products_refuse_an_input_held_by_other_ranks():
+    def prog(p):
+        w = _shared(p)
+        products, rows = _plan(w)
+        ready = prepared.prepare(p, products, rows)
+        with pytest.raises(ValueError, match="held by ranks 1 and 2"):
+            prepared.products(p, arith.HeldByTwo(1, None, (6, 24)), "x", products[:2], ready, F)
+        return True
+
+    assert run_parties(prog) == [True] * 3
+
+
 def test_products_that_read_one_input_form_one_group():
     from puma_onnx.runtime.executor import product_groups
     from puma_onnx.runtime.kernels import Node

@@ -76,6 +76,8 @@ def test_bert_matches_onnxruntime_on_the_rewritten_model(bert, tmp_path):
     # Every weight product (6 a layer) ran on masks prepared in the setup.
     paths = results[CLIENT]["weight_products"]
     assert (paths["prepared"], paths["online"]) == (12, 0)
+    # Each layer's GeLU answer went to its FFN's second product as ranks 1 and 2 held it (no reshare).
+    assert paths["held_inputs"] == 2
     # Rank 2 sent rank 1 R W_0 - M and the owner the dealt words of the truncation, 8 + 12 bytes per output
     # element of each product (16 rows; per layer q, k, v, the attention output and the FFN's second product 768
     # outputs, its first 3072), then rank 1 the owner c_1, 8 more: two rounds; the weights' sharing is apart.

@@ -64,6 +64,10 @@ ON_SHARES = {
         arith.truncate_parts(p, [matmul_part(x.reshape(2, 3), w)], 18) for w in [_weights(p)] for _ in range(3)
     ],
     "prepared_products": lambda p, x: _prepared_products(p, x.reshape(2, 3), _weights(p)),
+    # The input as a truncation leaves it before its reshare: held 2-of-2 by ranks 1 and 2.
+    "prepared_products_held": lambda p, x: _prepared_products(
+        p, arith.HeldByTwo(0, _two_of_two(p, x.reshape(2, 3), 0), (2, 3)), _weights(p)
+    ),
     "parallel": lambda p, x: parallel(p, lambda q: arith.mul(q, x, x), lambda q: arith.mul_fx(q, x, x)),
     "msb": lambda p, x: convert.msb(p, x),
     "less_than_public": lambda p, x: compare.less_than_public(p, x, [fx(0.25), fx(-1.0)]),
@@ -170,10 +174,14 @@ CAUGHT = {
     "embedding_product_mask_from_common_key": (embedding_of_table(CLIENT), (TABLE, TABLE_B), CLIENT),
     "weight_mask_from_common_key": (FROM_OWNER["share_weights"][1], SECRETS, 1),
     "product_mask_from_common_key": (on_shares("prepared_products", 0), SECRETS, 0),
+    "held_input_mask_from_common_key": (on_shares("prepared_products_held", 0), SECRETS, 0),
     "parallel_keys_from_common_key": (on_shares("parallel", 0), SECRETS, 0),
 }
 # Mutants whose protocol truncates: floor or floor + 1.
-TRUNCATING = {"truncation_mask_from_common_key", "product_truncation_mask_from_common_key", "product_mask_from_common_key"}
+TRUNCATING = {
+    "truncation_mask_from_common_key", "product_truncation_mask_from_common_key", "product_mask_from_common_key",
+    "held_input_mask_from_common_key",
+}
 
 
 @pytest.mark.parametrize("name", MUTANTS)
@@ -203,6 +211,7 @@ def test_each_leaky_variant_stays_correct(monkeypatch, name):
         "embedding_product_mask_from_common_key": lambda s: s[IDS[0]],
         "weight_mask_from_common_key": lambda s: s,
         "product_mask_from_common_key": lambda s: (s.view(np.int64).reshape(2, 3) @ fx(WEIGHT).view(np.int64)) >> 18,
+        "held_input_mask_from_common_key": lambda s: (s.view(np.int64).reshape(2, 3) @ fx(WEIGHT).view(np.int64)) >> 18,
         "parallel_keys_from_common_key": lambda s: s * s,
     }[name](secrets[0])
     got, want = opened.reshape(-1).view(np.int64), np.asarray(expected).reshape(-1).view(np.int64)
