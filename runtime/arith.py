@@ -381,7 +381,7 @@ def truncate_from_two(
         return _truncate_two(party, dealer, part, bits, shape, addend, held)
 
 
-# The pieces of the dealer-aided truncation (`_trunc_parts`' proof) for a protocol that opens c = z + 2^62 + r
+# The pieces of the dealer-aided truncation (`_truncate_two`'s proof) for a protocol that opens c = z + 2^62 + r
 # its own way (`prepared.products`: rank 1's part of c is known before the input arrives).
 
 

@@ -236,7 +236,7 @@ def exp_neg(party: Party, x: AShare, fit: approx.ExpNeg = approx.REFIT.exp, cmp_
     (convert.msb's drop), so the cut falls in [-cut_far, -cut], where the value is negligible.
     Garbage below the cut (even wrapped values) is multiplied by an exact 0.
     The clip's comparison runs beside the products (`parallel`: their rounds travel together).
-    Rounds max(C', 2 t') + 2 = 12 for both sets (t' = 5 products in sequence; 17 one after the
+    Rounds max(C', 2 t') + 2 = 12 for both sets (t' = 5 products in sequence; 18 one after the
     other); bytes C' + 5M + S
     per element, C' the comparison on L - f - log2(cut_far - cut) bits (16.8 B over the ranks at L = 48,
     9 leaf groups for both sets): 268.8 B over the three ranks (340.8 before the truncation's dealer folded
@@ -665,8 +665,9 @@ class SoftmaxRows:
     def times(self, party: Party, v: AShare) -> AShare:
         """softmax @ v as (e @ v) times each row's 1/sum: the row scaling then costs one product per output
         element instead of one per kept entry (attention over n keys with heads of width d_v: d_v instead of
-        n per query). e @ v carries f + SOFTMAX_EXTRA_BITS bits (a truncation by f), the product by 1/sum
-        truncates by f + SOFTMAX_EXTRA_BITS + SOFTMAX_INV_BITS - f = 13 + f <= 31 bits. The caller checks
+        n per query). e @ v carries f + SOFTMAX_EXTRA_BITS bits (a truncation by f), and the product by 1/sum
+        truncates by SOFTMAX_EXTRA_BITS + SOFTMAX_INV_BITS + f = f + 13 bits (31 at f = 18), as the softmax's
+        own last product does. The caller checks
         `fits` first: e @ v is the row's sum (up to n) times the answer before its truncation.
         Error: that of e and 1/sum, as in `normalised`, plus 1 ulp of e @ v (2^-8 ulp of the answer) and
         the last truncation's; no rounding of the softmax itself to f bits. Rounds 2 + 2; bytes 2M per output

@@ -25,7 +25,8 @@ Security: the owner sees x_2 - R, uniform since R is, c_1, uniform since r_1 is,
 masked by rank 1's rc_1, rb_1; rank 1 sees R @ W_0 - M, uniform since M is, its own Q and c_0, uniform
 since r_0 is; c = c_0 + c_1 is uniform to both since r = r_0 + r_1 is; rank 2 receives nothing. These
 are arith.truncate_from_two's views, with c_1 and the dealt words sent earlier.
-Cost online: 3 rounds; bytes: 8 per input element (one R per input) from rank 2, then 24 per output
+Cost online: 3 rounds; bytes: 8 per input element (one R per input) from rank 2 (and 8 from rank 1 for an
+input held 2-of-2 by ranks 1 and 2, `products`), then 24 per output
 element over the three ranks (the owner 16: c_0 and its half of the reshare; rank 1 8: its half; 44
 where the truncation is not prepared: rank 2 12, ranks 0 and 1 16 each); the only online product is the
 owner's (21 byte products, `byte_limbs.digit_count`). Setup: 2 rounds (1 without a prepared truncation);

@@ -88,8 +88,8 @@ def test_mul_public_fx_against_float64():
 @pytest.mark.parametrize("bits", [18, 40])
 def test_truncate_error_below_one_ulp(bits):
     # The result is floor(z / 2^d) or one more, for every |z| < 2^62: no failure probability at all,
-    # so 1e8 or more truncations are as safe as these. Millions of random words cover every
-    # dealer rotation and both carry cases of the top bit.
+    # so 1e8 or more truncations are as safe as these. Millions of random words cover both carry cases
+    # of the top bit (rank 0 deals; the test below rotates the dealer and gives it a part).
     n = 2_000_000 if bits == 18 else 200_000
     z = rng.integers(-(2**62), 2**62, n, dtype=np.int64)
     z[:4] = [-(2**62), 2**62 - 1, 0, -1]
@@ -104,6 +104,24 @@ def test_truncate_error_below_one_ulp(bits):
         assert diff.min() >= 0 and diff.max() <= 1
         # +1 with probability frac(z / 2^bits): unbiased (a constant +1, also within {0, 1}, moves this by 0.5).
         assert abs(np.mean(diff - frac)) < 0.01
+
+
+@pytest.mark.parametrize("bits", [18, 40])
+def test_truncate_parts_with_the_dealers_part_in_its_mask_errs_below_one_ulp_to_the_ends_of_its_range(bits):
+    """z = z_0 + z_1 + z_2 with every rank's part a full random word (the dealer's folded into its mask),
+    |z| up to 2^62, three calls so that each rank deals once: floor(z / 2^d) or that + 1, never more."""
+    n = 200_000
+    z = rng.integers(-(2**62), 2**62, n, dtype=np.int64)
+    z[:4] = [-(2**62), 2**62 - 1, 0, -1]
+    parts = [rng.integers(0, 2**64, n, dtype=np.uint64) for _ in range(2)]
+    parts.append(z.view(np.uint64) - parts[0] - parts[1])
+
+    def prog(p):
+        return [arith.reveal(p, arith.truncate_parts(p, [parts[p.rank]], bits)[0]).view(np.int64) for _ in range(3)]
+
+    for got in run_parties(prog)[0]:
+        diff = got - (z >> bits)
+        assert diff.min() >= 0 and diff.max() <= 1
 
 
 def test_list_operands_share_rounds():

@@ -67,6 +67,9 @@ def test_greedy_generation_matches_the_plaintext_loop_token_by_token(decoders, t
     # The prompt's weight products ran on masks prepared in the setup, every later token's online.
     paths = report["weight_products"]
     assert paths["prepared"] >= 8 and paths["online"] == (NEW - 1) * paths["prepared"]
+    # GPT-2's GeLU answers reach their prepared FFN products (through a Reshape) as ranks 1 and 2 hold them,
+    # one per layer of the prompt; llama-tiny has no GeLU (its SiLU's answer goes to gate x up, no weight).
+    assert paths["held_inputs"] == (2 if name == "gpt2" else 0)
 
 
 def check_steps(report: dict, prompt: int, new: int) -> None:

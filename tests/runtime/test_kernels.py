@@ -170,3 +170,50 @@ def test_a_held_answer_stays_held_through_shape_ops_that_keep_the_order(op, attr
     results = run_parties(prog)
     assert all(r[0] == stays_held for r in results)
     assert results[0][1].shape == want.shape and np.abs(results[0][1] - want).max() <= 1e-5
+
+
+def test_a_held_answer_and_its_reshaped_forms_are_reshared_once_and_open_as_themselves():
+    """A `Held` value and a Reshape of it, both needed replicated: one reshare (1 round, 8 B per element from
+    ranks 1 and 2) serves both; as a graph output (`session.answer_share`) it opens to its value."""
+    from puma_onnx.runtime.session import answer_share
+
+    def prog(party):
+        ctx = kernels.Context(party)
+        x = share_fx(party, X)
+        held = kernels.Held(arith.HeldByTwo(0, arith.two_parts(party, [x]), X.shape))
+        node = kernels.Node("r", "Reshape", "", ["x", "s"], ["y"], {})
+        (flat,) = kernels.KERNELS[("", "Reshape")](ctx, node, held, np.array([0, -1], I64))
+        before = party.comm.stats.snapshot()
+        opened = [open_fx(party, ctx.secret(v)) for v in (flat, held, flat)]
+        cost = party.comm.stats.snapshot() - before
+        answer, scale = answer_share(party, "y", kernels.Held(arith.HeldByTwo(0, arith.two_parts(party, [x]), X.shape)))
+        return opened, cost, open_fx(party, answer)
+
+    results = run_parties(prog)
+    (flat, whole, again), _, answer = results[0]
+    assert np.abs(whole - X).max() <= 1e-5 and np.array_equal(flat, whole.reshape(2, -1)) and np.array_equal(again, flat)
+    assert np.abs(answer - X).max() <= 1e-5
+    # The three openings take 3 rounds of their own; the reshare one, from ranks 1 and 2 only.
+    assert [r[1].rounds for r in results] == [4, 4, 4]
+    reveal = 3 * 8 * X.size
+    assert [r[1].bytes - reveal for r in results] == [0, 8 * X.size, 8 * X.size]
+
+
+def test_a_softmax_read_twice_is_normalised_once_and_answers_as_itself():
+    from puma_onnx.runtime.session import answer_share
+
+    def prog(party):
+        ctx = kernels.Context(party)
+        node = kernels.Node("sm", "Softmax", "puma", ["s"], ["p"], {"axis": -1})
+        (probs,) = kernels.softmax(ctx, node, share_fx(party, SCORES))
+        before = party.comm.stats.snapshot()
+        first, second = ctx.secret(probs), ctx.secret(probs)
+        cost = party.comm.stats.snapshot() - before
+        (fresh,) = kernels.softmax(ctx, node, share_fx(party, SCORES))
+        answer, _ = answer_share(party, "p", fresh)
+        return isinstance(probs, kernels.Softmaxed), first is second, cost.rounds, open_fx(party, answer)
+
+    results = run_parties(prog)
+    e = np.exp(SCORES - SCORES.max(-1, keepdims=True))
+    assert all(r[0] and r[1] and r[2] == 2 for r in results)  # one product (2 rounds) for both readers
+    assert np.abs(results[0][3] - e / e.sum(-1, keepdims=True)).max() <= 1e-3
