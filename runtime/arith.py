@@ -269,12 +269,10 @@ class HeldByTwo:
         return reshare_from_two(party, self.dealer, self.part, (self.size,)).reshape(self.shape)
 
     def plus(self, party: Party, x: AShare) -> HeldByTwo:
-        """self + x for a replicated x, free: A and B already hold x 2-of-2 (x_A + x_B and x_D)."""
+        """self + x for a replicated x, free: A and B already hold x 2-of-2 (`two_parts`)."""
         if self.part is None:
             return self
-        role = (party.rank - self.dealer) % PARTIES
-        extra = x.first + x.second if role == 1 else x.second
-        return HeldByTwo(self.dealer, self.part + np.ravel(np.broadcast_to(extra, self.shape)), self.shape)
+        return HeldByTwo(self.dealer, self.part + two_parts(party, [x.broadcast_to(self.shape)], self.dealer), self.shape)
 
 
 def _part_bits(bits, sizes: list[int]):
@@ -419,11 +417,13 @@ def truncate_parts(party: Party, parts: list[np.ndarray], bits: int) -> list[ASh
         return _trunc_parts(party, parts, bits)
 
 
-def two_parts(party: Party, xs: list[AShare]) -> np.ndarray | None:
-    """x held 2-of-2 by ranks 1 and 2, free: x_1 + x_2 on rank 1, x_0 on rank 2 (None on rank 0)."""
-    if party.rank == 0:
+def two_parts(party: Party, xs: list[AShare], dealer: int = 0) -> np.ndarray | None:
+    """x held 2-of-2 by A = dealer+1 and B = dealer+2, free: x_A + x_B on A, x_D on B (None on the dealer;
+    with dealer 0: x_1 + x_2 on rank 1, x_0 on rank 2)."""
+    role = (party.rank - dealer) % PARTIES
+    if role == 0:
         return None
-    return _flat([a.first + a.second if party.rank == 1 else a.second for a in xs])
+    return _flat([a.first + a.second if role == 1 else a.second for a in xs])
 
 
 def truncate(party: Party, x, bits):

@@ -30,12 +30,6 @@ SECRETS = (fx([0.5, 1.25, 0.0, 3.0, 2.0, 0.0]), fx([-7.0, 0.0, -2.5, -0.125, 0.0
 WEIGHT = np.linspace(-1, 1, 6, dtype=np.float32).reshape(3, 2)
 
 
-def _two_of_two(p, x, dealer):
-    """x held 2-of-2 by A = dealer+1 (x_A + x_B) and B = dealer+2 (x_D); None on the dealer."""
-    role = (p.rank - dealer) % 3
-    return None if role == 0 else (x.first + x.second if role == 1 else x.second)
-
-
 def _weights(p):
     return share_weights(p, [("w", WEIGHT.shape)], lambda name: WEIGHT)["w"]
 
@@ -57,7 +51,7 @@ ON_SHARES = {
     "matmul_fx": lambda p, x: [arith.matmul_fx(p, x.reshape(2, 3), x.reshape(3, 2)) for _ in range(3)],
     "truncate": lambda p, x: arith.truncate(p, x, 18),
     "truncate_from_two": lambda p, x: [
-        arith.truncate_from_two(p, d, _two_of_two(p, x, d), 18, x.shape) for d in range(3)
+        arith.truncate_from_two(p, d, arith.two_parts(p, [x], d), 18, x.shape) for d in range(3)
     ],
     "truncate_parts": lambda p, x: [arith.truncate_parts(p, [x.first], 18) for _ in range(3)],
     "matmul_part": lambda p, x: [
@@ -66,7 +60,7 @@ ON_SHARES = {
     "prepared_products": lambda p, x: _prepared_products(p, x.reshape(2, 3), _weights(p)),
     # The input as a truncation leaves it before its reshare: held 2-of-2 by ranks 1 and 2.
     "prepared_products_held": lambda p, x: _prepared_products(
-        p, arith.HeldByTwo(0, _two_of_two(p, x.reshape(2, 3), 0), (2, 3)), _weights(p)
+        p, arith.HeldByTwo(0, arith.two_parts(p, [x]), (2, 3)), _weights(p)
     ),
     "parallel": lambda p, x: parallel(p, lambda q: arith.mul(q, x, x), lambda q: arith.mul_fx(q, x, x)),
     "msb": lambda p, x: convert.msb(p, x),
