@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import approx, arith, boolean, compare, convert
+from . import approx, arith, boolean, chain, compare, convert
 from .parallel import parallel
 from .convert import b2a
 from .party import Party
@@ -50,9 +50,11 @@ from .shares import AShare, stack
 
 # exp_neg's intermediate squares (values in [0, 1]) carry this many fractional bits.
 EXP_BITS = 30
-# A polynomial exp base: y^2 (<= 4) carries EXP_SQ_BITS bits, the bracket times it 2^61 in all
-# (the best split measured: 1-2 ulp against the float64 definition at f = 16..20).
-EXP_SQ_BITS = 24
+# A polynomial exp base: y^2 (<= 4) carries EXP_SQ_BITS bits, the bracket times it 2^60 in all, so the
+# bracket's c4 y^2 term takes c4 at 60 - 2 EXP_SQ_BITS bits. At 24 (c4 at 12 bits, 0.2% off) exp erred by
+# +85 2^-26 at x = -4, a bias the softmax's row sum collected (up to 3.5 ulp beyond its cut allowance);
+# at 20: 2 2^-26 at most (measured 2026-12-02 on [-12, 0]), and 1-2 ulp at f against the float64 definition.
+EXP_SQ_BITS = 20
 # Thresholds per octave of the input range, and the series after the guess (see reciprocal, rsqrt).
 RECIP_STEPS_PER_OCTAVE = 2
 RSQRT_STEPS_PER_OCTAVE = 8
@@ -230,17 +232,18 @@ def exp_neg(party: Party, x: AShare, fit: approx.ExpNeg = approx.REFIT.exp, cmp_
     coefficients riding in them (a coefficient times a share at a low scale would lose its bits), and
     needs two squarings fewer for the same accuracy: the same product count.
     The squares (all <= 1) carry as many bits as keep every truncation within 31 bits (4-byte dealt
-    shares; see `_square_scales`); the clip is an exact `convert.mul_bit` of the last one (8 B over the
-    ranks less than a ring square whose truncation rode in a `convert.select`, in as many rounds).
+    shares, and what a chained truncation allows; see `_square_scales`). The 5 products are one
+    `chain.products`: each truncation's answer goes into the next product before any reshare. The clip is
+    an exact `convert.mul_bit` of the last one.
     The clip compares x with -fit.cut_far ignoring the carry of the low f + log2(cut_far - cut) bits
     (convert.msb's drop), so the cut falls in [-cut_far, -cut], where the value is negligible.
     Garbage below the cut (even wrapped values) is multiplied by an exact 0.
     The clip's comparison runs beside the products (`parallel`: their rounds travel together).
-    Rounds max(C', 2 t') + 2 = 12 for both sets (t' = 5 products in sequence; 18 one after the
-    other); bytes C' + 5M + S
-    per element, C' the comparison on L - f - log2(cut_far - cut) bits (16.8 B over the ranks at L = 48,
-    9 leaf groups for both sets): 268.8 B over the three ranks (340.8 before the truncation's dealer folded
-    its part into its mask, 415.9 before the fused select). PUMA section 4.2.
+    Rounds max(C', 5 + 1) + 2 = 8 for both sets (the chain: a round per truncation and the reshare; 12 with
+    5 mul_fx, 18 one after the other); bytes C' + (32 5 + 12) + S per element, C' the comparison on
+    L - f - log2(cut_far - cut) bits (16.8 B over the ranks at L = 48, 9 leaf groups for both sets): 220.8 B
+    over the three ranks (268.8 with 5 mul_fx, 340.8 before the truncation's dealer folded its part into its
+    mask, 415.9 before the fused select). PUMA section 4.2.
     """
     with party.comm.tag("exp_neg"):
         return _exp_neg(party, x, party.fxp.frac_bits, fit, cmp_bits)
@@ -255,21 +258,34 @@ def _square_scales(out: int, t: int) -> list[int]:
     return scales
 
 
-def _exp_base(party: Party, x: AShare, fit: approx.ExpNeg, first: int) -> tuple[AShare, int]:
-    """(p(x / 2^t), its scale): 1 + y for free at f + t, or 1 + y + y^2 (c2 + c3 y + c4 y^2) at `first`."""
+def _exp_power(party: Party, x: AShare, fit: approx.ExpNeg, scales: list[int]) -> AShare:
+    """p(x / 2^t)^(2^t) at scales[-1], every product of one `chain.products` (each truncation's answer
+    feeds the next product before any reshare).
+
+    The base: PUMA's 1 + y is x + 2^(f+t) read at scale f+t (free), and the chain is its t squares. A
+    degree 2-4 base 1 + y + y^2 (c2 + c3 y + c4 y^2) starts the chain with y^2 (at EXP_SQ_BITS) and y^2
+    times the bracket (the coefficients ride in the products: a coefficient times a share at a low scale
+    would lose its bits); the first square then reads 1 + y + that product."""
     f, t = party.fxp.frac_bits, fit.squarings
     q = f + t  # x read at this scale is y = x / 2^t, exactly
     c = tuple(fit.base) + (0.0,) * (5 - len(fit.base))
     if c[0] != 1.0 or c[1] != 1.0 or len(fit.base) > 5:
         raise ValueError(f"exp base must be 1 + y + c2 y^2 + c3 y^3 + c4 y^4, got {fit.base}")
+    squares = [chain.Step(None, 1, None, 1, 2 * prev - out) for prev, out in zip(scales, scales[1:])]
     if len(fit.base) == 2:
-        return arith.add_public(party, x, _encode(1.0, q)), q
+        y = arith.add_public(party, x, _encode(1.0, q))
+        if 2 * q - scales[0] > 31:
+            raise ValueError(f"exp_neg: no 31-bit schedule from scale {q} to {scales[-1]}")
+        return chain.products(party, arith._mul_parts(y, y), 2 * q - scales[0], squares)
+    first = min(EXP_BITS, (31 + scales[0]) // 2)
+    if 2 * first - scales[0] > 31:
+        raise ValueError(f"exp_neg: no 31-bit schedule from scale {first} to {scales[-1]}")
     # y^2 <= 4 at EXP_SQ_BITS; the bracket (<= 1) at k, so that their product stays below 2^61.
     a, k = EXP_SQ_BITS, _HEADROOM - 1 - EXP_SQ_BITS
-    s2 = arith.mul_fx(party, x, x, bits=2 * q - a)
-    bracket = _lin(party, [(x, c[3], k - q), (s2, c[4], k - a)], c[2], k)
-    tail = arith.mul_fx(party, s2, bracket, bits=a + k - first)
-    return arith.add(_lin(party, [(x, 1.0, first - q)], 1.0, first), tail), first
+    bracket = chain.Step(None, 1, _lin(party, [(x, c[3], k - q)], c[2], k), int(_encode(c[4], k - a)), a + k - first)
+    base = _lin(party, [(x, 1.0, first - q)], 1.0, first)  # 1 + y; the chain adds y^2 times the bracket
+    steps = [bracket, chain.Step(base, 1, base, 1, 2 * first - scales[0])] + squares
+    return chain.products(party, arith._mul_parts(x, x), 2 * q - a, steps)
 
 
 def _exp_neg(party: Party, x: AShare, bits: int, fit: approx.ExpNeg, cmp_bits: int | None = None) -> AShare:
@@ -282,14 +298,7 @@ def _exp_neg(party: Party, x: AShare, bits: int, fit: approx.ExpNeg, cmp_bits: i
         return convert.msb(party, arith.add_public(party, x, _encode(fit.cut_far, f)), bits=cmp_bits, drop=f + slack)
 
     def power(party: Party):
-        """p(x/2^t)^(2^t) at scale `bits`: every square truncated within 31 bits."""
-        y, scale = _exp_base(party, x, fit, min(EXP_BITS, (31 + scales[0]) // 2))
-        if 2 * scale - scales[0] > 31:
-            raise ValueError(f"exp_neg: no 31-bit schedule from scale {scale} to {bits}")
-        for out in scales:
-            y = arith.mul_fx(party, y, y, bits=2 * scale - out)
-            scale = out
-        return y
+        return _exp_power(party, x, fit, scales)
 
     # The clip's comparison and the polynomial do not depend on each other: their rounds travel together.
     below, power_of_base = parallel(party, clip, power)
@@ -613,17 +622,16 @@ def softmax(
     2^-12 per such level below the row's, so the sum stays >= 1 and may pass n by 0.2% at most, and
     softmax's invariance to the shift keeps the result.
     A row with no kept position gives 0 (approx.softmax gives NaN there; the ONNX export maps it to 0).
-    Measured error vs approx.softmax: 0.38 ulp on average, up to 6.5 ulp on rows of 32 where one entry
-    dominates (p ~ 0.9; 400 rows of N(0, 2) scores, 2026-12-02, the same before and after this stop's cuts):
-    exp_neg at f + 8 bits errs +39 2^-(f+8) on average, which the sum collects; plus what the cut zone of
+    Measured error vs approx.softmax: 0.33 ulp on average, 2.0 ulp at most (400 rows of 32 N(0, 2) scores,
+    2026-12-02 afternoon; 6.5 ulp before exp's c4 kept 20 bits, see EXP_SQ_BITS), plus what the cut zone of
     exp keeps. approx.softmax is up to
     0.07 from the exact softmax with PUMA's exp, 4e-4 with the refit one (rows of 128 scores).
     The reciprocal carries f + 5 bits (enough against e <= 1), so the output product truncates by 31.
     The max (`compare.max`): levels of four (exact comparisons, C + 4 rounds each) while more than eight
     entries remain, then one group of the rest (three to eight: C + 5 rounds for eight); levels of two
     (C' + S, C' on L - max_drop_bits(L, f) bits) only for rows that come down to two.
-    Rounds for n = 128 (128, 32, 8, 1): 2 (C + 4) + (C + 5) + 12 (exp) + 15 (reciprocal) + 2 = 60 at L = 48
-    (74 with levels of two after the levels of four, exp's clip before its products and the reciprocal's
+    Rounds for n = 128 (128, 32, 8, 1): 2 (C + 4) + (C + 5) + 8 (exp) + 15 (reciprocal) + 2 = 56 at L = 48
+    (60 before exp's products were chained, 74 with levels of two after the levels of four, exp's clip before its products and the reciprocal's
     b2a before its first product, 83 with levels of two only, 92 before the dropped bits); bytes per
     element: the max's (six comparisons and 80 B per output of a level of four, 28 and 144 B per output of
     a group of eight: about 25 B more per element than levels of two at L = 48), plus exp's + M [product]
@@ -673,12 +681,13 @@ class SoftmaxRows:
         own last product does. The caller checks
         `fits` first: e @ v is the row's sum (up to n) times the answer before its truncation.
         Error: that of e and 1/sum, as in `normalised`, plus 1 ulp of e @ v (2^-8 ulp of the answer) and
-        the last truncation's; no rounding of the softmax itself to f bits. Rounds 2 + 2; bytes 2M per output
-        element (matmul_fx, then mul_fx)."""
+        the last truncation's; no rounding of the softmax itself to f bits. The two products are one
+        `chain.products` (e @ v's truncated answer is multiplied by 1/sum before any reshare): rounds 3; bytes
+        76 per output element over the three ranks (2M = 88 as a matmul_fx then a mul_fx)."""
         f = party.fxp.frac_bits
         with party.comm.tag("softmax_matmul"):
-            ev = arith.matmul_fx(party, self.e, v, bits=f)
-            return arith.mul_fx(party, ev, self.inv.broadcast_to(ev.shape), bits=f + SOFTMAX_EXTRA_BITS + SOFTMAX_INV_BITS)
+            scale = chain.Step(None, 1, self.inv, 0, f + SOFTMAX_EXTRA_BITS + SOFTMAX_INV_BITS)
+            return chain.products(party, arith.matmul_local(self.e, v), f, [scale])
 
     @staticmethod
     def fits(f: int, keys: int, answer_max: float) -> bool:

@@ -98,6 +98,15 @@ MUTANTS = [
      "weights streamed per reading node instead of per layer"),
     ("runtime/weights.py", "kept = kept.copy() if index in alone else kept", "kept = kept",
      "a weight that outlives its layer pins its whole message on rank 1"),
+    # --- products chained on one dealer (runtime/chain.py)
+    ("runtime/chain.py", "return part + (c >> U64(63)) * (kappa.astype(U64) << (U64(64) - d))", "return part",
+     "the chain drops the msb(c) kappa correction"),
+    ("runtime/chain.py", "part = part + m_d * (u0 + u1) + m_a * (v0 + v1)", "part = part + m_d * u0 + m_a * v0",
+     "the dealer folds the s = -1 half of its terms"),
+    ("runtime/chain.py", "part = part + ab2 * (u0 * v0 + u0 * v1 + u1 * v0)", "part = part + ab2 * u0 * v0",
+     "the dealer drops T^2's cross terms with s"),
+    ("runtime/chain.py", "CHAINED_MAX_BITS = 31", "CHAINED_MAX_BITS = 32", "a 32-bit shift chained: h^2 no longer vanishes"),
+    ("runtime/nonlinear.py", "EXP_SQ_BITS = 20", "EXP_SQ_BITS = 24", "exp's c4 at 12 bits: a bias at f + 8"),
     # --- rewrite passes (passes/)
     ("passes/layer_norm.py", "return puma(op, \"LayerNorm\", x, scale, bias, epsilon=epsilon, axis=-1)",
      "return puma(op, \"LayerNorm\", x, scale, bias, axis=-1)", "LayerNorm rule drops epsilon"),

@@ -30,6 +30,7 @@ TESTS = [
     "tests/runtime/test_nonlinear.py",
     "tests/runtime/test_kernels.py",
     "tests/runtime/test_arith.py",
+    "tests/runtime/test_chain.py",
     "tests/runtime/test_compare.py",
     "tests/runtime/test_weights.py",
     "tests/runtime/test_store.py",

@@ -14,7 +14,7 @@ import inspect
 import textwrap
 from dataclasses import dataclass
 
-from puma_onnx.runtime import arith, embedding, onehot, parallel, prepared, weights
+from puma_onnx.runtime import arith, chain, embedding, onehot, parallel, prepared, weights
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,16 @@ MUTANTS = {
             ("left = got[SENDER] + got[HOLDER]", "left = got[SENDER] + got[HOLDER]\n                party.prg_all.words((n, k))"),
         ),
         "m from the common key: the owner adds it back to rank 1's x_A - m and holds x_A, with its own x_0 + x_1 the input",
+    ),
+    "chain_mask_from_common_key": Mutant(
+        chain,
+        "products",
+        (
+            ("arith.trunc_deal(r_a + with_b.words(n) - z,", "arith.trunc_deal(r_a + party.prg_all.words(n) - z,"),
+            ("c_a = z + U64(1 << 62) + r_a", "c_a = z + U64(1 << 62) + r_a\n                party.prg_all.words(n)"),
+            ("c_b = z + party.prg_next.words(n)", "c_b = z + party.prg_all.words(n)"),
+        ),
+        "B's mask in a chained truncation from the common key: A reads B's part of a product on the held answer",
     ),
     "parallel_keys_from_common_key": Mutant(
         parallel,

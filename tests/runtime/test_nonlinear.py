@@ -46,6 +46,23 @@ def test_exp_neg_within_2_ulp_of_its_definition_on_minus_40_to_0(fit):
     assert np.all(got[between] <= e(np.array(-e.cut)) + 2 * ULP)
 
 
+@pytest.mark.parametrize("fit", SETS, ids=lambda s: s.name)
+def test_exp_neg_at_the_softmax_scale_is_unbiased_where_its_base_bends(fit):
+    """At f + 8 bits (inside the softmax, whose row sum collects every entry's bias) exp keeps within 8
+    2^-(f+8) of its definition, on average and each, at x = -3..-6, where y^4 = (x/8)^4 weighs most against
+    exp (c4 at 12 bits, EXP_SQ_BITS = 24, erred +85 2^-26 on average at x = -4), and at both cuts' neighbours."""
+    f = 18
+    points = [-3.0, -4.0, -5.0, -6.0, -fit.exp.cut + 0.5, -0.25]
+    x = np.repeat(points, 200)
+    out = run_parties(
+        lambda p: arith.reveal(p, nonlinear._exp_neg(p, share_fx(p, x), f + nonlinear.SOFTMAX_EXTRA_BITS, fit.exp))
+    )[0]
+    got = out.view(np.int64) / 2.0 ** (f + nonlinear.SOFTMAX_EXTRA_BITS)
+    err = ((got - fit.exp(encoded(x))) * 2.0 ** (f + nonlinear.SOFTMAX_EXTRA_BITS)).reshape(len(points), -1)
+    assert np.abs(err.mean(axis=1)).max() <= 8, err.mean(axis=1)
+    assert np.abs(err).max() <= 8, np.abs(err).max(axis=1)
+
+
 @pytest.mark.parametrize("fit, bound", [(approx.PUMA, 0.0086), (approx.REFIT, 1.2e-5)], ids=["puma", "refit"])
 def test_exp_neg_against_the_exact_exp(fit, bound):
     x = np.concatenate([rng.uniform(-40, 0, 3000), -np.linspace(0, 16, 1601)])
@@ -462,14 +479,15 @@ def test_softmax_times_v_at_the_end_of_its_range():
 
 
 def test_cost_softmax_times_v_two_products_per_output_element():
-    """softmax @ v as `times`: the softmax's own cost without its last product, then a matmul_fx and a mul_fx
-    per output element (rounds 2 + 2): n - d_v products per query fewer than the softmax's product."""
+    """softmax @ v as `times`: the softmax's own cost without its last product, then a matmul and a product per
+    output element as one chain (runtime/chain.py: 3 rounds, 32 B per truncation and 12 per element over the
+    ranks, 12 B less than a matmul_fx and a mul_fx): n - d_v products per query fewer than the softmax's product."""
     own = np.random.default_rng(33)
     x, v = own.normal(0, 3, (2, 16, 32)), own.normal(0, 2, (2, 32, 8))
     rounds, nbytes, u = total_cost(_softmax_times(), x, v)
     rows_rounds, rows_bytes, _ = total_cost(lambda p, a, b: nonlinear.softmax_rows(p, a), x, v)
-    assert rounds == rows_rounds + 2 * u["M"][0]
-    assert nbytes == rows_bytes + 2 * 2 * 16 * 8 * u["M"][1]
+    assert rounds == rows_rounds + 2 + 1
+    assert nbytes == rows_bytes + 2 * 16 * 8 * (32 * 2 + 12) == rows_bytes + 2 * 16 * 8 * (2 * u["M"][1] - 12)
 
 
 def test_softmax_with_every_entry_masked_gives_zeros():
@@ -646,6 +664,11 @@ def test_a_domain_no_variant_covers_is_refused(domain, says):
 # ----------------------------------------------------------------------------- costs
 
 
+# exp's 5 products as one chain (runtime/chain.py): a round per truncation and the reshare; 32 B per
+# truncation and 12 per element over the three ranks.
+EXP_CHAIN_ROUNDS, EXP_CHAIN_BYTES = 5 + 1, 32 * 5 + 12
+
+
 def probe_costs(p, n):
     """Rounds and bytes per element (summed over the ranks) of the layer below, on n elements:
     M and W fused multiply-truncates by <= 31 and > 31 bits, C ltz, X each further threshold of one
@@ -700,9 +723,12 @@ def total_cost(fn, *arrays, probe=64):
 def test_cost_exp_neg_matches_docstring_and_is_the_same_for_both_sets(fit):
     n = 256
     rounds, nbytes, u = total_cost(lambda p, a: nonlinear.exp_neg(p, a, fit.exp), -rng.uniform(0, 20, n))
-    # The clip's comparison runs beside the 5 products in sequence (runtime/parallel.py), then the exact mul_bit.
-    assert rounds == max(u["D"][0], 2 * 5) + u["S"][0] == 12
-    assert nbytes == n * (u["D"][1] + 5 * u["M"][1] + u["S"][1])
+    # The clip's comparison runs beside the chain of 5 products (runtime/parallel.py, runtime/chain.py: one round
+    # per truncation and the last answer's reshare; 32 B per truncation and 12 over the three ranks), then the
+    # exact mul_bit.
+    assert rounds == max(u["D"][0], EXP_CHAIN_ROUNDS) + u["S"][0] == 8
+    assert nbytes == n * (u["D"][1] + EXP_CHAIN_BYTES + u["S"][1])
+    assert EXP_CHAIN_BYTES == 5 * u["M"][1] - 48  # 48 B per element less than 5 fused products
 
 
 @pytest.mark.parametrize("name", ["gelu", "silu"])
@@ -752,10 +778,10 @@ def test_cost_softmax_matches_docstring():
     rounds, nbytes, u = total_cost(nonlinear.softmax, rng.normal(0, 3, (rows, n)))
     (rc, c), (rs, s), (ra, a), x, m = u["C"], u["S"], u["A"], u["X"][1], u["M"][1]
     k = math.ceil(2 * math.log2(n))
-    exp = u["D"][1] + 5 * m + s
+    exp = u["D"][1] + EXP_CHAIN_BYTES + s
     # The max: a level of four 32 -> 8 (C + 2 AND rounds + 2), then one group of 8 (C + 3 AND rounds + 2).
-    # exp: its clip's comparison beside its 5 products, then the mul_bit.
-    assert rounds == (rc + 4) + (rc + 5) + (max(u["D"][0], 10) + rs) + (rc + max(ra, 3) + 6) + 2 == 50
+    # exp: its clip's comparison beside its chain of 5 products, then the mul_bit.
+    assert rounds == (rc + 4) + (rc + 5) + (max(u["D"][0], EXP_CHAIN_ROUNDS) + rs) + (rc + max(ra, 3) + 6) + 2 == 46
     # Per row: 6 comparisons per output of the level of four (8 outputs) and 28 for the group's one, AND rows
     # of the 8 rows' elements packed 8 to a byte ((4 - 2) 4 rows of 64 elements, (8 - 2) 8 of 8: 8 and 1 bytes,
     # from each rank), and the selections: 16 g from rank 0 and 8 from each of ranks 1 and 2 per output.
@@ -773,7 +799,7 @@ def test_cost_softmax_with_a_causal_mask_takes_exp_and_the_product_on_kept_entri
     scores = rng.normal(0, 3, (rows, n))
     full_rounds, full, u = total_cost(nonlinear.softmax, scores)
     rounds, nbytes, _ = total_cost(lambda p, a: nonlinear.softmax(p, a, causal), scores)
-    exp = u["D"][1] + 5 * u["M"][1] + u["S"][1]
+    exp = u["D"][1] + EXP_CHAIN_BYTES + u["S"][1]
     dropped = int((~causal).sum())
     assert rounds == full_rounds
     assert nbytes == full - dropped * (exp + u["M"][1])

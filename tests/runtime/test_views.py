@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from puma_onnx.runtime import arith, compare, convert, prepared
+from puma_onnx.runtime import arith, chain, compare, convert, prepared
 from puma_onnx.runtime.parallel import parallel
 from puma_onnx.runtime import embedding as lookup  # by module: the leaky fixtures patch its function
 from puma_onnx.runtime.session import CLIENT, reveal_outputs
@@ -62,6 +62,11 @@ ON_SHARES = {
     "prepared_products_held": lambda p, x: _prepared_products(
         p, arith.HeldByTwo(0, arith.two_parts(p, [x]), (2, 3)), _weights(p)
     ),
+    # Products on a truncation's held answer, one chain per dealer: (x + x^2)^2, then its square.
+    "chain": lambda p, x: [
+        chain.products(p, arith._mul_parts(x, x), 18, [chain.Step(x, 1, x, 1, 18), chain.Step(None, 1, None, 1, 18)])
+        for _ in range(3)
+    ],
     "parallel": lambda p, x: parallel(p, lambda q: arith.mul(q, x, x), lambda q: arith.mul_fx(q, x, x)),
     "msb": lambda p, x: convert.msb(p, x),
     "less_than_public": lambda p, x: compare.less_than_public(p, x, [fx(0.25), fx(-1.0)]),
@@ -170,11 +175,12 @@ CAUGHT = {
     "product_mask_from_common_key": (on_shares("prepared_products", 0), SECRETS, 0),
     "held_input_mask_from_common_key": (on_shares("prepared_products_held", 0), SECRETS, 0),
     "parallel_keys_from_common_key": (on_shares("parallel", 0), SECRETS, 0),
+    "chain_mask_from_common_key": (on_shares("chain", 0), SECRETS, 0),
 }
 # Mutants whose protocol truncates: floor or floor + 1.
 TRUNCATING = {
     "truncation_mask_from_common_key", "product_truncation_mask_from_common_key", "product_mask_from_common_key",
-    "held_input_mask_from_common_key",
+    "held_input_mask_from_common_key", "chain_mask_from_common_key",
 }
 
 
@@ -207,6 +213,8 @@ def test_each_leaky_variant_stays_correct(monkeypatch, name):
         "product_mask_from_common_key": lambda s: (s.view(np.int64).reshape(2, 3) @ fx(WEIGHT).view(np.int64)) >> 18,
         "held_input_mask_from_common_key": lambda s: (s.view(np.int64).reshape(2, 3) @ fx(WEIGHT).view(np.int64)) >> 18,
         "parallel_keys_from_common_key": lambda s: s * s,
+        # SECRETS are multiples of 2^-2: both products before the last divide their shift exactly.
+        "chain_mask_from_common_key": lambda s: (((s.view(np.int64) + (s.view(np.int64) ** 2 >> 18)) ** 2 >> 18) ** 2) >> 18,
     }[name](secrets[0])
     got, want = opened.reshape(-1).view(np.int64), np.asarray(expected).reshape(-1).view(np.int64)
     # The truncation is floor or floor + 1; everything else is exact.
