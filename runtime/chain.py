@@ -37,10 +37,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import arith
+from . import arith, convert
 from .comm import PARTIES
 from .party import Party
-from .shares import AShare
+from .shares import AShare, BShare
 
 U64 = np.uint64
 _LOW63 = U64((1 << 63) - 1)
@@ -84,11 +84,33 @@ def _peak(c: np.ndarray, d: U64) -> np.ndarray:
     return ((c & _LOW63) >> d) + ((c >> U64(63)) << (U64(63) - d)) - (U64(1) << (U64(62) - d))
 
 
-def products(party: Party, parts: np.ndarray, bits: int, steps: list[Step]) -> AShare:
+@dataclass
+class Held:
+    """A chain's last answer before its reshare: A holds y = p + u, B holds y = v, both hold the opened c
+    (`part`, `opened`); the dealer holds u0 + v0 + u1 + v1 and rb_A + rb_B (`dealt`), what `times_bit` needs."""
+
+    dealer: int
+    shape: tuple[int, ...]
+    bits: int
+    part: np.ndarray | None = None
+    opened: np.ndarray | None = None
+    dealt: tuple[np.ndarray, np.ndarray] | None = None
+
+    def reshare(self, party: Party) -> AShare:
+        """The replicated share (`arith.reshare_from_two`): 1 round, 8 B per element from A and from B."""
+        part = None if self.part is None else np.ravel(self.part)
+        return arith.HeldByTwo(self.dealer, part, self.shape).reshare(party)
+
+
+def products(
+    party: Party, parts: np.ndarray, bits: int, steps: list[Step], dealer: int | None = None, held: bool = False
+) -> AShare | Held:
     """The answer of the last step, as a replicated share, for a chain that starts from this rank's additive
     part `parts` of a product (`arith._mul_parts` / `_matmul_parts`: |z| < 2^62) truncated by `bits`, then
     runs each Step on the previous answer (see the module doc). Every truncation but the last shifts by at
-    most CHAINED_MAX_BITS. Cost in the module doc."""
+    most CHAINED_MAX_BITS. `dealer`: the chain's dealer (default: the next in turn, `party.next_dealer`);
+    `held`: the last answer before its reshare (`Held`: a round and 16 B per element less). Cost in the
+    module doc."""
     shifts = [bits] + [s.bits for s in steps]
     for d in shifts:
         if not 0 < d <= 62:
@@ -96,7 +118,7 @@ def products(party: Party, parts: np.ndarray, bits: int, steps: list[Step]) -> A
     if any(d > CHAINED_MAX_BITS for d in shifts[:-1]):
         raise ValueError(f"chain: a truncation that feeds a step shifts by at most {CHAINED_MAX_BITS} bits: {shifts}")
     comm, r = party.comm, party.rank
-    dealer = party.next_dealer()
+    dealer = party.next_dealer() if dealer is None else dealer
     a_rank, b_rank = (dealer + 1) % PARTIES, (dealer + 2) % PARTIES
     shape = parts.shape
     n = parts.size
@@ -115,6 +137,7 @@ def products(party: Party, parts: np.ndarray, bits: int, steps: list[Step]) -> A
                     z, kappa = _dealer_next(nxt, shape, d, rc_a, rb_a, rc_b, rb_b)
                     message.append(kappa - with_a.words(n, np.uint32))
                 comm.exchange({b_rank: arith._pack(*message)}, {})
+                last = (-rc_a - rc_b + ((rb_a + rb_b).astype(U64) << (U64(63) - d)), rb_a + rb_b)
                 continue
             if r == a_rank:
                 with_d = party.prg_prev
@@ -136,7 +159,55 @@ def products(party: Party, parts: np.ndarray, bits: int, steps: list[Step]) -> A
                 kappa = None if nxt is None else dealt[rb_end:].view(np.uint32)
             if nxt is not None:
                 z = _holder_next(r == a_rank, nxt, shape, d, c, y, kappa)
-        return arith.HeldByTwo(dealer, None if r == dealer else y, shape).reshare(party)
+        if r == dealer:
+            out = Held(dealer, shape, shifts[-1], dealt=last)
+        else:
+            out = Held(dealer, shape, shifts[-1], part=y.reshape(shape), opened=c.reshape(shape))
+        return out if held else out.reshare(party)
+
+
+def times_bit(party: Party, b: BShare, value: Held) -> AShare:
+    """b * value for a one-row boolean share b of value's shape and a chain's answer held with rank 0 as its
+    dealer, as a replicated share: `convert.mul_bit` without the reshare before it.
+
+    Idea: b = c ^ t with c = b_0 ^ b_1 known to rank 0 and t = b_2 to ranks 1 and 2 (A and B), so
+    b y = c y (1 - 2t) + t y, and t y is A's t y_A plus B's t y_B. With y = p + (u0 + v0 + u1 + v1) -
+    2 msb(c') (u1 + v1) (c' the chain's opened word, p public to A and B), rank 0 sends A
+    alpha = c - rho_1, beta = c (u0 + v0 + u1 + v1) - rho_2 and gamma = c (rb_A + rb_B) - rho_3 (so that
+    2 c (u1 + v1) = 2^(64-d) c (rb_A + rb_B)), rho from k_0, which B holds too: A takes
+    alpha p + beta - msb(c') 2^(64-d) gamma, B rho_1 p + rho_2 - msb(c') 2^(64-d) rho_3, the two halves of c y.
+    Then `arith.reshare_from_two` with rank 0 as the dealer.
+    Security: A receives words masked by k_0, which it lacks; B receives nothing here.
+    Rounds 2; bytes per element: rank 0 20 (24 beyond 31 bits), A and B 8 each (36 over the three ranks,
+    against 16 for the chain's reshare and 32 for a `convert.mul_bit` after it)."""
+    if value.dealer != 0:
+        raise ValueError(f"times_bit takes a chain dealt by rank 0 (which knows c of the bit), not by {value.dealer}")
+    r, shape, n = party.rank, value.shape, int(np.prod(value.shape))
+    d = U64(value.bits)
+    wide = arith.rb_type(value.bits)
+    with party.comm.tag("times_bit"):
+        words = convert._bit_words(party, b, shape)
+        if r == 0:
+            rho = party.prg_prev
+            w, rb = value.dealt
+            alpha = words - rho.words(n)
+            beta = words * np.ravel(w) - rho.words(n)
+            gamma = (words * np.ravel(rb).astype(U64)).astype(wide) - rho.words(n, wide)
+            party.comm.exchange({1: arith._pack(alpha, beta, gamma)}, {})
+            part = None
+        else:
+            p, top = np.ravel(_peak(value.opened, d)), np.ravel(value.opened) >> U64(63)
+            if r == 1:
+                size = np.dtype(wide).itemsize
+                got = party.comm.exchange({}, {0: ((n * (16 + size),), np.uint8)})[0]
+                alpha, beta, gamma = got[: 8 * n].view(U64), got[8 * n : 16 * n].view(U64), got[16 * n :].view(wide)
+            else:
+                rho = party.prg_next
+                alpha, beta, gamma = rho.words(n), rho.words(n), rho.words(n, wide)
+                party.comm.exchange({}, {})
+            cy = alpha * p + beta - top * (gamma.astype(U64) << (U64(64) - d))
+            part = cy * (U64(1) - U64(2) * words) + words * np.ravel(value.part)
+        return arith.reshare_from_two(party, 0, part, (n,)).reshape(shape)
 
 
 def _dealer_next(step: Step, shape, d: U64, rc_a, rb_a, rc_b, rb_b) -> tuple[np.ndarray, np.ndarray]:

@@ -258,9 +258,9 @@ def _square_scales(out: int, t: int) -> list[int]:
     return scales
 
 
-def _exp_power(party: Party, x: AShare, fit: approx.ExpNeg, scales: list[int]) -> AShare:
+def _exp_power(party: Party, x: AShare, fit: approx.ExpNeg, scales: list[int]) -> chain.Held:
     """p(x / 2^t)^(2^t) at scales[-1], every product of one `chain.products` (each truncation's answer
-    feeds the next product before any reshare).
+    feeds the next product before any reshare), held for the clip (`chain.times_bit`: rank 0 deals).
 
     The base: PUMA's 1 + y is x + 2^(f+t) read at scale f+t (free), and the chain is its t squares. A
     degree 2-4 base 1 + y + y^2 (c2 + c3 y + c4 y^2) starts the chain with y^2 (at EXP_SQ_BITS) and y^2
@@ -276,7 +276,7 @@ def _exp_power(party: Party, x: AShare, fit: approx.ExpNeg, scales: list[int]) -
         y = arith.add_public(party, x, _encode(1.0, q))
         if 2 * q - scales[0] > 31:
             raise ValueError(f"exp_neg: no 31-bit schedule from scale {q} to {scales[-1]}")
-        return chain.products(party, arith._mul_parts(y, y), 2 * q - scales[0], squares)
+        return chain.products(party, arith._mul_parts(y, y), 2 * q - scales[0], squares, dealer=0, held=True)
     first = min(EXP_BITS, (31 + scales[0]) // 2)
     if 2 * first - scales[0] > 31:
         raise ValueError(f"exp_neg: no 31-bit schedule from scale {first} to {scales[-1]}")
@@ -285,7 +285,7 @@ def _exp_power(party: Party, x: AShare, fit: approx.ExpNeg, scales: list[int]) -
     bracket = chain.Step(None, 1, _lin(party, [(x, c[3], k - q)], c[2], k), int(_encode(c[4], k - a)), a + k - first)
     base = _lin(party, [(x, 1.0, first - q)], 1.0, first)  # 1 + y; the chain adds y^2 times the bracket
     steps = [bracket, chain.Step(base, 1, base, 1, 2 * first - scales[0])] + squares
-    return chain.products(party, arith._mul_parts(x, x), 2 * q - a, steps)
+    return chain.products(party, arith._mul_parts(x, x), 2 * q - a, steps, dealer=0, held=True)
 
 
 def _exp_neg(party: Party, x: AShare, bits: int, fit: approx.ExpNeg, cmp_bits: int | None = None) -> AShare:
@@ -302,7 +302,7 @@ def _exp_neg(party: Party, x: AShare, bits: int, fit: approx.ExpNeg, cmp_bits: i
 
     # The clip's comparison and the polynomial do not depend on each other: their rounds travel together.
     below, power_of_base = parallel(party, clip, power)
-    return convert.mul_bit(party, boolean.not_(party, below), power_of_base)
+    return chain.times_bit(party, boolean.not_(party, below), power_of_base)
 
 
 # ----------------------------------------------------------------------------- reciprocal

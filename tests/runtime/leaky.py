@@ -119,6 +119,17 @@ MUTANTS = {
         ),
         "B's mask in a chained truncation from the common key: A reads B's part of a product on the held answer",
     ),
+    "clip_mask_from_common_key": Mutant(
+        chain,
+        "times_bit",
+        (
+            ("alpha = words - rho.words(n)", "alpha = words - party.prg_all.words(n)"),
+            ("size = np.dtype(wide).itemsize", "size = np.dtype(wide).itemsize\n                party.prg_all.words(n)"),
+            ("alpha, beta, gamma = rho.words(n), rho.words(n), rho.words(n, wide)",
+             "alpha, beta, gamma = party.prg_all.words(n), rho.words(n), rho.words(n, wide)"),
+        ),
+        "rho_1 from the common key: rank 1 reads rank 0's half c of the bit, and with its own b_2 the bit",
+    ),
     "parallel_keys_from_common_key": Mutant(
         parallel,
         "_child",

@@ -143,3 +143,67 @@ def test_cost_chain_matches_docstring(last):
         dealt = (12 * (steps + 1) + 4 * steps + big) * n
         assert sorted(c.bytes for c in per_rank) == sorted([dealt, (8 * (steps + 1) + 8) * n, (8 * (steps + 1) + 8) * n])
         assert sum(c.bytes for c in per_rank) == (32 * (steps + 1) + 12 + big) * n
+
+
+# ----------------------------------------------------------------------------- times_bit
+
+
+def _times_bit(x, lefts, plan, bits, bit_of):
+    """The chain of `plan` held with rank 0 as its dealer, times the bit [bit_of < 0] (compare.ltz)."""
+    from puma_onnx.runtime import compare
+
+    def prog(p):
+        xs = share_ring(p, ring(x), owner=0)
+        ls = [share_ring(p, ring(v), owner=1) for v in lefts]
+        held = chain.products(p, arith._mul_parts(xs, xs), bits, _steps(plan)(ls), dealer=0, held=True)
+        bit = compare.ltz(p, share_ring(p, ring(bit_of), owner=2))
+        return arith.reveal(p, chain.times_bit(p, bit, held))
+
+    return run_parties(prog)[0]
+
+
+@pytest.mark.parametrize("plan", [PLAN, PLAN[:1] + [(None, 1, 0, 0, 32)]], ids=["31 bits", "32 bits"])
+def test_times_bit_on_a_held_chain_is_exact(plan):
+    """b * y for the chain's answer before its reshare: exact, for both bits, for a last shift within 31 bits and
+    beyond (gamma's 8-byte words)."""
+    n = 64
+    x = rng.integers(-2, 3, n) * B16
+    lefts = [rng.integers(-2, 3, n) * B16, rng.integers(-2, 3, n) * B16]
+    x[:2] = [2 * B16, -2 * B16]
+    signs = rng.integers(-5, 5, n)
+    signs[:4] = [-1, 0, -(2**40), 2**40]
+    want = exact_chain([int(a) for a in x], [[int(a) for a in v] for v in lefts], plan, 16)
+    got = _times_bit(x, lefts, plan, 16, signs)
+    assert signed(got) == [w if s < 0 else 0 for w, s in zip(want, signs)]
+
+
+def test_times_bit_refuses_a_chain_another_rank_dealt():
+    from puma_onnx.runtime import compare
+
+    def prog(p):
+        x = share_ring(p, ring(np.ones(4, np.int64) * B16))
+        held = chain.products(p, arith._mul_parts(x, x), 16, [], dealer=1, held=True)
+        with pytest.raises(ValueError, match="dealt by rank 0"):
+            chain.times_bit(p, compare.ltz(p, x), held)
+        return True
+
+    assert all(run_parties(prog))
+
+
+@pytest.mark.parametrize("last", [18, 40])
+def test_cost_times_bit_matches_docstring(last):
+    """2 rounds; rank 0 20 B per element (24 beyond 31 bits), ranks 1 and 2 8 each: 36 over the ranks, against 48
+    for the chain's reshare and a convert.mul_bit after it."""
+    from puma_onnx.runtime import compare
+
+    n = 40
+
+    def prog(p):
+        x = share_ring(p, ring(rng.integers(-(2**20), 2**20, n)))
+        held = chain.products(p, arith._mul_parts(x, x), last, [], dealer=0, held=True)
+        bit = compare.ltz(p, x)
+        return cost_of(p, lambda: chain.times_bit(p, bit, held))[1]
+
+    costs = run_parties(prog)
+    assert all(c.rounds == 2 for c in costs)
+    assert [c.bytes for c in costs] == [(24 if last > 31 else 20) * n, 8 * n, 8 * n]

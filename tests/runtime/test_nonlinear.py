@@ -664,9 +664,10 @@ def test_a_domain_no_variant_covers_is_refused(domain, says):
 # ----------------------------------------------------------------------------- costs
 
 
-# exp's 5 products as one chain (runtime/chain.py): a round per truncation and the reshare; 32 B per
-# truncation and 12 per element over the three ranks.
-EXP_CHAIN_ROUNDS, EXP_CHAIN_BYTES = 5 + 1, 32 * 5 + 12
+# exp's 5 products as one chain held for the clip (runtime/chain.py): a round per truncation, 28 B per truncation
+# and 4 per step over the three ranks; then the clip on the held answer (`chain.times_bit`): 2 rounds, 36 B.
+EXP_CHAIN_ROUNDS, EXP_CHAIN_BYTES = 5, 28 * 5 + 4 * 4
+CLIP_ROUNDS, CLIP_BYTES = 2, 36
 
 
 def probe_costs(p, n):
@@ -723,12 +724,12 @@ def total_cost(fn, *arrays, probe=64):
 def test_cost_exp_neg_matches_docstring_and_is_the_same_for_both_sets(fit):
     n = 256
     rounds, nbytes, u = total_cost(lambda p, a: nonlinear.exp_neg(p, a, fit.exp), -rng.uniform(0, 20, n))
-    # The clip's comparison runs beside the chain of 5 products (runtime/parallel.py, runtime/chain.py: one round
-    # per truncation and the last answer's reshare; 32 B per truncation and 12 over the three ranks), then the
-    # exact mul_bit.
-    assert rounds == max(u["D"][0], EXP_CHAIN_ROUNDS) + u["S"][0] == 8
-    assert nbytes == n * (u["D"][1] + EXP_CHAIN_BYTES + u["S"][1])
-    assert EXP_CHAIN_BYTES == 5 * u["M"][1] - 48  # 48 B per element less than 5 fused products
+    # The clip's comparison runs beside the chain of 5 products (runtime/parallel.py, runtime/chain.py), then the
+    # exact product with the clip's bit on the chain's held answer.
+    assert rounds == max(u["D"][0], EXP_CHAIN_ROUNDS) + CLIP_ROUNDS == 8
+    assert nbytes == n * (u["D"][1] + EXP_CHAIN_BYTES + CLIP_BYTES)
+    # 60 B per element less than 5 fused products and a mul_bit after them.
+    assert EXP_CHAIN_BYTES + CLIP_BYTES == 5 * u["M"][1] + u["S"][1] - 60
 
 
 @pytest.mark.parametrize("name", ["gelu", "silu"])
@@ -778,10 +779,10 @@ def test_cost_softmax_matches_docstring():
     rounds, nbytes, u = total_cost(nonlinear.softmax, rng.normal(0, 3, (rows, n)))
     (rc, c), (rs, s), (ra, a), x, m = u["C"], u["S"], u["A"], u["X"][1], u["M"][1]
     k = math.ceil(2 * math.log2(n))
-    exp = u["D"][1] + EXP_CHAIN_BYTES + s
+    exp = u["D"][1] + EXP_CHAIN_BYTES + CLIP_BYTES
     # The max: a level of four 32 -> 8 (C + 2 AND rounds + 2), then one group of 8 (C + 3 AND rounds + 2).
     # exp: its clip's comparison beside its chain of 5 products, then the mul_bit.
-    assert rounds == (rc + 4) + (rc + 5) + (max(u["D"][0], EXP_CHAIN_ROUNDS) + rs) + (rc + max(ra, 3) + 6) + 2 == 46
+    assert rounds == (rc + 4) + (rc + 5) + (max(u["D"][0], EXP_CHAIN_ROUNDS) + CLIP_ROUNDS) + (rc + max(ra, 3) + 6) + 2 == 46
     # Per row: 6 comparisons per output of the level of four (8 outputs) and 28 for the group's one, AND rows
     # of the 8 rows' elements packed 8 to a byte ((4 - 2) 4 rows of 64 elements, (8 - 2) 8 of 8: 8 and 1 bytes,
     # from each rank), and the selections: 16 g from rank 0 and 8 from each of ranks 1 and 2 per output.
@@ -799,7 +800,7 @@ def test_cost_softmax_with_a_causal_mask_takes_exp_and_the_product_on_kept_entri
     scores = rng.normal(0, 3, (rows, n))
     full_rounds, full, u = total_cost(nonlinear.softmax, scores)
     rounds, nbytes, _ = total_cost(lambda p, a: nonlinear.softmax(p, a, causal), scores)
-    exp = u["D"][1] + EXP_CHAIN_BYTES + u["S"][1]
+    exp = u["D"][1] + EXP_CHAIN_BYTES + CLIP_BYTES
     dropped = int((~causal).sum())
     assert rounds == full_rounds
     assert nbytes == full - dropped * (exp + u["M"][1])

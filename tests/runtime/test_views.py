@@ -43,6 +43,15 @@ def _prepared_products(p, x, w):
                                                                                          ("y", products[1], None))]
 
 
+def _times_bit(p, x):
+    """A held chain's answer times the bit [x < 0]; the rank's own knowledge of the bit (b_0 xor b_1 on rank 0,
+    b_2 on ranks 1 and 2) joins its view as 64-bit words, so that a word of the protocol that reveals the other
+    half differs from it by the bit itself."""
+    bit = compare.ltz(p, x)
+    held = chain.products(p, arith._mul_parts(x, x), 18, [], dealer=0, held=True)
+    return [chain.times_bit(p, bit, held), convert._bit_words(p, bit, x.shape)]
+
+
 # name -> protocol(party, its AShare x of the secret); dealer-based ones run once per dealer.
 ON_SHARES = {
     "mul": lambda p, x: arith.mul(p, x, x),
@@ -67,6 +76,8 @@ ON_SHARES = {
         chain.products(p, arith._mul_parts(x, x), 18, [chain.Step(x, 1, x, 1, 18), chain.Step(None, 1, None, 1, 18)])
         for _ in range(3)
     ],
+    # The same chain's answer held (rank 0 deals), times a bit of the secret (exp's clip).
+    "chain_times_bit": lambda p, x: _times_bit(p, x),
     "parallel": lambda p, x: parallel(p, lambda q: arith.mul(q, x, x), lambda q: arith.mul_fx(q, x, x)),
     "msb": lambda p, x: convert.msb(p, x),
     "less_than_public": lambda p, x: compare.less_than_public(p, x, [fx(0.25), fx(-1.0)]),
@@ -176,11 +187,12 @@ CAUGHT = {
     "held_input_mask_from_common_key": (on_shares("prepared_products_held", 0), SECRETS, 0),
     "parallel_keys_from_common_key": (on_shares("parallel", 0), SECRETS, 0),
     "chain_mask_from_common_key": (on_shares("chain", 0), SECRETS, 0),
+    "clip_mask_from_common_key": (on_shares("chain_times_bit", 1), SECRETS, 1),
 }
 # Mutants whose protocol truncates: floor or floor + 1.
 TRUNCATING = {
     "truncation_mask_from_common_key", "product_truncation_mask_from_common_key", "product_mask_from_common_key",
-    "held_input_mask_from_common_key", "chain_mask_from_common_key",
+    "held_input_mask_from_common_key", "chain_mask_from_common_key", "clip_mask_from_common_key",
 }
 
 
@@ -215,6 +227,7 @@ def test_each_leaky_variant_stays_correct(monkeypatch, name):
         "parallel_keys_from_common_key": lambda s: s * s,
         # SECRETS are multiples of 2^-2: both products before the last divide their shift exactly.
         "chain_mask_from_common_key": lambda s: (((s.view(np.int64) + (s.view(np.int64) ** 2 >> 18)) ** 2 >> 18) ** 2) >> 18,
+        "clip_mask_from_common_key": lambda s: (s.view(np.int64) < 0) * (s.view(np.int64) ** 2 >> 18),
     }[name](secrets[0])
     got, want = opened.reshape(-1).view(np.int64), np.asarray(expected).reshape(-1).view(np.int64)
     # The truncation is floor or floor + 1; everything else is exact.
