@@ -79,7 +79,7 @@ def _replicated_terms(step: Step, shape) -> tuple[AShare | None, np.ndarray | No
     return m, both
 
 
-def _peak(c: np.ndarray, d: U64) -> np.ndarray:
+def _public_part(c: np.ndarray, d: U64) -> np.ndarray:
     """p: the part of the answer that A and B both compute from the opened c."""
     return ((c & _LOW63) >> d) + ((c >> U64(63)) << (U64(63) - d)) - (U64(1) << (U64(62) - d))
 
@@ -107,8 +107,8 @@ def products(
 ) -> AShare | Held:
     """The answer of the last step, as a replicated share, for a chain that starts from this rank's additive
     part `parts` of a product (`arith._mul_parts` / `_matmul_parts`: |z| < 2^62) truncated by `bits`, then
-    runs each Step on the previous answer (see the module doc). Every truncation but the last shifts by at
-    most CHAINED_MAX_BITS. `dealer`: the chain's dealer (default: the next in turn, `party.next_dealer`);
+    runs each Step on the previous answer (see the module doc); every step's product must keep |P| < 2^62 too.
+    Every truncation but the last shifts by at most CHAINED_MAX_BITS. `dealer`: the chain's dealer (default: the next in turn, `party.next_dealer`);
     `held`: the last answer before its reshare (`Held`: a round and 16 B per element less). Cost in the
     module doc."""
     shifts = [bits] + [s.bits for s in steps]
@@ -196,7 +196,7 @@ def times_bit(party: Party, b: BShare, value: Held) -> AShare:
             party.comm.exchange({1: arith._pack(alpha, beta, gamma)}, {})
             part = None
         else:
-            p, top = np.ravel(_peak(value.opened, d)), np.ravel(value.opened) >> U64(63)
+            p, top = np.ravel(_public_part(value.opened, d)), np.ravel(value.opened) >> U64(63)
             if r == 1:
                 size = np.dtype(wide).itemsize
                 got = party.comm.exchange({}, {0: ((n * (16 + size),), np.uint8)})[0]
@@ -234,7 +234,7 @@ def _holder_next(is_a: bool, step: Step, shape, d: U64, c, y, kappa) -> np.ndarr
     m, both = _replicated_terms(step, shape)
     ab = _ring_int(int(step.alpha) * int(step.beta))
     part = np.zeros(y.shape, U64) if both is None else np.ravel(both)
-    peak = None if is_a else _peak(c, d)
+    peak = None if is_a else _public_part(c, d)
     if m is not None:
         first, second = np.ravel(m.first), np.ravel(m.second)
         # A holds (M_A, M_B), B holds (M_B, M_D).

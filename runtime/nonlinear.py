@@ -51,10 +51,12 @@ from .shares import AShare, stack
 # exp_neg's intermediate squares (values in [0, 1]) carry this many fractional bits.
 EXP_BITS = 30
 # A polynomial exp base: y^2 (<= 4) carries EXP_SQ_BITS bits, the bracket times it 2^60 in all, so the
-# bracket's c4 y^2 term takes c4 at 60 - 2 EXP_SQ_BITS bits. At 24 (c4 at 12 bits, 0.2% off) exp erred by
-# +85 2^-26 at x = -4, a bias the softmax's row sum collected (up to 3.5 ulp beyond its cut allowance);
-# at 20: 2 2^-26 at most (measured 2026-12-02 on [-12, 0]), and 1-2 ulp at f against the float64 definition.
-EXP_SQ_BITS = 20
+# bracket's c4 y^2 term takes c4 at 60 - 2 EXP_SQ_BITS bits: fewer bits for y^2 round it more (noise, +-4
+# 2^-a relative near x = 0), more round c4 more (a bias where y^4 weighs, near x = -4). Measured at f + 8
+# bits (the softmax's exp), f = 18, 2026-12-02: a = 24 erred +85 2^-26 on average at x = -4 (a bias the row
+# sum collected: up to 3.5 ulp beyond the softmax's cut allowance), a = 20 up to 238 2^-26 near 0 (3.9 ulp at
+# f = 20), a = 22 -8 on average and 60 at most: 1.1 ulp at f = 18 and 1.7 at f = 20 against the definition.
+EXP_SQ_BITS = 22
 # Thresholds per octave of the input range, and the series after the guess (see reciprocal, rsqrt).
 RECIP_STEPS_PER_OCTAVE = 2
 RSQRT_STEPS_PER_OCTAVE = 8
@@ -233,17 +235,17 @@ def exp_neg(party: Party, x: AShare, fit: approx.ExpNeg = approx.REFIT.exp, cmp_
     needs two squarings fewer for the same accuracy: the same product count.
     The squares (all <= 1) carry as many bits as keep every truncation within 31 bits (4-byte dealt
     shares, and what a chained truncation allows; see `_square_scales`). The 5 products are one
-    `chain.products`: each truncation's answer goes into the next product before any reshare. The clip is
-    an exact `convert.mul_bit` of the last one.
+    `chain.products`: each truncation's answer goes into the next product before any reshare. The clip
+    multiplies the last one by the bit exactly before its reshare (`chain.times_bit`; rank 0 deals the chain).
     The clip compares x with -fit.cut_far ignoring the carry of the low f + log2(cut_far - cut) bits
     (convert.msb's drop), so the cut falls in [-cut_far, -cut], where the value is negligible.
     Garbage below the cut (even wrapped values) is multiplied by an exact 0.
     The clip's comparison runs beside the products (`parallel`: their rounds travel together).
-    Rounds max(C', 5 + 1) + 2 = 8 for both sets (the chain: a round per truncation and the reshare; 12 with
-    5 mul_fx, 18 one after the other); bytes C' + (32 5 + 12) + S per element, C' the comparison on
-    L - f - log2(cut_far - cut) bits (16.8 B over the ranks at L = 48, 9 leaf groups for both sets): 220.8 B
-    over the three ranks (268.8 with 5 mul_fx, 340.8 before the truncation's dealer folded its part into its
-    mask, 415.9 before the fused select). PUMA section 4.2.
+    Rounds max(C', 5) + 2 = 8 for both sets (the chain: a round per truncation; then times_bit's two; 12 with
+    5 mul_fx and a mul_bit, 18 one after the other); bytes C' + (28 5 + 4 4) + 36 per element, C' the
+    comparison on L - f - log2(cut_far - cut) bits (16.8 B over the ranks at L = 48, 9 leaf groups for both
+    sets): 208.8 B over the three ranks (268.8 with 5 mul_fx and a mul_bit, 340.8 before the truncation's
+    dealer folded its part into its mask, 415.9 before the fused select). PUMA section 4.2.
     """
     with party.comm.tag("exp_neg"):
         return _exp_neg(party, x, party.fxp.frac_bits, fit, cmp_bits)

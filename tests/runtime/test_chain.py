@@ -162,13 +162,16 @@ def _times_bit(x, lefts, plan, bits, bit_of):
     return run_parties(prog)[0]
 
 
-@pytest.mark.parametrize("plan", [PLAN, PLAN[:1] + [(None, 1, 0, 0, 32)]], ids=["31 bits", "32 bits"])
-def test_times_bit_on_a_held_chain_is_exact(plan):
+@pytest.mark.parametrize(
+    "plan, unit", [(PLAN, B16), (PLAN[:1] + [(None, 1, 0, 0, 40)], 1 << 24)], ids=["last by 16", "last by 40"]
+)
+def test_times_bit_on_a_held_chain_is_exact(plan, unit):
     """b * y for the chain's answer before its reshare: exact, for both bits, for a last shift within 31 bits and
-    beyond (gamma's 8-byte words)."""
+    beyond (gamma's 8-byte words: 2^(64-40) gamma needs gamma mod 2^40). With L in units of 2^24, T (L0 - 3 T)
+    is a multiple of 2^16 and its product with L0 one of 2^40."""
     n = 64
     x = rng.integers(-2, 3, n) * B16
-    lefts = [rng.integers(-2, 3, n) * B16, rng.integers(-2, 3, n) * B16]
+    lefts = [rng.integers(-2, 3, n) * unit, rng.integers(-2, 3, n) * unit]
     x[:2] = [2 * B16, -2 * B16]
     signs = rng.integers(-5, 5, n)
     signs[:4] = [-1, 0, -(2**40), 2**40]

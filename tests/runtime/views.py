@@ -88,9 +88,11 @@ def _bits(arrays: list[np.ndarray]) -> np.ndarray:
     words (a byte message of whole words counts as such), in any message (a mask used twice cancels in one
     of them), and XORs of neighbouring bytes."""
     pieces = [np.ascontiguousarray(a).reshape(-1).view(np.uint8) for a in arrays]
-    # 64-bit arrays, and byte messages that several arrays were packed into (arith._pack) read as 64-bit words.
-    wide = [a for a in arrays if a.dtype.itemsize == 8 or (a.dtype.itemsize == 1 and a.size % 8 == 0)]
-    words = np.concatenate([np.ascontiguousarray(a).reshape(-1).view(np.uint64) for a in wide] or [[]])
+    # 64-bit arrays, and byte messages that several arrays were packed into (arith._pack) read as 64-bit words
+    # (their whole words: a tail of 4-byte words may leave a few bytes over).
+    wide = [np.ascontiguousarray(a).reshape(-1) for a in arrays if a.dtype.itemsize in (1, 8)]
+    wide = [a if a.dtype.itemsize == 8 else a[: a.size // 8 * 8].view(np.uint64) for a in wide]
+    words = np.concatenate(wide or [[]])
     words = words.astype(np.uint64)
     if words.size > 1:
         i, j = np.triu_indices(words.size, 1)
