@@ -72,11 +72,20 @@ def _replicated_terms(step: Step, shape) -> tuple[AShare | None, np.ndarray | No
     right = None if step.right is None else step.right.broadcast_to(shape)
     m = None
     for share, scale in ((left, step.beta), (right, step.alpha)):
-        if share is not None and int(scale) % (1 << 64):
-            term = arith.mul_public(share, _ring_int(scale))
+        scale = int(scale) % (1 << 64)
+        if share is not None and scale:
+            term = share if scale == 1 else arith.mul_public(share, _ring_int(scale))
             m = term if m is None else arith.add(m, term)
     both = None if left is None or right is None else arith._mul_parts(left, right)
     return m, both
+
+
+def _plus(part: np.ndarray | None, term: np.ndarray) -> np.ndarray:
+    return term if part is None else part + term
+
+
+def _times(k: U64, x: np.ndarray) -> np.ndarray:
+    return x if k == 1 else k * x
 
 
 def _public_part(c: np.ndarray, d: U64) -> np.ndarray:
@@ -212,33 +221,39 @@ def times_bit(party: Party, b: BShare, value: Held) -> AShare:
 
 def _dealer_next(step: Step, shape, d: U64, rc_a, rb_a, rc_b, rb_b) -> tuple[np.ndarray, np.ndarray]:
     """D's part of the next product (folded into its next mask) and kappa (uint32), from the dealt words of
-    the truncation that makes T."""
+    the truncation that makes T. The terms with u1 = 2^h rb_A and v1 = 2^h rb_B (h = 63 - d) are kappa's terms
+    shifted by h, so each product is taken once."""
     m, both = _replicated_terms(step, shape)
     h = U64(63) - d
-    u0, u1, v0, v1 = -rc_a, rb_a.astype(U64) << h, -rc_b, rb_b.astype(U64) << h
-    ab, ab2 = (_ring_int(k * int(step.alpha) * int(step.beta)) for k in (1, 2))
-    part = np.zeros(u0.shape, U64) if both is None else np.ravel(both)
-    kappa = np.zeros(u0.shape, U64)
+    rb_a, rb_b = rb_a.astype(U64), rb_b.astype(U64)
+    ab2 = _ring_int(2 * int(step.alpha) * int(step.beta))
+    part, kappa = (None if both is None else np.ravel(both)), None
     if m is not None:
         m_d, m_a = np.ravel(m.first), np.ravel(m.second)
-        part = part + m_d * (u0 + u1) + m_a * (v0 + v1)
-        kappa -= m_d * rb_a.astype(U64) + m_a * rb_b.astype(U64)
-    if ab:
-        part = part + ab2 * (u0 * v0 + u0 * v1 + u1 * v0)
-        kappa -= ab2 * (u0 * rb_b.astype(U64) + rb_a.astype(U64) * v0)
-    return part, kappa.astype(np.uint32)
+        k = m_d * rb_a + m_a * rb_b
+        part = _plus(part, (k << h) - m_d * rc_a - m_a * rc_b)  # M_D (u0 + u1) + M_A (v0 + v1)
+        kappa = -k
+    if ab2:
+        k = rb_b * rc_a + rb_a * rc_b  # -(u0 rb_B + rb_A v0)
+        # 2 ab (u0 v0 + u0 v1 + u1 v0) = 2 ab (rc_A rc_B - 2^h k)
+        part = _plus(part, _times(ab2, rc_a * rc_b - (k << h)))
+        kappa = _plus(kappa, _times(ab2, k))
+    zeros = np.zeros(rc_a.shape, U64)
+    return (zeros if part is None else part), (zeros if kappa is None else kappa).astype(np.uint32)
 
 
 def _holder_next(is_a: bool, step: Step, shape, d: U64, c, y, kappa) -> np.ndarray:
     """A's or B's part of the next product, from the opened c, its answer part y and its share of kappa."""
     m, both = _replicated_terms(step, shape)
     ab = _ring_int(int(step.alpha) * int(step.beta))
-    part = np.zeros(y.shape, U64) if both is None else np.ravel(both)
-    peak = None if is_a else _public_part(c, d)
+    part = None if both is None else np.ravel(both)
+    public = None if is_a else _public_part(c, d)
     if m is not None:
         first, second = np.ravel(m.first), np.ravel(m.second)
-        # A holds (M_A, M_B), B holds (M_B, M_D).
-        part = part + (first + second) * y + (0 if is_a else second * peak)
+        # A holds (M_A, M_B): (M_A + M_B) y_A; B holds (M_B, M_D): (M_B + M_D) y_B + M_D p.
+        part = _plus(part, (first + second) * y if is_a else (first + second) * y + second * public)
     if ab:
-        part = part + ab * (y * y if is_a else y * y + U64(2) * peak * y)
-    return part + (c >> U64(63)) * (kappa.astype(U64) << (U64(64) - d))
+        # A: y_A^2; B: y_B^2 + 2 p y_B.
+        part = _plus(part, _times(ab, y * y if is_a else y * (y + (public << U64(1)))))
+    correction = (c >> U64(63)) * (kappa.astype(U64) << (U64(64) - d))
+    return correction if part is None else part + correction

@@ -625,7 +625,7 @@ def softmax(
     softmax's invariance to the shift keeps the result.
     A row with no kept position gives 0 (approx.softmax gives NaN there; the ONNX export maps it to 0).
     Measured error vs approx.softmax: 0.33 ulp on average, 2.0 ulp at most (400 rows of 32 N(0, 2) scores,
-    2026-12-02 afternoon; 6.5 ulp before exp's c4 kept 20 bits, see EXP_SQ_BITS), plus what the cut zone of
+    2026-12-02 evening; 6.5 ulp while exp's c4 kept 12 bits, see EXP_SQ_BITS), plus what the cut zone of
     exp keeps. approx.softmax is up to
     0.07 from the exact softmax with PUMA's exp, 4e-4 with the refit one (rows of 128 scores).
     The reciprocal carries f + 5 bits (enough against e <= 1), so the output product truncates by 31.
