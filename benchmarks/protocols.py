@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from puma_onnx.runtime import arith, compare, convert
+from puma_onnx.runtime import arith, chain, compare, convert
 from puma_onnx.runtime.comm import MPIComm
 from puma_onnx.runtime.party import Party
 from puma_onnx.runtime.prg import PRG, new_seed
@@ -125,6 +125,12 @@ def protocol_section(party: Party, quick: bool, repeat: int) -> None:
         f"msb {n_rows}x768 (L={party.msb_bits})": lambda: convert.msb(party, x),
         f"b2a {n_rows}x768": lambda: convert.b2a(party, bit),
         f"mul_bit {n_rows}x768": lambda: convert.mul_bit(party, bit, y),
+        f"x^8 as 3 mul_fx {n_rows}x768": lambda: arith.mul_fx(
+            party, *[arith.mul_fx(party, *[arith.mul_fx(party, x, x)] * 2)] * 2
+        ),
+        f"x^8 as a chain {n_rows}x768": lambda: chain.products(
+            party, arith.mul_local(x, x), fxp.frac_bits, [chain.Step(None, 1, None, 1, fxp.frac_bits)] * 2
+        ),
         f"equal {n_rows}x768": lambda: compare.equal(party, x, y),
         f"max {n_rows}x{n_rows} rows": lambda: compare.max(party, scores),
     }

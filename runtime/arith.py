@@ -169,6 +169,11 @@ def _mul_parts(x: AShare, y: AShare) -> np.ndarray:
     return x.first * (y.first + y.second) + x.second * y.first
 
 
+def mul_local(x: AShare, y: AShare) -> np.ndarray:
+    """This rank's additive part of x * y (no message; broadcasting): what a truncation or `chain.products` takes."""
+    return _mul_parts(x, y)
+
+
 def matmul_local(x: AShare, y: AShare) -> np.ndarray:
     """This rank's additive part of x @ y (no message); `reshare_parts` makes a share of the parts."""
     return _matmul_parts(x, y)

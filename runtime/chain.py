@@ -76,7 +76,7 @@ def _replicated_terms(step: Step, shape) -> tuple[AShare | None, np.ndarray | No
         if share is not None and scale:
             term = share if scale == 1 else arith.mul_public(share, _ring_int(scale))
             m = term if m is None else arith.add(m, term)
-    both = None if left is None or right is None else arith._mul_parts(left, right)
+    both = None if left is None or right is None else arith.mul_local(left, right)
     return m, both
 
 
@@ -115,7 +115,7 @@ def products(
     party: Party, parts: np.ndarray, bits: int, steps: list[Step], dealer: int | None = None, held: bool = False
 ) -> AShare | Held:
     """The answer of the last step, as a replicated share, for a chain that starts from this rank's additive
-    part `parts` of a product (`arith._mul_parts` / `_matmul_parts`: |z| < 2^62) truncated by `bits`, then
+    part `parts` of a product (`arith.mul_local` / `matmul_local`: |z| < 2^62) truncated by `bits`, then
     runs each Step on the previous answer (see the module doc); every step's product must keep |P| < 2^62 too.
     Every truncation but the last shifts by at most CHAINED_MAX_BITS. `dealer`: the chain's dealer (default: the next in turn, `party.next_dealer`);
     `held`: the last answer before its reshare (`Held`: a round and 16 B per element less). Cost in the

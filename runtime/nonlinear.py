@@ -278,7 +278,7 @@ def _exp_power(party: Party, x: AShare, fit: approx.ExpNeg, scales: list[int]) -
         y = arith.add_public(party, x, _encode(1.0, q))
         if 2 * q - scales[0] > 31:
             raise ValueError(f"exp_neg: no 31-bit schedule from scale {q} to {scales[-1]}")
-        return chain.products(party, arith._mul_parts(y, y), 2 * q - scales[0], squares, dealer=0, held=True)
+        return chain.products(party, arith.mul_local(y, y), 2 * q - scales[0], squares, dealer=0, held=True)
     first = min(EXP_BITS, (31 + scales[0]) // 2)
     if 2 * first - scales[0] > 31:
         raise ValueError(f"exp_neg: no 31-bit schedule from scale {first} to {scales[-1]}")
@@ -287,7 +287,7 @@ def _exp_power(party: Party, x: AShare, fit: approx.ExpNeg, scales: list[int]) -
     bracket = chain.Step(None, 1, _lin(party, [(x, c[3], k - q)], c[2], k), int(_encode(c[4], k - a)), a + k - first)
     base = _lin(party, [(x, 1.0, first - q)], 1.0, first)  # 1 + y; the chain adds y^2 times the bracket
     steps = [bracket, chain.Step(base, 1, base, 1, 2 * first - scales[0])] + squares
-    return chain.products(party, arith._mul_parts(x, x), 2 * q - a, steps, dealer=0, held=True)
+    return chain.products(party, arith.mul_local(x, x), 2 * q - a, steps, dealer=0, held=True)
 
 
 def _exp_neg(party: Party, x: AShare, bits: int, fit: approx.ExpNeg, cmp_bits: int | None = None) -> AShare:

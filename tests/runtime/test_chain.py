@@ -29,7 +29,7 @@ def run_chain(x, lefts, steps_of, bits, repeat=3):
     def prog(p):
         xs = share_ring(p, ring(x), owner=0)
         ls = [share_ring(p, ring(v), owner=i % 3) for i, v in enumerate(lefts)]
-        outs = [chain.products(p, arith._mul_parts(xs, xs), bits, steps_of(ls)) for _ in range(repeat)]
+        outs = [chain.products(p, arith.mul_local(xs, xs), bits, steps_of(ls)) for _ in range(repeat)]
         return [arith.reveal(p, o) for o in outs]
 
     return run_parties(prog)[0]
@@ -115,7 +115,7 @@ def test_chain_refuses_a_chained_shift_beyond_31_bits():
     def prog(p):
         x = share_ring(p, ring(np.ones(4, np.int64)))
         with pytest.raises(ValueError, match="at most 31"):
-            chain.products(p, arith._mul_parts(x, x), 32, [Step(None, 1, None, 1, 16)])
+            chain.products(p, arith.mul_local(x, x), 32, [Step(None, 1, None, 1, 16)])
         return True
 
     assert all(run_parties(prog))
@@ -130,7 +130,7 @@ def test_cost_chain_matches_docstring(last):
     def prog(p):
         x = share_ring(p, ring(rng.integers(-(2**20), 2**20, n)))
         return [
-            cost_of(p, lambda: chain.products(p, arith._mul_parts(x, x), 18, [Step(None, 1, x, 1, 18)] * (steps - 1)
+            cost_of(p, lambda: chain.products(p, arith.mul_local(x, x), 18, [Step(None, 1, x, 1, 18)] * (steps - 1)
                                               + [Step(None, 1, x, 1, last)]))[1]
             for _ in range(3)
         ]
@@ -155,7 +155,7 @@ def _times_bit(x, lefts, plan, bits, bit_of):
     def prog(p):
         xs = share_ring(p, ring(x), owner=0)
         ls = [share_ring(p, ring(v), owner=1) for v in lefts]
-        held = chain.products(p, arith._mul_parts(xs, xs), bits, _steps(plan)(ls), dealer=0, held=True)
+        held = chain.products(p, arith.mul_local(xs, xs), bits, _steps(plan)(ls), dealer=0, held=True)
         bit = compare.ltz(p, share_ring(p, ring(bit_of), owner=2))
         return arith.reveal(p, chain.times_bit(p, bit, held))
 
@@ -185,7 +185,7 @@ def test_times_bit_refuses_a_chain_another_rank_dealt():
 
     def prog(p):
         x = share_ring(p, ring(np.ones(4, np.int64) * B16))
-        held = chain.products(p, arith._mul_parts(x, x), 16, [], dealer=1, held=True)
+        held = chain.products(p, arith.mul_local(x, x), 16, [], dealer=1, held=True)
         with pytest.raises(ValueError, match="dealt by rank 0"):
             chain.times_bit(p, compare.ltz(p, x), held)
         return True
@@ -203,7 +203,7 @@ def test_cost_times_bit_matches_docstring(last):
 
     def prog(p):
         x = share_ring(p, ring(rng.integers(-(2**20), 2**20, n)))
-        held = chain.products(p, arith._mul_parts(x, x), last, [], dealer=0, held=True)
+        held = chain.products(p, arith.mul_local(x, x), last, [], dealer=0, held=True)
         bit = compare.ltz(p, x)
         return cost_of(p, lambda: chain.times_bit(p, bit, held))[1]
 

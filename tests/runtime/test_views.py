@@ -48,7 +48,7 @@ def _times_bit(p, x):
     b_2 on ranks 1 and 2) joins its view as 64-bit words, so that a word of the protocol that reveals the other
     half differs from it by the bit itself."""
     bit = compare.ltz(p, x)
-    held = chain.products(p, arith._mul_parts(x, x), 18, [], dealer=0, held=True)
+    held = chain.products(p, arith.mul_local(x, x), 18, [], dealer=0, held=True)
     return [chain.times_bit(p, bit, held), convert._bit_words(p, bit, x.shape)]
 
 
@@ -73,7 +73,7 @@ ON_SHARES = {
     ),
     # Products on a truncation's held answer, one chain per dealer: (x + x^2)^2, then its square.
     "chain": lambda p, x: [
-        chain.products(p, arith._mul_parts(x, x), 18, [chain.Step(x, 1, x, 1, 18), chain.Step(None, 1, None, 1, 18)])
+        chain.products(p, arith.mul_local(x, x), 18, [chain.Step(x, 1, x, 1, 18), chain.Step(None, 1, None, 1, 18)])
         for _ in range(3)
     ],
     # The same chain's answer held (rank 0 deals), times a bit of the secret (exp's clip).
