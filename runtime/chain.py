@@ -117,9 +117,9 @@ def products(
     """The answer of the last step, as a replicated share, for a chain that starts from this rank's additive
     part `parts` of a product (`arith.mul_local` / `matmul_local`: |z| < 2^62) truncated by `bits`, then
     runs each Step on the previous answer (see the module doc); every step's product must keep |P| < 2^62 too.
-    Every truncation but the last shifts by at most CHAINED_MAX_BITS. `dealer`: the chain's dealer (default: the next in turn, `party.next_dealer`);
-    `held`: the last answer before its reshare (`Held`: a round and 16 B per element less). Cost in the
-    module doc."""
+    Every truncation but the last shifts by at most CHAINED_MAX_BITS. `dealer`: the chain's dealer (default:
+    the next in turn, `party.next_dealer`); `held`: the last answer before its reshare (`Held`: a round and
+    16 B per element less). Cost in the module doc."""
     shifts = [bits] + [s.bits for s in steps]
     for d in shifts:
         if not 0 < d <= 62:

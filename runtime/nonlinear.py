@@ -633,8 +633,9 @@ def softmax(
     entries remain, then one group of the rest (three to eight: C + 5 rounds for eight); levels of two
     (C' + S, C' on L - max_drop_bits(L, f) bits) only for rows that come down to two.
     Rounds for n = 128 (128, 32, 8, 1): 2 (C + 4) + (C + 5) + 8 (exp) + 15 (reciprocal) + 2 = 56 at L = 48
-    (60 before exp's products were chained, 74 with levels of two after the levels of four, exp's clip before its products and the reciprocal's
-    b2a before its first product, 83 with levels of two only, 92 before the dropped bits); bytes per
+    (60 before exp's products were chained, 74 with levels of two after the levels of four, exp's clip
+    before its products and the reciprocal's b2a before its first product, 83 with levels of two only, 92
+    before the dropped bits); bytes per
     element: the max's (six comparisons and 80 B per output of a level of four, 28 and 144 B per output of
     a group of eight: about 25 B more per element than levels of two at L = 48), plus exp's + M [product]
     per KEPT element (with a mask that drops entries, exp and the product run on the kept ones only: a
