@@ -398,11 +398,16 @@ def trunc_deal(rr: np.ndarray, rc_a: np.ndarray, rb_a: np.ndarray, d) -> tuple[n
     return ((rr & _LOW63) >> d) - rc_a, (rr >> U64(63)).astype(rb_a.dtype) - rb_a
 
 
+def trunc_public(c: np.ndarray, d) -> np.ndarray:
+    """The part of floor(z / 2^d) (+1) that A and B both compute from the opened c:
+    (c mod 2^63) >> d + 2^(63-d) msb(c) - 2^(62-d). A's part is this plus what B's own words give it."""
+    return ((c & _LOW63) >> d) + ((c >> U64(63)) << (U64(63) - d)) - (U64(1) << (U64(62) - d))
+
+
 def trunc_finish_a(c: np.ndarray, rc_a: np.ndarray, rb_a: np.ndarray, d) -> np.ndarray:
-    """A's part of floor(z / 2^d) (+1) from the opened c = z + 2^62 + r (A added the 2^62)."""
-    c_msb = c >> U64(63)
-    e_a = c_msb + rb_a.astype(U64) * (U64(1) - U64(2) * c_msb)
-    return ((c & _LOW63) >> d) - rc_a + (e_a << (U64(63) - d)) - (U64(1) << (U64(62) - d))
+    """A's part of floor(z / 2^d) (+1) from the opened c = z + 2^62 + r (A added the 2^62): the public part
+    and, as B's, its words' rb_a (1 - 2 msb(c)) 2^(63-d) - rc_a."""
+    return trunc_public(c, d) + trunc_finish_b(c, rc_a, rb_a, d)
 
 
 def trunc_finish_b(c: np.ndarray, rc_b: np.ndarray, rb_b: np.ndarray, d) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 The dealer-aided truncation (`arith._truncate_two`: dealer D, A = D+1, B = D+2) leaves
     A: y_A = p + u,   B: y_B = v,
-with p = (c mod 2^63) >> d + 2^(63-d) msb(c) - 2^(62-d) public to A and B (both opened c), and, for
+with p = (c mod 2^63) >> d + 2^(63-d) msb(c) - 2^(62-d) (`arith.trunc_public`) public to A and B, and, for
 s = 1 - 2 msb(c) (public to A and B) and h = 2^(63-d),
     u = u0 + s u1,  v = v0 + s v1,  u0 = -rc_A, u1 = h rb_A, v0 = -rc_B, v1 = h rb_B,
 all four known to D, who dealt them. A product of that answer T with replicated shares therefore needs no
@@ -43,7 +43,6 @@ from .party import Party
 from .shares import AShare, BShare
 
 U64 = np.uint64
-_LOW63 = U64((1 << 63) - 1)
 # A truncation whose answer feeds another step: h^2 = 2^(126-2d) must vanish in the ring, kappa fit 4 bytes.
 CHAINED_MAX_BITS = 31
 
@@ -86,11 +85,6 @@ def _plus(part: np.ndarray | None, term: np.ndarray) -> np.ndarray:
 
 def _times(k: U64, x: np.ndarray) -> np.ndarray:
     return x if k == 1 else k * x
-
-
-def _public_part(c: np.ndarray, d: U64) -> np.ndarray:
-    """p: the part of the answer that A and B both compute from the opened c."""
-    return ((c & _LOW63) >> d) + ((c >> U64(63)) << (U64(63) - d)) - (U64(1) << (U64(62) - d))
 
 
 @dataclass
@@ -146,7 +140,9 @@ def products(
                     z, kappa = _dealer_next(nxt, shape, d, rc_a, rb_a, rc_b, rb_b)
                     message.append(kappa - with_a.words(n, np.uint32))
                 comm.exchange({b_rank: arith._pack(*message)}, {})
-                last = (-rc_a - rc_b + ((rb_a + rb_b).astype(U64) << (U64(63) - d)), rb_a + rb_b)
+                if nxt is None:  # what times_bit needs of the last answer
+                    rb = rb_a + rb_b
+                    last = (-rc_a - rc_b + (rb.astype(U64) << (U64(63) - d)), rb)
                 continue
             if r == a_rank:
                 with_d = party.prg_prev
@@ -205,7 +201,7 @@ def times_bit(party: Party, b: BShare, value: Held) -> AShare:
             party.comm.exchange({1: arith._pack(alpha, beta, gamma)}, {})
             part = None
         else:
-            p, top = np.ravel(_public_part(value.opened, d)), np.ravel(value.opened) >> U64(63)
+            p, top = np.ravel(arith.trunc_public(value.opened, d)), np.ravel(value.opened) >> U64(63)
             if r == 1:
                 size = np.dtype(wide).itemsize
                 got = party.comm.exchange({}, {0: ((n * (16 + size),), np.uint8)})[0]
@@ -247,7 +243,7 @@ def _holder_next(is_a: bool, step: Step, shape, d: U64, c, y, kappa) -> np.ndarr
     m, both = _replicated_terms(step, shape)
     ab = _ring_int(int(step.alpha) * int(step.beta))
     part = None if both is None else np.ravel(both)
-    public = None if is_a else _public_part(c, d)
+    public = None if is_a else arith.trunc_public(c, d)
     if m is not None:
         first, second = np.ravel(m.first), np.ravel(m.second)
         # A holds (M_A, M_B): (M_A + M_B) y_A; B holds (M_B, M_D): (M_B + M_D) y_B + M_D p.
